@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install, then run the test suite (Triton kernels run in the CPU interpreter where no GPU exists).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TRITON_INTERPRET=1
+fi
+python -m ruff check turboquant tests benchmarks examples
+python -m pytest -q -n 2 tests
