@@ -298,18 +298,21 @@ class TurboQuantKVCache:
         )
         return k_rot, v
 
-    def attend(self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True, backend: str = "auto"
+    ) -> torch.Tensor:
         """Attention of the newest N_q tokens' queries over everything cached.
 
         q: [B, H_q, N_q, D] (H_q a multiple of H_kv). Query i sits at position L - N_q + i, with L the
         tokens appended so far; with ``causal`` it sees keys at positions <= its own.
+        backend: "triton" (fused kernel), "reference" (PyTorch), or "auto" (triton on CUDA).
         Returns [B, H_q, N_q, D] in q's dtype.
         """
-        out, lse = self.attend_with_lse(q, scale=scale, causal=causal)
+        out, _ = self.attend_with_lse(q, scale=scale, causal=causal, backend=backend)
         return out.to(q.dtype)
 
     def attend_with_lse(
-        self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True
+        self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`attend`, returning (out [B, H_q, N_q, D] float32, lse [B, H_q, N_q] float32)."""
         c, d = self.config, self.config.head_dim
@@ -319,25 +322,48 @@ class TurboQuantKVCache:
                 f"q must have shape [B={self.batch_size}, H_q (a multiple of {self.num_kv_heads}), N_q, {d}], "
                 f"got {tuple(q.shape)}"
             )
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
         b, h_q, n_q, _ = q.shape
         if n_q > self.total_tokens:
             raise ValueError(f"{n_q} queries but only {self.total_tokens} tokens cached: append before attend")
-        ring = c.ring_window
-        if ring is not None and n_q > 1 and causal and self.num_compressed > ring:
+        if c.ring_window is not None and n_q > 1 and causal and self.num_compressed > c.ring_window:
             raise ValueError(
                 "ring mode keeps only the last ring_window tokens: attend with N_q > 1 after the ring wrapped "
                 "would miss keys that earlier queries of the chunk need; attend one query at a time"
             )
+        if backend == "auto":
+            backend = "triton" if q.is_cuda else "reference"
         h_kv, group = self.num_kv_heads, h_q // self.num_kv_heads
         scale = 1.0 / math.sqrt(d) if scale is None else scale
         q_pos = torch.arange(self.total_tokens - n_q, self.total_tokens, device=self.device)  # [N_q]
         qg = q.float().reshape(b, h_kv, group * n_q, d)  # query heads of one KV head share its keys
+        if backend == "triton":
+            out, lse = self._attend_compressed_triton(qg, n_q, scale, causal)
+        else:
+            out, lse = self._attend_compressed_reference(qg, q_pos, group, scale, causal)
+
+        n_win = self.window_k.shape[2]
+        if n_win:
+            scores = (qg @ self.window_k.float().transpose(-1, -2)) * scale
+            if causal:
+                win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)
+                visible = win_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+                scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
+            out, lse = merge_attention(out, lse, *_softmax_block(scores, self.window_v.float()))
+        return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
+
+    def _attend_compressed_reference(
+        self, qg: torch.Tensor, q_pos: torch.Tensor, group: int, scale: float, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocked online-softmax attention over the store: qg [B, H_kv, G·N_q, D] -> (out, lse)."""
+        c, d = self.config, self.config.head_dim
+        b, h_kv, m, _ = qg.shape
         kq = self.key_quantizer
         q_rot = (kq if c.key_mode == "mse" else kq.mse).rotate(qg) * scale  # Π q, once
         sq = (qg @ kq.qjl.T) * scale if c.key_mode == "prod" else None  # S q, once
-
-        out = torch.zeros(b, h_kv, group * n_q, d, device=self.device)
-        lse = torch.full((b, h_kv, group * n_q), float("-inf"), device=self.device)
+        out = torch.zeros(b, h_kv, m, d, device=self.device)
+        lse = torch.full((b, h_kv, m), float("-inf"), device=self.device)
         stored = min(self.num_compressed, self.capacity)
         for start in range(0, stored, _ATTEND_BLOCK):
             stop = min(start + _ATTEND_BLOCK, stored)
@@ -350,16 +376,26 @@ class TurboQuantKVCache:
                 visible = self._slot_positions(start, stop).unsqueeze(0) <= q_pos.unsqueeze(1)  # [N_q, n]
                 scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
             out, lse = merge_attention(out, lse, *_softmax_block(scores, v))
+        return out, lse
 
-        n_win = self.window_k.shape[2]
-        if n_win:
-            scores = (qg @ self.window_k.float().transpose(-1, -2)) * scale
-            if causal:
-                win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)
-                visible = win_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-                scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
-            out, lse = merge_attention(out, lse, *_softmax_block(scores, self.window_v.float()))
-        return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
+    def _attend_compressed_triton(
+        self, qg: torch.Tensor, n_q: int, scale: float, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
+        from .kernels.decode import LOG2E, decode_attention
+
+        c, d = self.config, self.config.head_dim
+        kq = self.key_quantizer
+        mse = kq if c.key_mode == "mse" else kq.mse
+        q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
+        sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
+        # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total
+        q_start = torch.full((self.batch_size,), self.total_tokens - n_q, dtype=torch.int64, device=self.device)
+        return decode_attention(
+            q_rot, sq, self.buffers(), mse.centroids / mse.scale, self.seq_lens, q_start,
+            key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size,
+            n_q=n_q, causal=causal,
+        )  # fmt: skip
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.

@@ -1,0 +1,280 @@
+"""Fused decode attention straight from the compressed cache (flash-decoding, Triton).
+
+Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
+- the host rotates each query once, q_rot = Πq (and S q for prod keys), folding in the softmax
+  scale, 1/√d and log2(e); the kernel never de-rotates a key;
+- grid (B·H_kv, splits): one program owns one KV head and a range of token slots, and all
+  G·N_q query rows of that head (GQA) share every dequantised K/V tile through tl.dot;
+- a key's codes are unpacked from the planar layout (packing.pack_planar) into P fields of
+  D/P contiguous columns, held as a [P, BN, D/P] tile, so scores are one batched dot summed over
+  fields, and the key norm is applied once per score;
+- values are dequantised in registers (code · scale + zero per group);
+- online softmax in base 2; each split writes its partial output and log-sum-exp, and a second
+  kernel merges the splits.
+The grid depends only on the cache capacity, lengths are read on the device, and workspaces are
+cached, so a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention", "num_splits_for"]
+
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
+
+
+@triton.jit
+def _load_fields(p_row, m_n, BITS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
+                 DP: tl.constexpr):  # fmt: skip
+    """Planar-packed codes of BN rows -> [P, BN, DP] int32 (field f = columns [f·DP, (f+1)·DP))."""
+    o_c = tl.arange(0, DP)
+    o_f = tl.arange(0, P)
+    if BITS == 3:
+        # 2-bit plane: field f is byte columns [(f % 2)·DP, ...) shifted by 2·(f // 2)
+        o_h = tl.arange(0, 2)
+        p_lo = p_row[None, :, None] + o_h[:, None, None] * DP + o_c[None, None, :]  # [2, BN, DP]
+        b_lo = tl.load(p_lo, mask=m_n[None, :, None], other=0).to(tl.int32)
+        b_lo = tl.reshape(tl.broadcast_to(b_lo[None, :, :, :], (4, 2, BN, DP)), (8, BN, DP))
+        lo = (b_lo >> ((o_f // 2) * 2)[:, None, None]) & 3
+        # 1-bit plane after the d/4 bytes of the 2-bit plane: field f is bit f
+        p_hi = p_row[:, None] + D // 4 + o_c[None, :]  # [BN, DP]
+        b_hi = tl.load(p_hi, mask=m_n[:, None], other=0).to(tl.int32)
+        hi = (b_hi[None, :, :] >> o_f[:, None, None]) & 1
+        return lo | (hi << 2)
+    else:
+        b = tl.load(p_row[:, None] + o_c[None, :], mask=m_n[:, None], other=0).to(tl.int32)  # [BN, DP]
+        return (b[None, :, :] >> (o_f * BITS)[:, None, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _fields_dot_nt(a, b, DP: tl.constexpr):
+    """Σ_f a[f] @ b[f]ᵀ: a [P, M, DP], b [P, N, DP] -> [M, N] float32."""
+    if DP >= 16:
+        return tl.sum(tl.dot(a, tl.permute(b, (0, 2, 1))), axis=0)
+    else:
+        return tl.sum(tl.sum(a[:, :, None, :].to(tl.float32) * b[:, None, :, :].to(tl.float32), axis=3), axis=0)
+
+
+@triton.jit
+def _fields_dot_nn(p, v, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    """p @ v[f] for every field: p [M, N], v [P, N, DP] -> [P, M, DP] float32."""
+    if DP >= 16:
+        return tl.dot(tl.broadcast_to(p[None, :, :], (P, BM, BN)), v)
+    else:
+        return tl.sum(p[None, :, :, None].to(tl.float32) * v[:, None, :, :].to(tl.float32), axis=2)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, Q_START, O_PART, L_PART,
+    H_KV, C, M, N_Q, SPLIT_SIZE,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
+    PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    P_K: tl.constexpr, DP_K: tl.constexpr, P_V: tl.constexpr, DP_V: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1)
+    i_b = i_bh // H_KV
+    seq_len = tl.load(SEQ_LEN + i_b).to(tl.int32)
+    q_start = tl.load(Q_START + i_b).to(tl.int32)
+    start = i_s * SPLIT_SIZE
+    end = tl.minimum(start + SPLIT_SIZE, seq_len)
+    if CAUSAL:
+        end = tl.minimum(end, q_start + N_Q)  # no query of this step sees a later slot
+
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    q_pos = q_start + o_m % N_Q  # [BM] position of each query row
+    # query fields: [P_K, BM, DP_K]
+    o_fk = tl.arange(0, P_K)
+    o_ck = tl.arange(0, DP_K)
+    p_q = Q + i_bh * M * D + o_m[None, :, None] * D + (o_fk * DP_K)[:, None, None] + o_ck[None, None, :]
+    b_q = tl.load(p_q, mask=m_m[None, :, None], other=0.0).to(tl.float16)
+    if PROD:
+        o_fs = tl.arange(0, 8)
+        o_cs = tl.arange(0, D // 8)
+        p_sq = SQ + i_bh * M * D + o_m[None, :, None] * D + (o_fs * (D // 8))[:, None, None] + o_cs[None, None, :]
+        b_sq = tl.load(p_sq, mask=m_m[None, :, None], other=0.0).to(tl.float16)  # [8, BM, D/8]
+
+    KB: tl.constexpr = D * (KEY_BITS if not PROD else KEY_BITS - 1) // 8
+    VB: tl.constexpr = D * VALUE_BITS // 8
+    NG: tl.constexpr = D // GROUP
+    o_fv = tl.arange(0, P_V)
+    o_cv = tl.arange(0, DP_V)
+
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    b_acc = tl.zeros([P_V, BM, DP_V], dtype=tl.float32)
+    for n0 in range(start, end, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < end
+        row = i_bh * C + o_n.to(tl.int64)  # [BN] token rows of this head
+        # scores: [BM, BN]
+        k_idx = _load_fields(KC + row * KB, m_n, KEY_BITS - PROD, D, BN, P_K, DP_K)
+        b_k = tl.load(CB + k_idx).to(tl.float16)  # [P_K, BN, DP_K] centroids (√d units)
+        b_s = _fields_dot_nt(b_q, b_k, DP_K) * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        if PROD:
+            bits = _load_fields(KS + row * (D // 8), m_n, 1, D, BN, 8, D // 8)
+            b_sgn = (bits * 2 - 1).to(tl.float16)  # [8, BN, D/8]
+            b_r = tl.load(KR + row, mask=m_n, other=0.0).to(tl.float32)
+            b_s += _fields_dot_nt(b_sq, b_sgn, D // 8) * b_r[None, :]
+        visible = m_n[None, :]
+        if CAUSAL:
+            visible = visible & (o_n[None, :] <= q_pos[:, None])
+        b_s = tl.where(visible, b_s, float("-inf"))
+        # online softmax (base 2)
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        # values: [P_V, BN, DP_V]
+        codes = _load_fields(VC + row * VB, m_n, VALUE_BITS, D, BN, P_V, DP_V).to(tl.float32)
+        if DP_V >= GROUP:
+            o_g = tl.arange(0, DP_V // GROUP)
+            p_g = row[None, :, None] * NG + (o_fv * (DP_V // GROUP))[:, None, None] + o_g[None, None, :]
+            m_g = m_n[None, :, None]
+            b_sc = tl.load(VS + p_g, mask=m_g, other=0.0).to(tl.float32)  # [P_V, BN, DP_V/GROUP]
+            b_z = tl.load(VZ + p_g, mask=m_g, other=0.0).to(tl.float32)
+            b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, :, None], (P_V, BN, DP_V // GROUP, GROUP)), (P_V, BN, DP_V))
+            b_z = tl.reshape(tl.broadcast_to(b_z[:, :, :, None], (P_V, BN, DP_V // GROUP, GROUP)), (P_V, BN, DP_V))
+        else:
+            p_g = row[None, :, None] * NG + ((o_fv * DP_V) // GROUP)[:, None, None]  # [P_V, BN, 1]
+            b_sc = tl.load(VS + p_g, mask=m_n[None, :, None], other=0.0).to(tl.float32)
+            b_z = tl.load(VZ + p_g, mask=m_n[None, :, None], other=0.0).to(tl.float32)
+        b_v = (codes * b_sc + b_z).to(tl.float16)
+        b_acc = b_acc * alpha[None, :, None] + _fields_dot_nn(b_p.to(tl.float16), b_v, P_V, BM, BN, DP_V)
+        b_m = m_new
+
+    # partial results, normalised; lse in base 2 (-inf where this split saw nothing)
+    b_out = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[None, :, None]
+    part = (i_bh * NUM_SPLITS + i_s) * BM
+    p_o = O_PART + (part + o_m)[None, :, None] * D + (o_fv * DP_V)[:, None, None] + o_cv[None, None, :]
+    tl.store(p_o, b_out, mask=m_m[None, :, None])
+    lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l)))
+    tl.store(L_PART + part + o_m, lse, mask=m_m)
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    o_s = tl.arange(0, BS)
+    m_s = o_s < NUM_SPLITS
+    o_d = tl.arange(0, D)
+    parts = (i_bh * NUM_SPLITS + o_s) * BM + i_m
+    b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
+    l_max = tl.max(b_l, axis=0)
+    l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
+    w = tl.exp2(b_l - l_safe)
+    w_sum = tl.sum(w, axis=0)
+    b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
+    out = tl.sum(b_o * w[:, None], axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
+    lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
+    tl.store(LSE + i_bh * M + i_m, lse)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_splits_for(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
+    """Splits of the token axis so that B·H_kv·splits fills the GPU, from the capacity alone."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        target = 2 * _SM_COUNT[idx]
+    else:
+        target = 4
+    blocks = max(1, -(-capacity // block_n))
+    return max(1, min(blocks, -(-target // batch_heads), 128))
+
+
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device, bh: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, bh, splits, bm, d)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (
+            torch.empty(bh * splits * bm, d, dtype=torch.float32, device=device),
+            torch.empty(bh * splits * bm, dtype=torch.float32, device=device),
+        )
+    return _WORKSPACES[key]
+
+
+def decode_attention(
+    q_rot: torch.Tensor,
+    sq: torch.Tensor | None,
+    buffers: dict[str, torch.Tensor],
+    codebook: torch.Tensor,
+    seq_lens: torch.Tensor,
+    q_start: torch.Tensor,
+    *,
+    key_bits: int,
+    key_mode: str,
+    value_bits: int,
+    group_size: int,
+    n_q: int,
+    causal: bool = True,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of prepared queries over a compressed cache.
+
+    Args:
+        q_rot: [B, H_kv, M, D] float32, M = G·N_q rows (query heads of one KV head, then queries),
+            already rotated (Πq) and multiplied by scale·log2(e).
+        sq: [B, H_kv, M, D] float32, S q times scale·log2(e)·√(π/2)/d (prod keys), else None.
+        buffers: the cache buffers (``key_codes`` [B, H_kv, C, D·kb/8], ``key_norms`` [B, H_kv, C], ...).
+        codebook: [2^kb] float32 centroids divided by √d.
+        seq_lens: [B] int, valid slots per sequence.  q_start: [B] int, position of query 0.
+    Returns:
+        out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
+    """
+    b, h_kv, m, d = q_rot.shape
+    key_codes = buffers["key_codes"]
+    c = key_codes.shape[2]
+    if d not in (64, 128, 256):
+        raise ValueError(f"the fused decode kernel supports head_dim 64, 128 or 256, got {d}")
+    if not (q_rot.is_contiguous() and q_rot.dtype == torch.float32):
+        raise ValueError("q_rot must be a contiguous float32 tensor [B, H_kv, M, D]")
+    for name, t in buffers.items():
+        if t.device != q_rot.device or not t.is_contiguous():
+            raise ValueError(f"buffer {name} must be contiguous and on {q_rot.device}")
+    prod = key_mode == "prod"
+    kb = key_bits - 1 if prod else key_bits
+    p_k = 8 if kb == 3 else 8 // kb
+    p_v = 8 if value_bits == 3 else 8 // value_bits
+    bm = max(16, triton.next_power_of_2(m))
+    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device)
+    split_size = -(-max(c, 1) // (splits * block_n)) * block_n
+    o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
+    dummy = key_codes
+    _decode_split_kernel[(b * h_kv, splits)](
+        q_rot, sq if prod else q_rot,
+        key_codes, buffers["key_norms"],
+        buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
+        buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
+        codebook, seq_lens, q_start, o_part, l_part,
+        h_kv, c, m, n_q, split_size,
+        D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
+        BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
+    lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
+    _merge_splits_kernel[(b * h_kv, m)](
+        o_part, l_part, out, lse, m, D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits)
+    )
+    return out, lse
+
