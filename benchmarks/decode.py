@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.kernels.decode import LOG2E, decode_attention
+from turboquant.kernels.decode import LAUNCH_DEFAULTS, LOG2E, decode_attention
 
 CONFIGS = {
     "K4/V4 mse": dict(key_bits=4, value_bits=4, key_mode="mse"),
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
     ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages per shape")
+    ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("results/decode.md"))
     args = ap.parse_args(argv)
@@ -91,11 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     shapes = [(1, 8192), (8, 32768)] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in shape.split(",")) for shape in args.shapes]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    launches = [dict(block_n=64, num_warps=4, num_stages=2)]
+    launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [
-            dict(block_n=bn, num_warps=w, num_stages=s) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
+            dict(block_n=bn, num_warps=w, num_stages=2, register_codebook=r)
+            for bn in (32, 64, 128)
+            for w in (4, 8)
+            for r in (False, True)
         ]
     rows = []
     header = (
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                 for launch in launches:
                     fns = [prepared_call(c, q, **launch) for c in caches]
                     t = bench(fns)
+                    if args.sweep:
+                        print(f"  sweep ({batch}, {context}) {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)
             if best is None:
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                 line = (
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
-                    f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']} |"
+                    f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']}"
+                    f"{' regcb' if launch['register_codebook'] else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

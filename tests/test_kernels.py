@@ -66,6 +66,18 @@ CASES = [
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES)
 def test_decode_kernel_matches_reference(mode, kb, vb, d, group, n_q, n):
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
+@pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::3])
+def test_decode_kernel_register_codebook(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "register_codebook", True)
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
+def _check_decode(mode, kb, vb, d, group, n_q, n):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)
     cache = _filled_cache(cfg, 2, 2, n, gen)

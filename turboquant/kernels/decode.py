@@ -75,7 +75,7 @@ def _decode_split_kernel(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     P_K: tl.constexpr, DP_K: tl.constexpr, P_V: tl.constexpr, DP_V: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, REGISTER_CODEBOOK: tl.constexpr,
 ):  # fmt: skip
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
@@ -107,6 +107,9 @@ def _decode_split_kernel(
     o_fv = tl.arange(0, P_V)
     o_cv = tl.arange(0, DP_V)
 
+    NC: tl.constexpr = 2 ** (KEY_BITS - PROD)
+    if REGISTER_CODEBOOK:
+        b_cb = tl.load(CB + tl.arange(0, NC))  # [NC]
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BM], dtype=tl.float32)
     b_acc = tl.zeros([P_V, BM, DP_V], dtype=tl.float32)
@@ -116,7 +119,11 @@ def _decode_split_kernel(
         row = i_bh * C + o_n.to(tl.int64)  # [BN] token rows of this head
         # scores: [BM, BN]
         k_idx = _load_fields(KC + row * KB, m_n, KEY_BITS - PROD, D, BN, P_K, DP_K)
-        b_k = tl.load(CB + k_idx).to(tl.float16)  # [P_K, BN, DP_K] centroids (√d units)
+        if REGISTER_CODEBOOK:  # centroids held in registers, looked up with a gather
+            b_k = tl.gather(tl.broadcast_to(b_cb[None, None, :], (P_K, BN, NC)), k_idx, axis=2)
+        else:  # centroids gathered from global memory (L1-resident)
+            b_k = tl.load(CB + k_idx)
+        b_k = b_k.to(tl.float16)  # [P_K, BN, DP_K] centroids (√d units)
         b_s = _fields_dot_nt(b_q, b_k, DP_K) * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if PROD:
             bits = _load_fields(KS + row * (D // 8), m_n, 1, D, BN, 8, D // 8)
@@ -182,6 +189,9 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.co
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
+# Launch configuration of the split kernel (tokens per block, warps, pipeline depth, codebook lookup).
+LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=False)
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -225,9 +235,7 @@ def decode_attention(
     group_size: int,
     n_q: int,
     causal: bool = True,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
 
@@ -238,9 +246,15 @@ def decode_attention(
         buffers: the cache buffers (``key_codes`` [B, H_kv, C, D·kb/8], ``key_norms`` [B, H_kv, C], ...).
         codebook: [2^kb] float32 centroids divided by √d.
         seq_lens: [B] int, valid slots per sequence.  q_start: [B] int, position of query 0.
+        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
+    unknown = set(launch) - set(LAUNCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
+    launch = {**LAUNCH_DEFAULTS, **launch}
+    block_n = launch["block_n"]
     b, h_kv, m, d = q_rot.shape
     key_codes = buffers["key_codes"]
     c = key_codes.shape[2]
@@ -269,7 +283,8 @@ def decode_attention(
         h_kv, c, m, n_q, split_size,
         D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
         BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
-        num_warps=num_warps, num_stages=num_stages,
+        REGISTER_CODEBOOK=launch["register_codebook"],
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
     lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
@@ -277,4 +292,3 @@ def decode_attention(
         o_part, l_part, out, lse, m, D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits)
     )
     return out, lse
-
