@@ -70,10 +70,10 @@ def test_decode_kernel_matches_reference(mode, kb, vb, d, group, n_q, n):
 
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::3])
-def test_decode_kernel_register_codebook(mode, kb, vb, d, group, n_q, n, monkeypatch):
+def test_decode_kernel_global_codebook(mode, kb, vb, d, group, n_q, n, monkeypatch):
     from turboquant.kernels import decode
 
-    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "register_codebook", True)
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "register_codebook", False)
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 

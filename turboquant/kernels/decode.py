@@ -190,7 +190,7 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.co
 
 
 # Launch configuration of the split kernel (tokens per block, warps, pipeline depth, codebook lookup).
-LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=False)
+LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=True)
 
 _SM_COUNT: dict[int, int] = {}
 
