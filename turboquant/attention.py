@@ -27,7 +27,14 @@ from .quantizers import (
 )
 from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED
 
-__all__ = ["KEY_MODES", "check_attention_inputs", "causal_mask", "merge_attention", "turboquant_attention"]
+__all__ = [
+    "KEY_MODES",
+    "causal_mask",
+    "check_attention_inputs",
+    "merge_attention",
+    "softmax_block",
+    "turboquant_attention",
+]
 
 KEY_MODES = ("mse", "prod")
 
@@ -68,6 +75,16 @@ def merge_attention(
     w_a = torch.exp(lse_a - safe).unsqueeze(-1)
     w_b = torch.exp(lse_b - safe).unsqueeze(-1)
     return out_a * w_a + out_b * w_b, lse
+
+
+def softmax_block(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(scores) @ v and logsumexp(scores): scores [..., M, n], v [..., n, D] -> ([..., M, D], [..., M]).
+
+    Rows that see no key (all -inf) give a zero output and lse = -inf, so merge_attention ignores them.
+    """
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(scores - safe.unsqueeze(-1)) @ v, lse
 
 
 def _key_quantizer(head_dim, key_bits, key_mode, device, rotation, norm_correction, seed, qjl_seed):
@@ -146,6 +163,5 @@ def turboquant_attention(
     scores = compressed_key_scores(q_grouped, keys, kq).reshape(b, h_kv, group, n_q, n_k) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).reshape(b, h_kv, group * n_q, n_k)
-    out = probs @ vq.decompress_float(values)
+    out, _ = softmax_block(scores.reshape(b, h_kv, group * n_q, n_k), vq.decompress_float(values))
     return out.reshape(b, h_q, n_q, d).to(q.dtype)

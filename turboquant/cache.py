@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import KEY_MODES, merge_attention
+from .attention import KEY_MODES, merge_attention, softmax_block
 from .codebook import SUPPORTED_BITS
 from .packing import pack_planar, planar_size, unpack_planar
 from .quantizers import (
@@ -208,7 +208,8 @@ class TurboQuantKVCache:
 
     @property
     def num_compressed(self) -> int:
-        """Tokens in the compressed store per sequence (at most ring_window in ring mode)."""
+        """Tokens written to the compressed store per sequence (in ring mode, only the last
+        ring_window of them are still held)."""
         return self.total_tokens - self.window_k.shape[2]
 
     # ------------------------------------------------------------------------------------- write
@@ -350,7 +351,7 @@ class TurboQuantKVCache:
                 win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)
                 visible = win_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
                 scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
-            out, lse = merge_attention(out, lse, *_softmax_block(scores, self.window_v.float()))
+            out, lse = merge_attention(out, lse, *softmax_block(scores, self.window_v.float()))
         return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
 
     def _attend_compressed_reference(
@@ -375,7 +376,7 @@ class TurboQuantKVCache:
             if causal:
                 visible = self._slot_positions(start, stop).unsqueeze(0) <= q_pos.unsqueeze(1)  # [N_q, n]
                 scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
-            out, lse = merge_attention(out, lse, *_softmax_block(scores, v))
+            out, lse = merge_attention(out, lse, *softmax_block(scores, v))
         return out, lse
 
     def _attend_compressed_triton(
@@ -416,12 +417,3 @@ class TurboQuantKVCache:
         v = torch.cat((v.to(self.dtype), self.window_v), dim=2)
         return k, v
 
-
-def _softmax_block(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(scores) @ v and logsumexp(scores): scores [..., M, n], v [..., n, D] -> ([..., M, D], [..., M]).
-
-    Rows that see no key give a zero output and lse = -inf, so merge_attention ignores them.
-    """
-    lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(scores - safe.unsqueeze(-1)) @ v, lse
