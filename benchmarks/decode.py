@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [
-            dict(block_n=bn, num_warps=w, num_stages=2, register_codebook=r)
+            dict(block_n=bn, num_warps=4, num_stages=st, register_codebook=True, key_major=km)
             for bn in (32, 64, 128)
-            for w in (4, 8)
-            for r in (False, True)
+            for st in (2, 3)
+            for km in (False, True)
         ]
     rows = []
     header = (
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
                     f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']}"
-                    f"{' regcb' if launch['register_codebook'] else ''} |"
+                    f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

@@ -77,6 +77,14 @@ def test_decode_kernel_global_codebook(mode, kb, vb, d, group, n_q, n, monkeypat
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
+@pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[1::3])
+def test_decode_kernel_key_major_scores(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_major", True)
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
 def _check_decode(mode, kb, vb, d, group, n_q, n):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)

@@ -51,12 +51,18 @@ def _load_fields(p_row, m_n, BITS: tl.constexpr, D: tl.constexpr, BN: tl.constex
 
 
 @triton.jit
-def _fields_dot_nt(a, b, DP: tl.constexpr):
-    """Σ_f a[f] @ b[f]ᵀ: a [P, M, DP], b [P, N, DP] -> [M, N] float32."""
+def _fields_scores(q, q_t, k, DP: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Σ_f q[f] @ k[f]ᵀ: q [P, M, DP] (q_t = q permuted to [P, DP, M]), k [P, N, DP] -> [M, N] float32.
+
+    KEY_MAJOR computes (Σ_f k[f] @ q[f]ᵀ)ᵀ, transposing the small [N, M] result instead of the key tile.
+    """
     if DP >= 16:
-        return tl.sum(tl.dot(a, tl.permute(b, (0, 2, 1))), axis=0)
+        if KEY_MAJOR:
+            return tl.trans(tl.sum(tl.dot(k, q_t), axis=0))
+        else:
+            return tl.sum(tl.dot(q, tl.permute(k, (0, 2, 1))), axis=0)
     else:
-        return tl.sum(tl.sum(a[:, :, None, :].to(tl.float32) * b[:, None, :, :].to(tl.float32), axis=3), axis=0)
+        return tl.sum(tl.sum(q[:, :, None, :].to(tl.float32) * k[:, None, :, :].to(tl.float32), axis=3), axis=0)
 
 
 @triton.jit
@@ -75,7 +81,7 @@ def _decode_split_kernel(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     P_K: tl.constexpr, DP_K: tl.constexpr, P_V: tl.constexpr, DP_V: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, REGISTER_CODEBOOK: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, REGISTER_CODEBOOK: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):  # fmt: skip
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
@@ -95,11 +101,13 @@ def _decode_split_kernel(
     o_ck = tl.arange(0, DP_K)
     p_q = Q + i_bh * M * D + o_m[None, :, None] * D + (o_fk * DP_K)[:, None, None] + o_ck[None, None, :]
     b_q = tl.load(p_q, mask=m_m[None, :, None], other=0.0).to(tl.float16)
+    b_qt = tl.permute(b_q, (0, 2, 1))  # [P_K, DP_K, BM]
     if PROD:
         o_fs = tl.arange(0, 8)
         o_cs = tl.arange(0, D // 8)
         p_sq = SQ + i_bh * M * D + o_m[None, :, None] * D + (o_fs * (D // 8))[:, None, None] + o_cs[None, None, :]
         b_sq = tl.load(p_sq, mask=m_m[None, :, None], other=0.0).to(tl.float16)  # [8, BM, D/8]
+        b_sqt = tl.permute(b_sq, (0, 2, 1))
 
     KB: tl.constexpr = D * (KEY_BITS if not PROD else KEY_BITS - 1) // 8
     VB: tl.constexpr = D * VALUE_BITS // 8
@@ -124,12 +132,12 @@ def _decode_split_kernel(
         else:  # centroids gathered from global memory (L1-resident)
             b_k = tl.load(CB + k_idx)
         b_k = b_k.to(tl.float16)  # [P_K, BN, DP_K] centroids (√d units)
-        b_s = _fields_dot_nt(b_q, b_k, DP_K) * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_s = _fields_scores(b_q, b_qt, b_k, DP_K, KEY_MAJOR) * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
         if PROD:
             bits = _load_fields(KS + row * (D // 8), m_n, 1, D, BN, 8, D // 8)
             b_sgn = (bits * 2 - 1).to(tl.float16)  # [8, BN, D/8]
             b_r = tl.load(KR + row, mask=m_n, other=0.0).to(tl.float32)
-            b_s += _fields_dot_nt(b_sq, b_sgn, D // 8) * b_r[None, :]
+            b_s += _fields_scores(b_sq, b_sqt, b_sgn, D // 8, KEY_MAJOR) * b_r[None, :]
         visible = m_n[None, :]
         if CAUSAL:
             visible = visible & (o_n[None, :] <= q_pos[:, None])
@@ -189,8 +197,9 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.co
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
-# Launch configuration of the split kernel (tokens per block, warps, pipeline depth, codebook lookup).
-LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=True)
+# Launch configuration of the split kernel: tokens per block, warps, pipeline depth, codebook lookup
+# (registers or global memory), and the orientation of the score dot (see _fields_scores).
+LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=True, key_major=False)
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -246,7 +255,7 @@ def decode_attention(
         buffers: the cache buffers (``key_codes`` [B, H_kv, C, D·kb/8], ``key_norms`` [B, H_kv, C], ...).
         codebook: [2^kb] float32 centroids divided by √d.
         seq_lens: [B] int, valid slots per sequence.  q_start: [B] int, position of query 0.
-        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook).
+        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -283,7 +292,7 @@ def decode_attention(
         h_kv, c, m, n_q, split_size,
         D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
         BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
-        REGISTER_CODEBOOK=launch["register_codebook"],
+        REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
