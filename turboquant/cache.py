@@ -416,4 +416,3 @@ class TurboQuantKVCache:
         k = torch.cat((k.to(self.dtype), self.window_k), dim=2)
         v = torch.cat((v.to(self.dtype), self.window_v), dim=2)
         return k, v
-

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +129,7 @@ def shipped_codebook_path(head_dim: int, bits: int) -> Path:
     return _CONFIG_DIR / f"codebook_d{head_dim}_b{bits}.pt"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_or_generate(head_dim: int, bits: int) -> torch.Tensor:
     shipped = shipped_codebook_path(head_dim, bits)
     if shipped.exists():
@@ -156,7 +156,7 @@ def get_codebook(head_dim: int, bits: int, device: torch.device | str | None = N
     """
     _check_args(head_dim, bits)
     centroids = _load_or_generate(head_dim, bits)
-    return centroids.to(device) if device is not None else centroids.clone()
+    return centroids.to(device, copy=True) if device is not None else centroids.clone()
 
 
 def regenerate_shipped_codebooks(out_dir: Path = _CONFIG_DIR) -> list[Path]:

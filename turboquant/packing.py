@@ -78,7 +78,7 @@ def unpack_indices(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.int32, device=packed.device)
     stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : d * bits]
     stream = stream.unflatten(-1, (d, bits))
-    weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
+    weights = 1 << torch.arange(bits, dtype=torch.int32, device=packed.device)
     return (stream * weights).sum(-1).to(torch.uint8)
 
 
@@ -116,7 +116,9 @@ def unpack_planar(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     """Inverse of :func:`pack_planar`: [..., d·bits/8] uint8 -> [..., d] uint8."""
     n_bytes = planar_size(d, bits)
     if packed.dtype != torch.uint8 or packed.shape[-1] != n_bytes:
-        raise ValueError(f"packed must be uint8 [..., {n_bytes}] for d={d}, bits={bits}; got {packed.dtype} {tuple(packed.shape)}")
+        raise ValueError(
+            f"packed must be uint8 [..., {n_bytes}] for d={d}, bits={bits}; got {packed.dtype} {tuple(packed.shape)}"
+        )
     if bits == 3:
         lo = unpack_planar(packed[..., : d // 4], 2, d)
         hi = unpack_planar(packed[..., d // 4 :], 1, d)

@@ -241,9 +241,7 @@ class TurboQuantProd:
             raise ValueError(f"TurboQuantProd bits must be one of {PROD_BITS}, got {bits!r}")
         self.head_dim = head_dim
         self.bits = bits
-        self.mse = TurboQuantMSE(
-            head_dim, bits - 1, device, seed, rotation=rotation, norm_correction=norm_correction
-        )
+        self.mse = TurboQuantMSE(head_dim, bits - 1, device, seed, rotation=rotation, norm_correction=norm_correction)
         self.device = self.mse.device
         self.qjl = get_qjl_matrix(head_dim, self.device, qjl_seed)  # S: [d, d]
         self.qjl_coef = QJL_SCALE / head_dim
@@ -260,7 +258,11 @@ class TurboQuantProd:
         """x: [..., d] -> ProdCompressed (MSE container, packed signs, residual norms)."""
         idx, norms, signs, residual_norms = self.quantize(x)
         mse = MSECompressed(
-            indices=pack_indices(idx, self.mse.bits), norms=norms, head_dim=self.head_dim, bits=self.mse.bits, dtype=x.dtype
+            indices=pack_indices(idx, self.mse.bits),
+            norms=norms,
+            head_dim=self.head_dim,
+            bits=self.mse.bits,
+            dtype=x.dtype,
         )
         return ProdCompressed(mse=mse, signs=pack_indices(signs, 1), residual_norms=residual_norms, dtype=x.dtype)
 
@@ -269,6 +271,11 @@ class TurboQuantProd:
         signs = sign_bits.float() * 2 - 1
         return (sq @ signs.transpose(-1, -2)) * (self.qjl_coef * residual_norms.float()).unsqueeze(-2)
 
+    @staticmethod
+    def _check_container(c: ProdCompressed) -> None:
+        if not isinstance(c, ProdCompressed):
+            raise ValueError(f"expected a ProdCompressed container, got {type(c).__name__}")
+
     def qjl_correction(self, sign_bits: torch.Tensor, residual_norms: torch.Tensor) -> torch.Tensor:
         """√(π/2)/d · γ · Sᵀ sign from sign bits [..., d] (0/1) and γ [...]: [..., d] float32."""
         signs = sign_bits.float() * 2 - 1
@@ -276,6 +283,7 @@ class TurboQuantProd:
 
     def decompress_float(self, c: ProdCompressed) -> torch.Tensor:
         """DeQuant_prod: x̂_mse + √(π/2)/d · γ · Sᵀ sign: [..., d] float32."""
+        self._check_container(c)
         signs = unpack_indices(c.signs, 1, self.head_dim)
         return self.mse.decompress_float(c.mse) + self.qjl_correction(signs, c.residual_norms)
 
@@ -288,6 +296,7 @@ class TurboQuantProd:
         q: [..., n_q, d]; c holds keys with leading shape [..., n_k] -> scores [..., n_q, n_k] float32.
         """
         check_float_input(q, self.head_dim, self.device, "q")
+        self._check_container(c)
         q_rot = self.mse.rotate(q)  # Π q, once per query
         k_rot = self.mse.dequantize_rotated(c.mse)  # [..., n_k, d]
         mse_part = q_rot @ k_rot.transpose(-1, -2)

@@ -132,7 +132,10 @@ def _decode_split_kernel(
         else:  # centroids gathered from global memory (L1-resident)
             b_k = tl.load(CB + k_idx)
         b_k = b_k.to(tl.float16)  # [P_K, BN, DP_K] centroids (√d units)
-        b_s = _fields_scores(b_q, b_qt, b_k, DP_K, KEY_MAJOR) * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_s = (
+            _fields_scores(b_q, b_qt, b_k, DP_K, KEY_MAJOR)
+            * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        )
         if PROD:
             bits = _load_fields(KS + row * (D // 8), m_n, 1, D, BN, 8, D // 8)
             b_sgn = (bits * 2 - 1).to(tl.float16)  # [8, BN, D/8]
@@ -199,7 +202,7 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.co
 
 # Launch configuration of the split kernel: tokens per block, warps, pipeline depth, codebook lookup
 # (registers or global memory), and the orientation of the score dot (see _fields_scores).
-LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=2, register_codebook=True, key_major=False)
+LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False)
 
 _SM_COUNT: dict[int, int] = {}
 

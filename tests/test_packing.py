@@ -1,0 +1,139 @@
+"""Bit packing: exact round trips, the documented LSB-first byte layout, sizes and errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from turboquant import pack_indices, packed_size, unpack_indices
+
+BITS = (1, 2, 3, 4, 8)
+DIMS = (1, 63, 64, 65, 127, 128, 256)
+
+
+def reference_pack(indices: list[int], bits: int) -> list[int]:
+    """Independent oracle: one little-endian integer holding index j at bits [j·b, (j+1)·b)."""
+    stream = 0
+    for j, v in enumerate(indices):
+        stream |= v << (j * bits)
+    n_bytes = math.ceil(len(indices) * bits / 8)
+    return list(stream.to_bytes(n_bytes, "little"))
+
+
+def random_indices(shape: tuple[int, ...], bits: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2**bits, shape, generator=gen, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("bits", BITS)
+def test_round_trip_exact_with_batch_dims(bits: int, d: int) -> None:
+    idx = random_indices((3, 5, d), bits, seed=1000 * bits + d)
+    packed = pack_indices(idx, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (3, 5, packed_size(d, bits))
+    assert packed.shape[-1] == math.ceil(d * bits / 8)
+    out = unpack_indices(packed, bits, d)
+    assert out.shape == idx.shape
+    assert torch.equal(out.long(), idx)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_layout_matches_independent_bit_stream(bits: int) -> None:
+    """Every vector of a batch packs to the bytes of the LSB-first stream (the layout kernels rely on)."""
+    d = 37
+    idx = random_indices((6, d), bits, seed=bits)
+    packed = pack_indices(idx, bits)
+    for row_idx, row_packed in zip(idx.tolist(), packed.tolist(), strict=True):
+        assert row_packed == reference_pack(row_idx, bits)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_extreme_values_round_trip(bits: int) -> None:
+    """All-zero and all-(2^b - 1) vectors, the values most likely to be masked wrongly."""
+    top = 2**bits - 1
+    idx = torch.tensor([[0] * 65, [top] * 65, [top, 0] * 32 + [top]])
+    assert torch.equal(unpack_indices(pack_indices(idx, bits), bits, 65).long(), idx)
+    assert pack_indices(idx, bits)[1].tolist() == reference_pack([top] * 65, bits)
+
+
+@pytest.mark.parametrize(
+    ("bits", "indices", "expected"),
+    [
+        (4, [1, 2], [0x21]),  # index 0 is the low nibble
+        (4, [0xF, 0x0, 0x3], [0x0F, 0x03]),
+        (2, [1, 2, 3, 0], [0b00_11_10_01]),
+        (1, [1, 0, 0, 0, 0, 0, 0, 1, 1], [0x81, 0x01]),
+        # 3-bit stream 101|110|111 (LSB first) -> bits 1,0,1,1,1,0,1,1 | 1 -> 0xDD, 0x01
+        (3, [5, 3, 7], [0xDD, 0x01]),
+        # 8 three-bit indices fill exactly 3 bytes; byte 0 = low 2 bits of 3 | 2 | 1, and so on
+        (3, [1, 2, 3, 4, 5, 6, 7, 0], [0b11_010_001, 0b0_101_100_0, 0b000_111_11]),
+        (8, [0, 255, 17], [0, 255, 17]),
+    ],
+)
+def test_hand_computed_bytes(bits: int, indices: list[int], expected: list[int]) -> None:
+    packed = pack_indices(torch.tensor(indices), bits)
+    assert packed.tolist() == expected
+    assert unpack_indices(packed, bits, len(indices)).tolist() == indices
+
+
+def test_three_bit_is_dense() -> None:
+    """3-bit vectors take ceil(3d/8) bytes, not a nibble or a byte per index."""
+    for d, n_bytes in [(1, 1), (8, 3), (63, 24), (64, 24), (65, 25), (128, 48), (256, 96)]:
+        assert packed_size(d, 3) == n_bytes
+        assert pack_indices(torch.zeros(2, d, dtype=torch.int64), 3).shape == (2, n_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_any_integer_dtype_packs_the_same(dtype: torch.dtype) -> None:
+    idx = random_indices((4, 33), 3, seed=7)
+    assert torch.equal(pack_indices(idx.to(dtype), 3), pack_indices(idx, 3))
+
+
+def test_empty_batch() -> None:
+    packed = pack_indices(torch.zeros(0, 64, dtype=torch.int64), 3)
+    assert packed.shape == (0, 24) and packed.dtype == torch.uint8
+    assert unpack_indices(packed, 3, 64).shape == (0, 64)
+
+
+@pytest.mark.parametrize("bits", [0, 5, 6, 7, 16, -1])
+def test_unsupported_bits_raise(bits: int) -> None:
+    idx = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 4, 8\)"):
+        pack_indices(idx, bits)
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 4, 8\)"):
+        unpack_indices(torch.zeros(4, dtype=torch.uint8), bits, 4)
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 4, 8\)"):
+        packed_size(4, bits)
+
+
+@pytest.mark.parametrize(("bits", "bad"), [(1, 2), (2, 4), (3, 8), (4, 16), (8, 256), (3, -1), (8, -1)])
+def test_out_of_range_indices_raise(bits: int, bad: int) -> None:
+    idx = torch.tensor([0, 1, bad, 0])
+    with pytest.raises(ValueError, match=rf"\[0, {2**bits}\)"):
+        pack_indices(idx, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bool])
+def test_non_integer_indices_raise(dtype: torch.dtype) -> None:
+    with pytest.raises(ValueError, match="integer"):
+        pack_indices(torch.zeros(8, dtype=dtype), 1)
+
+
+@pytest.mark.parametrize(("bits", "d", "n_bytes"), [(4, 64, 31), (4, 64, 33), (3, 65, 24), (8, 10, 11), (1, 9, 1)])
+def test_wrong_packed_length_raises(bits: int, d: int, n_bytes: int) -> None:
+    with pytest.raises(ValueError, match=rf"need {packed_size(d, bits)}"):
+        unpack_indices(torch.zeros(2, n_bytes, dtype=torch.uint8), bits, d)
+
+
+def test_unpack_requires_uint8() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_indices(torch.zeros(2, 32, dtype=torch.int32), 4, 64)
+
+
+@pytest.mark.parametrize("d", [0, -3])
+def test_bad_length_raises(d: int) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        packed_size(d, 4)
