@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         q = torch.randn(batch, H_Q, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa_fns = [
-                (lambda k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-                for k, v in zip(ks, vs)
+                (lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                for k, v in zip(ks, vs, strict=True)
             ]
             t_bf16 = bench(sdpa_fns)
             sdpa_out = sdpa_fns[0]()
@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                     if best is None or t < best[0]:
                         best = (t, launch)
             if best is None:
-                line = f"| ({batch}, {context}) | {name} | CHECK FAILED | - | {t_bf16:.4f} | - | {err:.2e} | {graph_ok} | {cos:.4f} | - |"
+                line = (
+                    f"| ({batch}, {context}) | {name} | CHECK FAILED | - | {t_bf16:.4f} | - | {err:.2e} | "
+                    f"{graph_ok} | {cos:.4f} | - |"
+                )
             else:
                 t, launch = best
                 line = (

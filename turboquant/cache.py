@@ -385,7 +385,7 @@ class TurboQuantKVCache:
         """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
         from .kernels.decode import LOG2E, decode_attention
 
-        c, d = self.config, self.config.head_dim
+        c = self.config
         kq = self.key_quantizer
         mse = kq if c.key_mode == "mse" else kq.mse
         q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
