@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.kernels.decode import LAUNCH_DEFAULTS, LOG2E, decode_attention
+from turboquant.kernels.decode import LAUNCH_DEFAULTS, decode_attention
 
 CONFIGS = {
     "K4/V4 mse": dict(key_bits=4, value_bits=4, key_mode="mse"),
@@ -46,25 +46,10 @@ def fill_cache(cfg: KVCacheConfig, k: torch.Tensor, v: torch.Tensor) -> TurboQua
 
 def prepared_call(cache: TurboQuantKVCache, q: torch.Tensor, **launch):
     """The kernel launch of one decode step, queries already rotated (what a model step runs)."""
-    c, d = cache.config, cache.config.head_dim
-    kq = cache.key_quantizer
-    mse = kq if c.key_mode == "mse" else kq.mse
-    b, h_q, n_q, _ = q.shape
+    b, h_q, n_q, d = q.shape
     qg = q.float().reshape(b, H_KV, (h_q // H_KV) * n_q, d)
-    scale = 1 / math.sqrt(d)
-    q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
-    sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
-    q_start = torch.full((b,), cache.total_tokens - n_q, dtype=torch.int64, device="cuda")
-    bufs = cache.buffers()
-    codebook = mse.centroids / mse.scale
-
-    def run():
-        return decode_attention(
-            q_rot, sq, bufs, codebook, cache.seq_lens, q_start, key_bits=c.key_bits, key_mode=c.key_mode,
-            value_bits=c.value_bits, group_size=c.group_size, n_q=n_q, **launch,
-        )  # fmt: skip
-
-    return run
+    inputs = cache.decode_inputs(qg, n_q, 1 / math.sqrt(d))
+    return lambda: decode_attention(**inputs, **launch)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -50,7 +50,7 @@ except ImportError:  # run from a source tree without installing: the package si
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.demo import DATASETS, OUTLIER_SCALES, exact_attention, output_errors, store_nbytes, synthetic_qkv
+from turboquant.demo import DATASETS, OUTLIER_SCALES, exact_attention, output_errors, synthetic_qkv
 
 __all__ = [
     "DEFAULT_CONTEXTS",
@@ -125,7 +125,7 @@ def measure(
         raise RuntimeError(f"cache capacity {cache.capacity} != context {context}: the ratio would count padding")
     out = cache.attend(q.float(), causal=False)  # a float32 query keeps the output in float32 (no bf16 rounding)
     rel, cos = output_errors(out, ref)
-    per_token = store_nbytes(cache) / (b * h_kv * cache.capacity)
+    per_token = cache.store_nbytes() / (b * h_kv * cache.capacity)
     k_hat, v_hat = cache.dequantize()  # diagnostics: per-vector reconstruction of what attention reads
     _, key_cos = output_errors(k_hat, k)
     _, value_cos = output_errors(v_hat, v)

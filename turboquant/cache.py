@@ -157,6 +157,8 @@ class TurboQuantKVCache:
         self.device = _device_key(device)
         self.dtype = dtype
         self.key_quantizer, self.value_quantizer = get_quantizers(config, self.device)
+        # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
+        self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.total_tokens = 0  # tokens appended per sequence (uniform appends)
         if config.ring_window is not None:
@@ -201,6 +203,10 @@ class TurboQuantKVCache:
     def nbytes(self) -> int:
         """Bytes the cache's tensors really occupy (allocated capacity, window and lengths included)."""
         return sum(t.numel() * t.element_size() for t in self.buffers().values())
+
+    def store_nbytes(self) -> int:
+        """Bytes of the compressed store alone (codes, norms, signs, scales, zeros; no window, no lengths)."""
+        return sum(t.numel() * t.element_size() for name, t in self.buffers().items() if name in self._buffer_specs())
 
     def get_seq_length(self) -> int:
         """Tokens appended per sequence so far (uniform appends), window included."""
@@ -289,10 +295,8 @@ class TurboQuantKVCache:
     def _dequantize_block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated basis, norm applied) and values of store slots [start, stop): [B, H, n, D] f32."""
         c, d = self.config, self.config.head_dim
-        kq = self.key_quantizer
-        mse = kq if c.key_mode == "mse" else kq.mse
         idx = unpack_planar(self.key_codes[:, :, start:stop], c.key_index_bits, d)
-        k_rot = mse.dequantize_indices(idx, self.key_norms[:, :, start:stop])
+        k_rot = self.mse_quantizer.dequantize_indices(idx, self.key_norms[:, :, start:stop])
         codes = unpack_planar(self.value_codes[:, :, start:stop], c.value_bits, d)
         v = self.value_quantizer.dequantize_codes(
             codes, self.value_scales[:, :, start:stop], self.value_zeros[:, :, start:stop]
@@ -361,7 +365,7 @@ class TurboQuantKVCache:
         c, d = self.config, self.config.head_dim
         b, h_kv, m, _ = qg.shape
         kq = self.key_quantizer
-        q_rot = (kq if c.key_mode == "mse" else kq.mse).rotate(qg) * scale  # Π q, once
+        q_rot = self.mse_quantizer.rotate(qg) * scale  # Π q, once
         sq = (qg @ kq.qjl.T) * scale if c.key_mode == "prod" else None  # S q, once
         out = torch.zeros(b, h_kv, m, d, device=self.device)
         lse = torch.full((b, h_kv, m), float("-inf"), device=self.device)
@@ -383,19 +387,26 @@ class TurboQuantKVCache:
         self, qg: torch.Tensor, n_q: int, scale: float, causal: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
-        from .kernels.decode import LOG2E, decode_attention
+        from .kernels.decode import decode_attention
 
-        c = self.config
-        kq = self.key_quantizer
-        mse = kq if c.key_mode == "mse" else kq.mse
+        return decode_attention(**self.decode_inputs(qg, n_q, scale), causal=causal)
+
+    def decode_inputs(self, qg: torch.Tensor, n_q: int, scale: float) -> dict:
+        """Arguments of kernels.decode.decode_attention for queries qg [B, H_kv, G·N_q, D] (float32).
+
+        Rotates the queries once (Πq, and S q for prod keys) with the softmax scale and log2(e) folded in.
+        """
+        from .kernels.decode import LOG2E
+
+        c, kq, mse = self.config, self.key_quantizer, self.mse_quantizer
         q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
         sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
         # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total
         q_start = torch.full((self.batch_size,), self.total_tokens - n_q, dtype=torch.int64, device=self.device)
-        return decode_attention(
-            q_rot, sq, self.buffers(), mse.centroids / mse.scale, self.seq_lens, q_start,
-            key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size,
-            n_q=n_q, causal=causal,
+        return dict(
+            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=mse.centroids / mse.scale, seq_lens=self.seq_lens,
+            q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
+            group_size=c.group_size, n_q=n_q,
         )  # fmt: skip
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,12 +416,10 @@ class TurboQuantKVCache:
         """
         stored = min(self.num_compressed, self.capacity)
         k_rot, v = self._dequantize_block(0, stored)
-        kq = self.key_quantizer
-        if self.config.key_mode == "mse":
-            k = kq.unrotate(k_rot)
-        else:
+        k = self.mse_quantizer.unrotate(k_rot)
+        if self.config.key_mode == "prod":
             signs = unpack_planar(self.key_signs[:, :, :stored], 1, self.config.head_dim)
-            k = kq.mse.unrotate(k_rot) + kq.qjl_correction(signs, self.key_rnorms[:, :, :stored])
+            k = k + self.key_quantizer.qjl_correction(signs, self.key_rnorms[:, :, :stored])
         order = torch.argsort(self._slot_positions(0, stored))
         k, v = k[:, :, order], v[:, :, order]
         k = torch.cat((k.to(self.dtype), self.window_k), dim=2)

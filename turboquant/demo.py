@@ -32,7 +32,6 @@ __all__ = [
     "print_demo",
     "rope",
     "run_demo",
-    "store_nbytes",
     "synthetic_qkv",
 ]
 
@@ -40,7 +39,6 @@ DATASETS = ("isotropic", "llm-like")
 # Two RoPE pairs (j, j + D/2) at low frequency; channels given for D = 128 and scaled to other D.
 OUTLIER_CHANNELS = (40, 104, 56, 120)
 OUTLIER_SCALES = (10.0, 15.0, 20.0, 30.0)
-_STORE_BUFFERS = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_scales", "value_zeros")
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
@@ -162,11 +160,6 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.reshape(b, h_q, n_q, d)
 
 
-def store_nbytes(cache: TurboQuantKVCache) -> int:
-    """Bytes of the compressed store: key/value codes, norms, signs, scales and zeros (no window, no lengths)."""
-    return sum(t.numel() * t.element_size() for name, t in cache.buffers().items() if name in _STORE_BUFFERS)
-
-
 def output_errors(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(‖out - ref‖ / ‖ref‖ over the whole tensor, mean cosine similarity of the [..., D] output vectors)."""
     out, ref = out.float(), ref.float()
@@ -238,7 +231,7 @@ def run_demo(device: torch.device | str | None = None) -> dict:
         cache.append(k, v)
         out = cache.attend(q, backend=backend)  # decode: the query is the last position and sees every token
         rel, cos = output_errors(out, ref)
-        compressed = store_nbytes(cache)
+        compressed = cache.store_nbytes()
         results.append(
             dict(
                 config=name,
