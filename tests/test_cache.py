@@ -105,7 +105,7 @@ def test_chunked_appends_equal_one_shot(config: KVCacheConfig) -> None:
     a, b = one.buffers(), steps.buffers()
     prod_only = {"key_signs", "key_rnorms"}
     stored = set(COMPRESSED) if config.key_mode == "prod" else set(COMPRESSED) - prod_only
-    assert set(a) == set(b) == stored | {"window_k", "window_v", "seq_lens"}
+    assert set(a) == set(b) == stored | {"window_k", "window_v", "seq_lens", "kv_start"}
     for name in a:
         if name in stored:  # used slots only: capacity may differ
             assert torch.equal(a[name][:, :, :300], b[name][:, :, :300]), name
@@ -321,7 +321,7 @@ def test_nbytes(config: KVCacheConfig, expected: int) -> None:
         assert cache.nbytes() == sum(t.numel() * t.element_size() for t in cache.buffers().values())
         compressed = sum(t.numel() * t.element_size() for t in compressed_buffers(cache).values())
         assert compressed == expected * b * h * cache.capacity
-        assert cache.nbytes() == compressed + 8 * b  # + int64 seq_lens, empty window
+        assert cache.nbytes() == compressed + 16 * b  # + int64 seq_lens and kv_start, empty window
 
     windowed = KVCacheConfig(**{**config.__dict__, "residual_window": 16, "flush_block": 8})
     cache = filled(windowed, k, v, dtype=torch.bfloat16)
@@ -329,7 +329,7 @@ def test_nbytes(config: KVCacheConfig, expected: int) -> None:
     assert n_win >= 16
     compressed = sum(t.numel() * t.element_size() for t in compressed_buffers(cache).values())
     assert compressed == expected * b * h * cache.capacity
-    assert cache.nbytes() == compressed + 2 * b * h * n_win * d * 2 + 8 * b
+    assert cache.nbytes() == compressed + 2 * b * h * n_win * d * 2 + 16 * b
 
 
 def test_quantizers_are_shared() -> None:

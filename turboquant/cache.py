@@ -63,6 +63,8 @@ class KVCacheConfig:
     norm_correction: bool = False
     residual_window: int = 0
     flush_block: int = 64
+    center_keys: bool = False
+    sink_tokens: int = 0
     ring_window: int | None = None
     chunk_size: int = 1024
     seed: int = DEFAULT_ROTATION_SEED
@@ -84,7 +86,7 @@ class KVCacheConfig:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.rotation == "hadamard" and self.head_dim & (self.head_dim - 1):
             raise ValueError(f"rotation='hadamard' needs a power-of-two head_dim, got {self.head_dim}")
-        for name in ("residual_window",):
+        for name in ("residual_window", "sink_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("flush_block", "chunk_size"):
@@ -93,8 +95,8 @@ class KVCacheConfig:
         if self.ring_window is not None:
             if self.ring_window < 1:
                 raise ValueError(f"ring_window must be >= 1 or None, got {self.ring_window}")
-            if self.residual_window:
-                raise ValueError("ring_window and residual_window cannot be combined")
+            if self.residual_window or self.sink_tokens:
+                raise ValueError("ring_window cannot be combined with residual_window or sink_tokens")
 
     @property
     def key_index_bits(self) -> int:
@@ -131,10 +133,14 @@ class TurboQuantKVCache:
     """Compressed K/V of one attention layer: quantize-on-write, attention from the codes.
 
     Args:
-        config: KVCacheConfig (bits, key mode, rotation, window, ring, growth chunk).
+        config: KVCacheConfig (bits, key mode, rotation, window, ring, sinks, centring, growth chunk).
         batch_size: B.  num_kv_heads: H.
-        device: where the buffers live.  dtype: dtype of the full-precision window and of outputs.
+        device: where the buffers live.  dtype: dtype of the full-precision window, the sinks and outputs.
         capacity: tokens to preallocate (grows by config.chunk_size; fixed in ring mode).
+
+    Positions are shared by the batch (token t of every sequence is appended by the same call);
+    left padding is expressed by ``append(..., valid=mask)``: the leading pads of each sequence
+    are stored but never attended (``kv_start`` holds each sequence's first real position).
     """
 
     def __init__(
@@ -160,14 +166,20 @@ class TurboQuantKVCache:
         # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
-        self.total_tokens = 0  # tokens appended per sequence (uniform appends)
+        self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
+        self.total_tokens = 0  # positions appended per sequence (pads included)
         if config.ring_window is not None:
             capacity = config.ring_window
         self.capacity = 0
         self._allocate(capacity)
-        d = config.head_dim
+        d, s = config.head_dim, config.sink_tokens
         self.window_k = torch.empty(batch_size, num_kv_heads, 0, d, dtype=dtype, device=self.device)
         self.window_v = torch.empty_like(self.window_k)
+        # sink tokens: the first S real tokens of each sequence, exact (one spare slot takes discarded writes)
+        self.sink_k = torch.zeros(batch_size, num_kv_heads, s + 1 if s else 0, d, dtype=dtype, device=self.device)
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.key_mean: torch.Tensor | None = None  # [B, H, D] float32 with center_keys, set by the first append
 
     # ----------------------------------------------------------------------------------- storage
     def _buffer_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -197,11 +209,15 @@ class TurboQuantKVCache:
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, by name."""
         out = {name: getattr(self, name) for name in self._buffer_specs()}
-        out.update(window_k=self.window_k, window_v=self.window_v, seq_lens=self.seq_lens)
+        out.update(window_k=self.window_k, window_v=self.window_v, seq_lens=self.seq_lens, kv_start=self.kv_start)
+        if self.config.sink_tokens:
+            out.update(sink_k=self.sink_k, sink_v=self.sink_v)
+        if self.key_mean is not None:
+            out["key_mean"] = self.key_mean
         return out
 
     def nbytes(self) -> int:
-        """Bytes the cache's tensors really occupy (allocated capacity, window and lengths included)."""
+        """Bytes the cache's tensors really occupy (allocated capacity, window, sinks and lengths included)."""
         return sum(t.numel() * t.element_size() for t in self.buffers().values())
 
     def store_nbytes(self) -> int:
@@ -209,12 +225,12 @@ class TurboQuantKVCache:
         return sum(t.numel() * t.element_size() for name, t in self.buffers().items() if name in self._buffer_specs())
 
     def get_seq_length(self) -> int:
-        """Tokens appended per sequence so far (uniform appends), window included."""
+        """Positions appended per sequence so far (pads and window included)."""
         return self.total_tokens
 
     @property
     def num_compressed(self) -> int:
-        """Tokens written to the compressed store per sequence (in ring mode, only the last
+        """Positions written to the compressed store per sequence (in ring mode, only the last
         ring_window of them are still held)."""
         return self.total_tokens - self.window_k.shape[2]
 
@@ -231,9 +247,19 @@ class TurboQuantKVCache:
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append N tokens to every sequence: k, v [B, H_kv, N, D]."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Append N positions to every sequence: k, v [B, H_kv, N, D].
+
+        valid: optional [B, N] bool, False for left padding. A sequence's pads must come before its
+        first real token (in this call or an earlier one); pads are stored but never attended.
+        """
         self._check_kv(k, v)
+        if valid is not None:
+            self._start_sequences(valid, k.shape[2])
+        if self.config.sink_tokens:
+            self._write_sinks(k, v)
+        if self.config.center_keys and self.key_mean is None:
+            self.key_mean = self._mean_key(k, valid)
         if self.config.residual_window == 0:
             self._write_compressed(k, v)
         else:
@@ -246,6 +272,41 @@ class TurboQuantKVCache:
             self.window_k = wk[:, :, n_flush:].contiguous()
             self.window_v = wv[:, :, n_flush:].contiguous()
         self.total_tokens += k.shape[2]
+
+    def _start_sequences(self, valid: torch.Tensor, n: int) -> None:
+        """Advance kv_start past the leading pads of sequences that have no real token yet."""
+        if valid.shape != (self.batch_size, n) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor [B={self.batch_size}, N={n}], got "
+                             f"{valid.dtype} {tuple(valid.shape)}")  # fmt: skip
+        valid = valid.to(self.device)
+        leading = (~valid).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B] pads before the first real token
+        fresh = self.kv_start == self.total_tokens  # no real token yet
+        ok = (valid.sum(dim=1) == n - leading) & (fresh | (leading == 0))
+        message = "valid may only mark left padding: pads before a sequence's first real token, none after"
+        if self.device.type == "cuda" and n == 1:
+            torch._assert_async(ok.all(), message)  # no host synchronisation in a decode step
+        elif not bool(ok.all()):
+            raise ValueError(message)
+        self.kv_start = torch.where(fresh, self.kv_start + leading, self.kv_start)
+        if n > 1:
+            self._max_kv_start = int(self.kv_start.max())
+
+    def _mean_key(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Per-(sequence, head) mean of the real keys: [B, H, D] float32 (zero where none is real)."""
+        if valid is None:
+            return k.float().mean(dim=2)
+        w = valid.to(self.device, torch.float32)[:, None, :, None]
+        return (k.float() * w).sum(dim=2) / w.sum(dim=2).clamp(min=1.0)
+
+    def _write_sinks(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Copy the positions kv_start .. kv_start + S - 1 of each sequence into the exact sink buffers."""
+        s, n = self.config.sink_tokens, k.shape[2]
+        pos = torch.arange(self.total_tokens, self.total_tokens + n, device=self.device)
+        j = pos[None, :] - self.kv_start[:, None]  # [B, N] sink slot of each position
+        j = torch.where((j >= 0) & (j < s), j, s)  # the spare slot s takes everything else
+        index = j[:, None, :, None].expand(-1, self.num_kv_heads, -1, self.config.head_dim)
+        self.sink_k.scatter_(2, index, k.to(self.dtype))
+        self.sink_v.scatter_(2, index, v.to(self.dtype))
 
     def _write_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]
@@ -267,8 +328,10 @@ class TurboQuantKVCache:
         self.seq_lens.fill_(min(start + n, ring) if ring is not None else start + n)
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantize and planar-pack k, v [B, H, N, D] into buffer rows."""
+        """Quantize and planar-pack k, v [B, H, N, D] into buffer rows (keys centred if configured)."""
         c = self.config
+        if self.key_mean is not None:
+            k = k.float() - self.key_mean[:, :, None, :]
         rows = {}
         if c.key_mode == "mse":
             idx, norms = self.key_quantizer.quantize(k)
@@ -282,6 +345,36 @@ class TurboQuantKVCache:
         rows.update(value_codes=pack_planar(codes, c.value_bits), value_scales=scales, value_zeros=zeros)
         return rows
 
+    # ----------------------------------------------------------------------------- batch editing
+    def select_batch(self, indices: torch.Tensor) -> None:
+        """Keep (and reorder, or repeat) sequences: indices [B'] int into the batch (beam search, batch select)."""
+        indices = torch.as_tensor(indices, device=self.device, dtype=torch.int64)
+        if indices.dim() != 1 or indices.numel() == 0:
+            raise ValueError(f"indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
+        if int(indices.min()) < 0 or int(indices.max()) >= self.batch_size:
+            raise ValueError(f"indices must lie in [0, {self.batch_size}), got {indices.tolist()}")
+        for name in (*self._buffer_specs(), "window_k", "window_v", "sink_k", "sink_v", "seq_lens", "kv_start"):
+            setattr(self, name, getattr(self, name).index_select(0, indices))
+        if self.key_mean is not None:
+            self.key_mean = self.key_mean.index_select(0, indices)
+        self.batch_size = indices.numel()
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` positions of every sequence (a negative value removes that many)."""
+        if self.config.ring_window is not None:
+            raise ValueError("a ring (sliding-window) cache cannot be cropped: earlier tokens are gone")
+        length = self.total_tokens + length if length < 0 else min(length, self.total_tokens)
+        if length < 0:
+            raise ValueError(f"cannot remove more than the {self.total_tokens} cached positions")
+        n_win = max(0, length - self.num_compressed)
+        stored = min(length, self.num_compressed)
+        self.window_k = self.window_k[:, :, :n_win].contiguous()
+        self.window_v = self.window_v[:, :, :n_win].contiguous()
+        self.seq_lens.clamp_(max=stored)
+        self.kv_start.clamp_(max=length)
+        self._max_kv_start = min(self._max_kv_start, length)
+        self.total_tokens = stored + n_win
+
     # -------------------------------------------------------------------------------------- read
     def _slot_positions(self, start: int, stop: int) -> torch.Tensor:
         """Absolute token position held by store slots [start, stop): [stop - start] int64."""
@@ -291,6 +384,21 @@ class TurboQuantKVCache:
             return slots
         total = self.num_compressed  # newest position is total - 1, held in slot (total - 1) % ring
         return total - 1 - ((total - 1 - slots) % ring)
+
+    def _visible(
+        self, pos: torch.Tensor, q_pos: torch.Tensor, lower: torch.Tensor, group: int, causal: bool,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Which keys each query row sees: pos [1 or B, n] key positions, q_pos [N_q], lower [B] first
+        attended position -> [B, 1, G·N_q, n] bool (rows ordered as the grouped queries)."""
+        p, qp = pos[:, None, :], q_pos[None, :, None]
+        vis = p >= lower[:, None, None]  # [B, 1, n]
+        if causal:
+            vis = vis & (p <= qp)
+        if sliding_window is not None:
+            vis = vis & (p > qp - sliding_window)
+        vis = vis.expand(self.batch_size, q_pos.numel(), pos.shape[-1])
+        return vis.repeat(1, group, 1)[:, None]
 
     def _dequantize_block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated basis, norm applied) and values of store slots [start, stop): [B, H, n, D] f32."""
@@ -304,22 +412,44 @@ class TurboQuantKVCache:
         return k_rot, v
 
     def attend(
-        self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True, backend: str = "auto"
+        self,
+        q: torch.Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = True,
+        after: bool = False,
+        sliding_window: int | None = None,
+        backend: str = "auto",
     ) -> torch.Tensor:
-        """Attention of the newest N_q tokens' queries over everything cached.
+        """Attention of N_q queries over everything cached.
 
-        q: [B, H_q, N_q, D] (H_q a multiple of H_kv). Query i sits at position L - N_q + i, with L the
-        tokens appended so far; with ``causal`` it sees keys at positions <= its own.
-        backend: "triton" (fused kernel), "reference" (PyTorch), or "auto" (triton on CUDA).
+        q: [B, H_q, N_q, D] (H_q a multiple of H_kv). By default query i is one of the newest cached
+        tokens, at position L - N_q + i (L = positions appended so far), and with ``causal`` it sees
+        keys at positions <= its own. With ``after`` the queries come right after the cache
+        (positions L + i, for a chunk the caller attends itself): every cached key precedes them.
+        sliding_window: if set, a query at p sees only keys at positions > p - sliding_window.
+        backend: "triton" (fused kernel), "reference" (PyTorch), or "auto" (triton on CUDA where it applies).
         Returns [B, H_q, N_q, D] in q's dtype.
         """
-        out, _ = self.attend_with_lse(q, scale=scale, causal=causal, backend=backend)
+        out, _ = self.attend_with_lse(
+            q, scale=scale, causal=causal, after=after, sliding_window=sliding_window, backend=backend
+        )
         return out.to(q.dtype)
 
     def attend_with_lse(
-        self, q: torch.Tensor, *, scale: float | None = None, causal: bool = True, backend: str = "auto"
+        self,
+        q: torch.Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = True,
+        after: bool = False,
+        sliding_window: int | None = None,
+        backend: str = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`attend`, returning (out [B, H_q, N_q, D] float32, lse [B, H_q, N_q] float32)."""
+        """As :meth:`attend`, returning (out [B, H_q, N_q, D] float32, lse [B, H_q, N_q] float32).
+
+        Rows that see no key get out = 0 and lse = -inf (merge them with merge_attention).
+        """
         c, d = self.config, self.config.head_dim
         check_float_input(q, d, self.device, "q")
         if q.dim() != 4 or q.shape[0] != self.batch_size or q.shape[1] % self.num_kv_heads:
@@ -329,38 +459,65 @@ class TurboQuantKVCache:
             )
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
         b, h_q, n_q, _ = q.shape
-        if n_q > self.total_tokens:
+        if not after and n_q > self.total_tokens:
             raise ValueError(f"{n_q} queries but only {self.total_tokens} tokens cached: append before attend")
-        if c.ring_window is not None and n_q > 1 and causal and self.num_compressed > c.ring_window:
+        first_q = self.total_tokens if after else self.total_tokens - n_q
+        ring = c.ring_window
+        wrapped = ring is not None and self.num_compressed > ring
+        if wrapped and not after and n_q > 1 and causal:
             raise ValueError(
                 "ring mode keeps only the last ring_window tokens: attend with N_q > 1 after the ring wrapped "
                 "would miss keys that earlier queries of the chunk need; attend one query at a time"
             )
-        if backend == "auto":
-            backend = "triton" if q.is_cuda else "reference"
+        causal = causal and not after
         h_kv, group = self.num_kv_heads, h_q // self.num_kv_heads
         scale = 1.0 / math.sqrt(d) if scale is None else scale
-        q_pos = torch.arange(self.total_tokens - n_q, self.total_tokens, device=self.device)  # [N_q]
+        q_pos = torch.arange(first_q, first_q + n_q, device=self.device)  # [N_q]
+        lower = self.kv_start + c.sink_tokens  # first position attended outside the sinks
         qg = q.float().reshape(b, h_kv, group * n_q, d)  # query heads of one KV head share its keys
+        if backend == "auto":
+            backend = "triton" if q.is_cuda and self._kernel_applies(first_q + n_q - 1, sliding_window) else "reference"
         if backend == "triton":
-            out, lse = self._attend_compressed_triton(qg, n_q, scale, causal)
+            out, lse = self._attend_compressed_triton(qg, n_q, first_q, scale, causal)
         else:
-            out, lse = self._attend_compressed_reference(qg, q_pos, group, scale, causal)
+            out, lse = self._attend_compressed_reference(qg, q_pos, lower, group, scale, causal, sliding_window)
+        if self.key_mean is not None:  # centred keys: restore q·μ in the log-sum-exp (the output is unchanged)
+            lse = lse + scale * (qg @ self.key_mean[:, :, :, None]).squeeze(-1)
 
         n_win = self.window_k.shape[2]
         if n_win:
+            win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)[None]
             scores = (qg @ self.window_k.float().transpose(-1, -2)) * scale
-            if causal:
-                win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)
-                visible = win_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
-                scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
-            out, lse = merge_attention(out, lse, *softmax_block(scores, self.window_v.float()))
+            visible = self._visible(win_pos, q_pos, lower, group, causal, sliding_window)
+            out, lse = merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")),
+                                                                self.window_v.float()))  # fmt: skip
+        if c.sink_tokens:
+            s = c.sink_tokens
+            sink_pos = self.kv_start[:, None] + torch.arange(s, device=self.device)  # [B, S]
+            filled = (sink_pos < self.total_tokens)[:, None, None, :]
+            scores = (qg @ self.sink_k[:, :, :s].float().transpose(-1, -2)) * scale
+            visible = self._visible(sink_pos, q_pos, self.kv_start, group, causal, sliding_window) & filled
+            out, lse = merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")),
+                                                                self.sink_v[:, :, :s].float()))  # fmt: skip
         return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
 
+    def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
+        """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
+        ring = self.config.ring_window
+        stored = min(self.num_compressed, self.capacity)
+        oldest = self.num_compressed - stored  # position of the oldest stored token
+        if sliding_window is not None and oldest <= last_q_pos - sliding_window:
+            return False  # some stored keys fall out of the window of some query
+        wrapped = ring is not None and self.num_compressed > ring
+        return not (wrapped and self._max_kv_start + self.config.sink_tokens > oldest)  # pads among wrapped slots
+
     def _attend_compressed_reference(
-        self, qg: torch.Tensor, q_pos: torch.Tensor, group: int, scale: float, causal: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, qg: torch.Tensor, q_pos: torch.Tensor, lower: torch.Tensor, group: int, scale: float, causal: bool,
+        sliding_window: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """Blocked online-softmax attention over the store: qg [B, H_kv, G·N_q, D] -> (out, lse)."""
         c, d = self.config, self.config.head_dim
         b, h_kv, m, _ = qg.shape
@@ -377,35 +534,39 @@ class TurboQuantKVCache:
             if sq is not None:
                 signs = unpack_planar(self.key_signs[:, :, start:stop], 1, d)
                 scores = scores + kq.qjl_score(sq, signs, self.key_rnorms[:, :, start:stop])
-            if causal:
-                visible = self._slot_positions(start, stop).unsqueeze(0) <= q_pos.unsqueeze(1)  # [N_q, n]
-                scores = scores.masked_fill(~visible.repeat(group, 1), float("-inf"))
-            out, lse = merge_attention(out, lse, *softmax_block(scores, v))
+            visible = self._visible(self._slot_positions(start, stop)[None], q_pos, lower, group, causal,
+                                    sliding_window)  # fmt: skip
+            out, lse = merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")), v))
         return out, lse
 
     def _attend_compressed_triton(
-        self, qg: torch.Tensor, n_q: int, scale: float, causal: bool
+        self, qg: torch.Tensor, n_q: int, first_q: int, scale: float, causal: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
         from .kernels.decode import decode_attention
 
-        return decode_attention(**self.decode_inputs(qg, n_q, scale), causal=causal)
+        return decode_attention(**self.decode_inputs(qg, n_q, scale, first_q), causal=causal)
 
-    def decode_inputs(self, qg: torch.Tensor, n_q: int, scale: float) -> dict:
+    def decode_inputs(self, qg: torch.Tensor, n_q: int, scale: float, first_q: int | None = None) -> dict:
         """Arguments of kernels.decode.decode_attention for queries qg [B, H_kv, G·N_q, D] (float32).
 
         Rotates the queries once (Πq, and S q for prod keys) with the softmax scale and log2(e) folded in.
+        first_q: position of query 0 (default: the newest n_q cached tokens).
         """
         from .kernels.decode import LOG2E
 
         c, kq, mse = self.config, self.key_quantizer, self.mse_quantizer
         q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
         sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
-        # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total
-        q_start = torch.full((self.batch_size,), self.total_tokens - n_q, dtype=torch.int64, device=self.device)
+        first_q = self.total_tokens - n_q if first_q is None else first_q
+        # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total;
+        # slots then are not positions, and _kernel_applies has checked that no pad is among them
+        q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
+        wrapped = c.ring_window is not None and self.num_compressed > c.ring_window
+        kv_start = torch.zeros_like(self.kv_start) if wrapped else self.kv_start + c.sink_tokens
         return dict(
             q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=mse.centroids / mse.scale, seq_lens=self.seq_lens,
-            q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
+            kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
             group_size=c.group_size, n_q=n_q,
         )  # fmt: skip
 
@@ -413,6 +574,7 @@ class TurboQuantKVCache:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.
 
         For debugging and tests; attention never calls it. L = min(total, ring_window) in ring mode.
+        Pads and sink positions are included as stored in the compressed store.
         """
         stored = min(self.num_compressed, self.capacity)
         k_rot, v = self._dequantize_block(0, stored)
@@ -420,6 +582,8 @@ class TurboQuantKVCache:
         if self.config.key_mode == "prod":
             signs = unpack_planar(self.key_signs[:, :, :stored], 1, self.config.head_dim)
             k = k + self.key_quantizer.qjl_correction(signs, self.key_rnorms[:, :, :stored])
+        if self.key_mean is not None:
+            k = k + self.key_mean[:, :, None, :]
         order = torch.argsort(self._slot_positions(0, stored))
         k, v = k[:, :, order], v[:, :, order]
         k = torch.cat((k.to(self.dtype), self.window_k), dim=2)

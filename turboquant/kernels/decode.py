@@ -76,7 +76,7 @@ def _fields_dot_nn(p, v, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP
 
 @triton.jit
 def _decode_split_kernel(
-    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, Q_START, O_PART, L_PART,
+    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -90,6 +90,7 @@ def _decode_split_kernel(
     q_start = tl.load(Q_START + i_b).to(tl.int32)
     start = i_s * SPLIT_SIZE
     end = tl.minimum(start + SPLIT_SIZE, seq_len)
+    start = tl.maximum(start, tl.load(KV_START + i_b).to(tl.int32))  # slots before it are padding
     if CAUSAL:
         end = tl.minimum(end, q_start + N_Q)  # no query of this step sees a later slot
 
@@ -239,6 +240,7 @@ def decode_attention(
     buffers: dict[str, torch.Tensor],
     codebook: torch.Tensor,
     seq_lens: torch.Tensor,
+    kv_start: torch.Tensor,
     q_start: torch.Tensor,
     *,
     key_bits: int,
@@ -257,7 +259,8 @@ def decode_attention(
         sq: [B, H_kv, M, D] float32, S q times scale·log2(e)·√(π/2)/d (prod keys), else None.
         buffers: the cache buffers (``key_codes`` [B, H_kv, C, D·kb/8], ``key_norms`` [B, H_kv, C], ...).
         codebook: [2^kb] float32 centroids divided by √d.
-        seq_lens: [B] int, valid slots per sequence.  q_start: [B] int, position of query 0.
+        seq_lens: [B] int, stored slots per sequence.  kv_start: [B] int, first slot to attend (slots
+            before it hold left padding).  q_start: [B] int, position of query 0.
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
@@ -291,7 +294,7 @@ def decode_attention(
         key_codes, buffers["key_norms"],
         buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
         buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
-        codebook, seq_lens, q_start, o_part, l_part,
+        codebook, seq_lens, kv_start, q_start, o_part, l_part,
         h_kv, c, m, n_q, split_size,
         D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
         BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,

@@ -1,0 +1,1 @@
+"""Integrations with model frameworks (optional dependencies): ``turboquant.integrations.transformers``."""
