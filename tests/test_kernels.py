@@ -133,5 +133,9 @@ def test_decode_kernel_rejects_unsupported_head_dim():
     cfg = KVCacheConfig(head_dim=96, key_bits=4, value_bits=4)
     cache = _filled_cache(cfg, 1, 1, 8, gen)
     q = torch.randn(1, 1, 1, 96, generator=gen).to(DEVICE)
-    with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
+    from turboquant.kernels.decode import decode_attention
+
+    with pytest.raises(ValueError, match="head_dim other than 64/128/256"):
         cache.attend(q, backend="triton")
+    with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
+        decode_attention(**cache.decode_inputs(q.float().reshape(1, 1, 1, 96), 1, 96**-0.5))

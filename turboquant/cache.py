@@ -258,7 +258,7 @@ class TurboQuantKVCache:
             self._start_sequences(valid, k.shape[2])
         if self.config.sink_tokens:
             self._write_sinks(k, v)
-        if self.config.center_keys and self.key_mean is None:
+        if self.config.center_keys and self.key_mean is None and k.shape[2]:
             self.key_mean = self._mean_key(k, valid)
         if self.config.residual_window == 0:
             self._write_compressed(k, v)
@@ -288,8 +288,10 @@ class TurboQuantKVCache:
         elif not bool(ok.all()):
             raise ValueError(message)
         self.kv_start = torch.where(fresh, self.kv_start + leading, self.kv_start)
-        if n > 1:
+        if n > 1 or self.device.type != "cuda":
             self._max_kv_start = int(self.kv_start.max())
+        elif self._max_kv_start == self.total_tokens:  # some sequence may still be all padding: an upper bound
+            self._max_kv_start += 1
 
     def _mean_key(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per-(sequence, head) mean of the real keys: [B, H, D] float32 (zero where none is real)."""
@@ -478,8 +480,14 @@ class TurboQuantKVCache:
         q_pos = torch.arange(first_q, first_q + n_q, device=self.device)  # [N_q]
         lower = self.kv_start + c.sink_tokens  # first position attended outside the sinks
         qg = q.float().reshape(b, h_kv, group * n_q, d)  # query heads of one KV head share its keys
+        applies = self._kernel_applies(first_q + n_q - 1, sliding_window)
         if backend == "auto":
-            backend = "triton" if q.is_cuda and self._kernel_applies(first_q + n_q - 1, sliding_window) else "reference"
+            backend = "triton" if q.is_cuda and applies else "reference"
+        elif backend == "triton" and not applies:
+            raise ValueError(
+                "the fused kernel cannot express this attention (head_dim other than 64/128/256, keys outside a "
+                "sliding window still stored, or left padding among the slots of a wrapped ring): use backend='auto'"
+            )
         if backend == "triton":
             out, lse = self._attend_compressed_triton(qg, n_q, first_q, scale, causal)
         else:
@@ -506,6 +514,8 @@ class TurboQuantKVCache:
 
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
         """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
+        if self.config.head_dim not in (64, 128, 256):
+            return False
         ring = self.config.ring_window
         stored = min(self.num_compressed, self.capacity)
         oldest = self.num_compressed - stored  # position of the oldest stored token

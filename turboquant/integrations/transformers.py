@@ -76,6 +76,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.is_croppable = False
         self.store: TurboQuantKVCache | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.backend = "auto"  # attention over the store: "auto" (fused kernel on CUDA), "triton" or "reference"
 
     # transformers layer API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -153,7 +154,9 @@ class TurboQuantLayer(CacheLayerMixin):
         if store.total_tokens == 0:
             out = _chunk_attention(query, k_new, v_new, valid, scale, self.sliding_window, with_lse=False)
         else:
-            out_p, lse_p = store.attend_with_lse(query, scale=scale, after=True, sliding_window=self.sliding_window)
+            out_p, lse_p = store.attend_with_lse(
+                query, scale=scale, after=True, sliding_window=self.sliding_window, backend=self.backend
+            )
             out_c, lse_c = _chunk_attention(query, k_new, v_new, valid, scale, self.sliding_window, with_lse=True)
             out, _ = merge_attention(out_p, lse_p, out_c, lse_c)
         store.append(k_new, v_new, valid=valid)

@@ -1,0 +1,225 @@
+"""End-to-end decode through a transformers model on a GPU: DynamicCache + SDPA vs TurboQuantCache.
+
+A Llama-3-8B-shaped model (32 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096, bf16) is
+built from its config with random weights (no download). For each cache and batch, every layer is
+filled directly with random K/V up to the context (the compressed cache quantizes them on write),
+then decode steps run through ``model(input_ids, past_key_values=cache)``: one new token per
+sequence per step. Reported: median step time over timed steps, tokens/s over the batch, peak GPU
+memory, the cache's bytes, and for one step the split of its time (decode-attention kernels, other
+GPU work, and host time the GPU sits idle). The largest batch that fits is found per cache by
+trying batches downwards from an estimate made from the measured bytes per sequence.
+
+Correctness gate first (no speed is printed if it fails): at a small shape, the logits of a decode
+step through TurboQuantCache with the fused kernel equal those with the PyTorch reference attention.
+
+    python benchmarks/model_speed.py                      # batch 8 at 32k, then the largest batches
+    python benchmarks/model_speed.py --batches 8 --no-max # batch 8 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from turboquant.cache import KVCacheConfig, TurboQuantKVCache
+from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer
+
+CACHES = {
+    "bf16 DynamicCache + SDPA": None,
+    "TurboQuant K4/V4": dict(key_bits=4, value_bits=4),
+    "TurboQuant K3/V2": dict(key_bits=3, value_bits=2),
+}
+FILL_CHUNK = 4096
+
+
+def build_model(layers: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
+        rope_theta=500000.0, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int, seed: int = 0):
+    """A cache for ``model`` whose every layer holds ``context`` random tokens per sequence."""
+    cfg = model.config
+    h, d = cfg.num_key_value_heads, cfg.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    if spec is None:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=cfg)
+    else:
+        cache = TurboQuantCache(model, **spec)
+    for i in range(cfg.num_hidden_layers):
+        if spec is None:
+            k = torch.randn(batch, h, context, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            cache.update(k, torch.randn_like(k), i)
+            continue
+        layer: TurboQuantLayer = cache.layers[i]
+        config = KVCacheConfig(head_dim=d, **layer.settings)
+        layer.store = TurboQuantKVCache(config, batch, h, device="cuda", dtype=torch.bfloat16,
+                                        capacity=context + steps)  # fmt: skip
+        layer.is_initialized, layer.dtype, layer.device = True, torch.bfloat16, torch.device("cuda")
+        for start in range(0, context, FILL_CHUNK):
+            n = min(FILL_CHUNK, context - start)
+            k = torch.randn(batch, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            layer.store.append(k, torch.randn_like(k))
+    return cache
+
+
+def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[list[float], torch.Tensor]:
+    """Run ``steps`` single-token decode steps; returns per-step ms and the last logits."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    times, logits = [], None
+    for _ in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times, logits
+
+
+def step_split(model, cache, batch: int) -> dict[str, float]:
+    """One decode step under the profiler: ms of attention kernels, other GPU kernels, and wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3
+    attn = other = 0.0
+    for e in prof.key_averages():
+        gpu_us = getattr(e, "self_device_time_total", 0.0)
+        if gpu_us <= 0:
+            continue
+        name = e.key.lower()
+        if "decode_split" in name or "merge_splits" in name or "flash" in name or "fmha" in name:
+            attn += gpu_us / 1e3
+        else:
+            other += gpu_us / 1e3
+    return dict(wall=wall, attention=attn, other_gpu=other, host_idle=max(0.0, wall - attn - other))
+
+
+def cache_bytes(cache) -> int:
+    if isinstance(cache, TurboQuantCache):
+        return cache.nbytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def free_all() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def correctness_gate(model) -> float:
+    """Max relative error of decode logits, fused kernel vs reference attention (B=2, 2048 tokens)."""
+    worst = 0.0
+    for spec in (CACHES["TurboQuant K4/V4"], CACHES["TurboQuant K3/V2"]):
+        out = {}
+        for backend in ("triton", "reference"):
+            cache = filled_cache(model, spec, 2, 2048, 4)
+            for layer in cache.layers:
+                layer.backend = backend
+            _, logits = decode_steps(model, cache, 2, 2)
+            out[backend] = logits.float()
+        err = ((out["triton"] - out["reference"]).norm() / out["reference"].norm()).item()
+        worst = max(worst, err)
+    return worst
+
+
+def run(model, name: str, batch: int, context: int, steps: int) -> dict:
+    spec = CACHES[name]
+    free_all()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    cache = filled_cache(model, spec, batch, context, steps + 3)
+    fill_s = time.perf_counter() - t0
+    times, _ = decode_steps(model, cache, batch, steps + 2)
+    step_ms = statistics.median(times[2:])
+    split = step_split(model, cache, batch)
+    row = dict(cache=name, batch=batch, context=context, step_ms=step_ms, tok_s=batch / step_ms * 1e3,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30, cache_gib=cache_bytes(cache) / 2**30,
+               fill_s=fill_s, **split)  # fmt: skip
+    del cache
+    free_all()
+    return row
+
+
+def largest_batch(model, name: str, context: int, steps: int, per_seq_bytes: float) -> dict | None:
+    """Try batches downwards from the estimate until one fills and decodes without running out of memory."""
+    free, _ = torch.cuda.mem_get_info()
+    guess = int(free * 0.97 / per_seq_bytes)
+    for batch in (guess, int(guess * 0.97), int(guess * 0.93), int(guess * 0.85)):
+        try:
+            return run(model, name, batch, context, steps)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {name}: batch {batch} does not fit", flush=True)
+            free_all()
+    return None
+
+
+def fmt(row: dict) -> str:
+    return (f"| {row['cache']} | {row['batch']} | {row['context']} | {row['step_ms']:.2f} | {row['tok_s']:.0f} | "
+            f"{row['peak_gib']:.1f} | {row['cache_gib']:.1f} | {row['attention']:.2f} | {row['other_gpu']:.2f} | "
+            f"{row['host_idle']:.2f} |")  # fmt: skip
+
+
+HEADER = ("| cache | batch | context | step ms | tokens/s | peak GiB | cache GiB | attention GPU ms | other GPU ms "
+          "| host/idle ms |\n|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--batches", type=int, nargs="*", default=[8])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--caches", nargs="*", default=list(CACHES), choices=list(CACHES))
+    ap.add_argument("--no-max", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--out", type=Path, default=Path("results/model_speed.md"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/model_speed.py needs a CUDA GPU")
+    torch.set_grad_enabled(False)
+    model = build_model(args.layers)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.layers} layers", flush=True)
+    err = correctness_gate(model)
+    print(f"gate: decode logits, fused kernel vs reference attention: rel err {err:.2e}", flush=True)
+    if err > 1e-2:
+        raise SystemExit("correctness gate failed: no speed reported")
+    rows = []
+    print(HEADER, flush=True)
+    for batch in args.batches:
+        for name in args.caches:
+            rows.append(run(model, name, batch, args.context, args.steps))
+            print(fmt(rows[-1]), flush=True)
+    if not args.no_max:
+        for name in args.caches:
+            small = next(r for r in rows if r["cache"] == name)
+            per_seq = small["cache_gib"] * 2**30 / small["batch"] * 1.02
+            row = largest_batch(model, name, args.context, 4, per_seq)
+            if row is not None:
+                rows.append(row)
+                print(fmt(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(HEADER + "\n" + "\n".join(fmt(r) for r in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()
