@@ -38,14 +38,24 @@ CACHES = {
 FILL_CHUNK = 4096
 
 
-def build_model(layers: int) -> LlamaForCausalLM:
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        sync()
+
+
+def build_model(layers: int, tiny: bool = False) -> LlamaForCausalLM:
+    """Llama-3-8B shapes with random bf16 weights (``tiny``: a 2-layer stand-in for a CPU smoke run)."""
+    hidden, inter, vocab = (256, 512, 1000) if tiny else (4096, 14336, 128256)
     config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=262144,
-        rope_theta=500000.0, attn_implementation="sdpa",
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=32 if not tiny
+        else 8, num_key_value_heads=8 if not tiny else 2, head_dim=128, vocab_size=vocab,
+        max_position_embeddings=262144, rope_theta=500000.0, attn_implementation="sdpa",
     )  # fmt: skip
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(torch.float32)
     return model
@@ -55,7 +65,7 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
     """A cache for ``model`` whose every layer holds ``context`` random tokens per sequence."""
     cfg = model.config
     h, d = cfg.num_key_value_heads, cfg.head_dim
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     if spec is None:
         model.set_attn_implementation("sdpa")
         cache = DynamicCache(config=cfg)
@@ -63,31 +73,31 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
         cache = TurboQuantCache(model, **spec)
     for i in range(cfg.num_hidden_layers):
         if spec is None:
-            k = torch.randn(batch, h, context, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(batch, h, context, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
             cache.update(k, torch.randn_like(k), i)
             continue
         layer: TurboQuantLayer = cache.layers[i]
         config = KVCacheConfig(head_dim=d, **layer.settings)
-        layer.store = TurboQuantKVCache(config, batch, h, device="cuda", dtype=torch.bfloat16,
+        layer.store = TurboQuantKVCache(config, batch, h, device=DEVICE, dtype=torch.bfloat16,
                                         capacity=context + steps)  # fmt: skip
-        layer.is_initialized, layer.dtype, layer.device = True, torch.bfloat16, torch.device("cuda")
+        layer.is_initialized, layer.dtype, layer.device = True, torch.bfloat16, torch.device(DEVICE)
         for start in range(0, context, FILL_CHUNK):
             n = min(FILL_CHUNK, context - start)
-            k = torch.randn(batch, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k = torch.randn(batch, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
             layer.store.append(k, torch.randn_like(k))
     return cache
 
 
 def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[list[float], torch.Tensor]:
     """Run ``steps`` single-token decode steps; returns per-step ms and the last logits."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     times, logits = [], None
     for _ in range(steps):
-        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda", generator=gen)
-        torch.cuda.synchronize()
+        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE, generator=gen)
+        sync()
         t0 = time.perf_counter()
         logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times, logits
 
@@ -96,12 +106,13 @@ def step_split(model, cache, batch: int) -> dict[str, float]:
     """One decode step under the profiler: ms of attention kernels, other GPU kernels, and wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         model(input_ids=ids, past_key_values=cache, use_cache=True)
-        torch.cuda.synchronize()
+        sync()
         wall = (time.perf_counter() - t0) * 1e3
     attn = other = 0.0
     for e in prof.key_averages():
@@ -124,7 +135,8 @@ def cache_bytes(cache) -> int:
 
 def free_all() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
 
 
 def correctness_gate(model) -> float:
@@ -146,15 +158,17 @@ def correctness_gate(model) -> float:
 def run(model, name: str, batch: int, context: int, steps: int) -> dict:
     spec = CACHES[name]
     free_all()
-    torch.cuda.reset_peak_memory_stats()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     cache = filled_cache(model, spec, batch, context, steps + 3)
     fill_s = time.perf_counter() - t0
     times, _ = decode_steps(model, cache, batch, steps + 2)
     step_ms = statistics.median(times[2:])
     split = step_split(model, cache, batch)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
     row = dict(cache=name, batch=batch, context=context, step_ms=step_ms, tok_s=batch / step_ms * 1e3,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30, cache_gib=cache_bytes(cache) / 2**30,
+               peak_gib=peak, cache_gib=cache_bytes(cache) / 2**30,
                fill_s=fill_s, **split)  # fmt: skip
     del cache
     free_all()
@@ -192,14 +206,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--caches", nargs="*", default=list(CACHES), choices=list(CACHES))
     ap.add_argument("--no-max", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--tiny", action="store_true", help="a small stand-in model (smoke run; CPU allowed)")
     ap.add_argument("--out", type=Path, default=Path("results/model_speed.md"))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/model_speed.py needs a CUDA GPU")
+    if DEVICE != "cuda" and not args.tiny:
+        raise SystemExit("benchmarks/model_speed.py needs a CUDA GPU (or --tiny for a smoke run)")
     torch.set_grad_enabled(False)
-    model = build_model(args.layers)
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.layers} layers", flush=True)
-    err = correctness_gate(model)
+    model = build_model(args.layers, args.tiny)
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
+    print(f"{name}, torch {torch.__version__}, model {args.layers} layers", flush=True)
+    err = correctness_gate(model) if DEVICE == "cuda" else 0.0
     print(f"gate: decode logits, fused kernel vs reference attention: rel err {err:.2e}", flush=True)
     if err > 1e-2:
         raise SystemExit("correctness gate failed: no speed reported")
@@ -209,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.caches:
             rows.append(run(model, name, batch, args.context, args.steps))
             print(fmt(rows[-1]), flush=True)
-    if not args.no_max:
+    if not args.no_max and DEVICE == "cuda":
         for name in args.caches:
             small = next(r for r in rows if r["cache"] == name)
             per_seq = small["cache_gib"] * 2**30 / small["batch"] * 1.02

@@ -321,12 +321,19 @@ class TurboQuantKVCache:
             self._allocate(-(-(start + n) // chunk) * chunk)
         if ring is not None and n > ring:  # only the last W tokens can survive
             k, v, start, n = k[:, :, -ring:], v[:, :, -ring:], start + n - ring, ring
-        rows = self._encode(k, v)
         slots = torch.arange(start, start + n, device=self.device)
         if ring is not None:
             slots = slots % ring
-        for name, value in rows.items():
-            getattr(self, name)[:, :, slots] = value
+        if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):
+            from .kernels.encode import encode_kv  # fused quantize-on-write
+
+            if self.key_mean is not None:
+                k = k.float() - self.key_mean[:, :, None, :]
+            encode_kv(k, v, self.buffers(), slots, key_quantizer=self.key_quantizer,
+                      value_quantizer=self.value_quantizer, check_slots=False)  # fmt: skip
+        else:
+            for name, value in self._encode(k, v).items():
+                getattr(self, name)[:, :, slots] = value
         self.seq_lens.fill_(min(start + n, ring) if ring is not None else start + n)
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,266 @@
+"""The fused encode kernel (kernels.encode) against the reference rows of TurboQuantKVCache._encode.
+
+Buffers are poisoned before the launch; written slots must hold the reference rows, the others
+the poison. Integer codes are compared exactly, except where the reference's input lies within
+float rounding of a decision: a key coordinate √d·(Πu)_j at a codebook boundary, or (S r)_j at 0.
+On a machine without a GPU these run in Triton's CPU interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from turboquant.cache import KVCacheConfig, TurboQuantKVCache
+from turboquant.packing import unpack_planar
+from turboquant.quantizers import ValueQuantizer
+
+triton = pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from turboquant.kernels.encode import encode_kv  # noqa: E402 (after the skip: needs triton)
+
+POISON = 0xAB
+# A code may differ from the reference only where the reference's coordinate is this close to the
+# decision (√d-scaled coordinates are ~N(0, 1)); float32 rounding moves them by ~1e-6.
+NEAR = 1e-4
+MAX_MISMATCH = 1e-3  # fraction of coordinates allowed to differ at all
+
+
+def _setup(mode, kb, vb, d, rotation, nc, n, bh, dtype=torch.float32, extra=0):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, rotation, nc, n, bh, dtype)).encode()))
+    cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, rotation=rotation, norm_correction=nc)
+    cache = TurboQuantKVCache(cfg, *bh, device=DEVICE, capacity=n + extra)
+    k = torch.randn(*bh, n, d, generator=gen)
+    v = torch.randn(*bh, n, d, generator=gen) * torch.rand(*bh, n, 1, generator=gen) * 4 + 1
+    slots = torch.randperm(n + extra, generator=gen)[:n]
+    return cache, k.to(DEVICE, dtype), v.to(DEVICE, dtype), slots.to(DEVICE)
+
+
+def _poisoned_buffers(cache):
+    bufs = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}
+    for t in bufs.values():
+        t.fill_(float("nan") if t.dtype.is_floating_point else POISON)
+    return bufs
+
+
+def _fp16_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between float16 tensors (finite, same sign)."""
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert ((a >= 0) == (b >= 0)).all()
+    return int((a.view(torch.int16).int() - b.view(torch.int16).int()).abs().max()) if a.numel() else 0
+
+
+def _check_rows(cache, k, v, bufs, slots, max_mismatch=MAX_MISMATCH):
+    """Compare the written rows with cache._encode(k, v); returns the number of near-tie codes."""
+    cfg, d = cache.config, cache.config.head_dim
+    mse, kq = cache.mse_quantizer, cache.key_quantizer
+    ref = cache._encode(k, v)
+    got = {name: t[:, :, slots] for name, t in bufs.items()}
+
+    # untouched slots keep the poison
+    rest = torch.ones(bufs["key_codes"].shape[2], dtype=torch.bool, device=slots.device)
+    rest[slots] = False
+    for name, t in bufs.items():
+        untouched = t[:, :, rest]
+        kept = untouched.isnan().all() if t.dtype.is_floating_point else (untouched == POISON).all()
+        assert kept, name
+
+    # values: exactly the reference's on the CPU (same IEEE divisions and rounding); PyTorch's CUDA
+    # division by a Python number multiplies by its reciprocal, which can move a scale by one ulp
+    if k.device.type == "cpu":
+        for name in ("value_codes", "value_scales", "value_zeros"):
+            assert torch.equal(got[name], ref[name]), name
+    else:
+        assert torch.equal(got["value_zeros"], ref["value_zeros"])
+        assert _fp16_ulps(got["value_scales"], ref["value_scales"]) <= 1
+        c_ref = unpack_planar(ref["value_codes"], cfg.value_bits, d).int()
+        c_diff = (unpack_planar(got["value_codes"], cfg.value_bits, d).int() - c_ref).abs()
+        assert c_diff.max().item() <= 1 and (c_diff > 0).float().mean().item() <= MAX_MISMATCH
+
+    # key codes: equal, or at a boundary of the reference's rotated, scaled coordinate
+    idx_ref = unpack_planar(ref["key_codes"], cfg.key_index_bits, d).long()
+    idx_got = unpack_planar(got["key_codes"], cfg.key_index_bits, d).long()
+    xf = k.float()
+    unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    coord = mse.rotate(unit) * mse.scale  # what the reference bucketizes
+    bad = idx_ref != idx_got
+    assert bad.float().mean().item() <= max_mismatch
+    if bad.any():
+        assert ((idx_ref - idx_got).abs()[bad] == 1).all()
+        boundary = mse.boundaries[torch.minimum(idx_ref, idx_got)[bad]]
+        assert (coord[bad] - boundary).abs().max().item() < NEAR
+    ok_rows = ~bad.any(-1)  # rows whose codes match: their norms, signs and γ are comparable
+
+    # norms (with norm correction they depend on every code of the row) within one fp16 ulp
+    assert _fp16_ulps(got["key_norms"][ok_rows], ref["key_norms"][ok_rows]) <= 1
+    if cfg.key_mode == "prod":
+        assert _fp16_ulps(got["key_rnorms"][ok_rows], ref["key_rnorms"][ok_rows]) <= 1
+        s_ref = unpack_planar(ref["key_signs"], 1, d).bool()
+        s_got = unpack_planar(got["key_signs"], 1, d).bool()
+        flipped = (s_ref != s_got) & ok_rows[..., None]
+        assert flipped.float().mean().item() <= max_mismatch
+        if flipped.any():  # (S r)_j at 0, on the scale ‖x‖·‖S_j‖ of its rounding error
+            residual = xf - mse.unrotate(mse.dequantize_indices(idx_ref, ref["key_norms"]))
+            sr = residual @ kq.qjl.T
+            scale = xf.norm(dim=-1, keepdim=True) * kq.qjl.norm(dim=-1)
+            assert (sr.abs() / scale)[flipped].max().item() < NEAR
+        return int(bad.sum()) + int(flipped.sum())
+    return int(bad.sum())
+
+
+# (key_mode, key_bits, value_bits, head_dim, rotation, norm_correction, N, (B, H_kv), launch overrides)
+CASES = [
+    ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {}),
+    ("mse", 2, 3, 128, "hadamard", False, 63, (1, 2), {}),
+    ("mse", 3, 4, 64, "haar", True, 300, (1, 2), {"small_rows": 0}),
+    ("mse", 4, 8, 128, "haar", False, 1, (3, 2), {}),
+    ("mse", 4, 4, 128, "hadamard", True, 300, (2, 1), {"small_rows": 0, "chunk": 32}),
+    ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"chunk": 32}),
+    ("mse", 2, 8, 64, "hadamard", True, 1, (1, 1), {}),
+    ("prod", 2, 4, 128, "haar", True, 15, (2, 2), {}),
+    ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"small_rows": 0, "chunk": 16}),
+    ("prod", 4, 3, 64, "haar", False, 1, (2, 3), {}),
+    ("prod", 3, 8, 128, "haar", True, 63, (1, 2), {"chunk": 32}),
+    ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0}),
+    ("prod", 2, 3, 64, "hadamard", False, 63, (3, 1), {}),
+    ("prod", 4, 4, 256, "haar", False, 15, (1, 1), {}),
+]
+
+
+@pytest.mark.parametrize("mode,kb,vb,d,rotation,nc,n,bh,launch", CASES)
+def test_encode_matches_reference(mode, kb, vb, d, rotation, nc, n, bh, launch):
+    cache, k, v, slots = _setup(mode, kb, vb, d, rotation, nc, n, bh, extra=9)
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer, **launch)
+    _check_rows(cache, k, v, bufs, slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_encode_half_inputs_and_strided_slices(dtype):
+    """bf16 / fp16 inputs read in place from slices of larger tensors (the window flush of the cache)."""
+    cache, k, v, slots = _setup("prod", 3, 4, 128, "haar", False, 40, (2, 2), dtype=dtype)
+    k_big = torch.cat((k, k[:, :, :7]), dim=2)  # [B, H, N + 7, D]: k is its prefix
+    v_big = torch.cat((v[:, :, :5], v), dim=2)
+    k_view, v_view = k_big[:, :, :40], v_big[:, :, 5:]
+    assert not k_view.is_contiguous() and not v_view.is_contiguous()
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k_view, v_view, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots)
+
+
+def test_encode_ring_slots_and_degenerate_rows():
+    """Slots in any order (a wrapped ring); zero and constant rows (zero norm, zero value scale)."""
+    cache, k, v, _ = _setup("mse", 4, 4, 64, "haar", True, 20, (1, 2))
+    k[:, 0, 3] = 0.0
+    v[:, 1, 5] = 2.5
+    slots = (torch.arange(20, device=k.device) + 13) % 20
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots)
+    assert bufs["key_norms"][0, 0, slots[3]].item() == 0.0
+    assert bufs["value_scales"][0, 1, slots[5]].eq(0).all()
+
+
+def test_encode_keys_on_decision_boundaries():
+    """Keys whose rotated coordinates sit exactly on boundaries: either side is right, nothing else."""
+    cache, k, v, slots = _setup("mse", 3, 4, 64, "haar", False, 32, (1, 2))
+    mse = cache.mse_quantizer
+    gen = torch.Generator().manual_seed(5)
+    on = mse.boundaries[torch.randint(0, 7, (1, 2, 32, 32), generator=gen)].cpu() / mse.scale  # half the coords
+    rest = torch.randn(1, 2, 32, 32, generator=gen)
+    rest = rest / rest.norm(dim=-1, keepdim=True) * (1 - on.pow(2).sum(-1, keepdim=True)).clamp_min(0.01).sqrt()
+    y = torch.cat((on, rest), dim=-1)  # [1, 2, 32, 64], ‖y‖ ~ 1: x = yΠ has Πx/‖x‖ ≈ y
+    k = ((y / y.norm(dim=-1, keepdim=True)).to(DEVICE) @ mse.rotation) * 3.0
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots, max_mismatch=1.0)
+
+
+def test_encode_empty_chunk_writes_nothing():
+    cache, k, v, slots = _setup("mse", 2, 2, 64, "haar", False, 0, (1, 1), extra=4)
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    assert (bufs["key_codes"] == POISON).all() and bufs["key_norms"].isnan().all()
+
+
+def _bad_inputs(case):
+    cache, k, v, slots = _setup("prod", 3, 4, 64, "haar", False, 4, (1, 2), extra=4)
+    bufs = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}
+    kw = dict(key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    if case == "head_dim":
+        other = TurboQuantKVCache(KVCacheConfig(head_dim=96), 1, 2, device=DEVICE, capacity=8)
+        k96 = torch.zeros(1, 2, 4, 96, device=DEVICE)
+        return (k96, k96, other.buffers(), slots), dict(key_quantizer=other.key_quantizer,
+                                                        value_quantizer=other.value_quantizer)  # fmt: skip
+    if case == "dtype":
+        k = k.to(torch.int32)
+    elif case == "shape":
+        v = v[:, :, :3]
+    elif case == "rank":
+        k, v = k[0], v[0]
+    elif case == "last_dim_stride":
+        k = k.transpose(2, 3).contiguous().transpose(2, 3)
+    elif case == "slots_range":
+        slots = slots + 5
+    elif case == "slots_dtype":
+        slots = slots.int()
+    elif case == "slots_shape":
+        slots = slots[:3]
+    elif case == "missing_buffer":
+        bufs = {name: t for name, t in bufs.items() if name != "key_signs"}
+    elif case == "buffer_dtype":
+        bufs = {**bufs, "key_norms": bufs["key_norms"].float()}
+    elif case == "buffer_shape":
+        bufs = {**bufs, "value_scales": bufs["value_scales"][:, :1]}
+    elif case == "buffer_contiguous":
+        bufs = {**bufs, "value_codes": bufs["value_codes"].transpose(2, 3).contiguous().transpose(2, 3)}
+    elif case == "quantizer":
+        kw["key_quantizer"] = cache.value_quantizer
+    elif case == "quantizer_head_dim":
+        kw["key_quantizer"] = TurboQuantKVCache(KVCacheConfig(head_dim=128), 1, 1, device=DEVICE).key_quantizer
+    elif case == "group_size":
+        kw["value_quantizer"] = ValueQuantizer(4, 3)
+    elif case == "launch":
+        kw["block_size"] = 32
+    return (k, v, bufs, slots), kw
+
+
+BAD = {
+    "head_dim": "head_dim 64, 128 or 256",
+    "dtype": "float32, float16 or bfloat16",
+    "shape": "same shape",
+    "rank": r"\[B, H_kv, N, D\]",
+    "last_dim_stride": "contiguous in its last dim",
+    "slots_range": r"slots must lie in \[0, C=8\)",
+    "slots_dtype": "int64",
+    "slots_shape": r"shape \[N=4\]",
+    "missing_buffer": "key_signs",
+    "buffer_dtype": "buffer key_norms",
+    "buffer_shape": "buffer value_scales",
+    "buffer_contiguous": "buffer value_codes",
+    "quantizer": "TurboQuantMSE or TurboQuantProd",
+    "quantizer_head_dim": "head_dim=128",
+    "group_size": "group_size=3 must divide D=64",
+    "launch": "unknown launch options",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_encode_rejects_bad_inputs(case):
+    args, kw = _bad_inputs(case)
+    with pytest.raises(ValueError, match=BAD[case]):
+        encode_kv(*args, **kw)
+
+
+def test_near_tie_tolerance_is_meaningful():
+    """The boundary tolerance is far below the codebook's cell widths, so it cannot hide a wrong code."""
+    cfg = KVCacheConfig(head_dim=128, key_bits=4)
+    mse = TurboQuantKVCache(cfg, 1, 1, device=DEVICE).mse_quantizer
+    assert NEAR < 1e-2 * torch.diff(mse.boundaries).min().item()

@@ -1,0 +1,455 @@
+"""Fused quantize-on-write: new K/V tokens straight into the compressed cache rows (Triton).
+
+What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
+``TurboQuantMSE.quantize`` / ``TurboQuantProd.quantize`` / ``ValueQuantizer.quantize`` followed by
+``packing.pack_planar``), reading each input row once and writing nothing but the packed rows:
+
+- keys, TurboQuant (arXiv:2504.19874) Algorithm 1: norm ‖x‖, unit vector u = x / ‖x‖, rotation
+  y = u Πᵀ (a dense tl.dot for both the Haar and the randomized-Hadamard Π), index of the nearest
+  centroid of √d·y (a count of the decision boundaries, the midpoints of the sorted centroids,
+  that it exceeds: ``torch.bucketize``), optionally the corrected norm ‖x‖ / ‖c[idx] / √d‖;
+- prod keys, Algorithm 2: the residual r = x - Πᵀ ŷ, ŷ = c[idx] · fp16(norm) / √d, handled in
+  the rotated basis, Π r = ‖x‖·y - ŷ, so that S r = (Π r)(Π Sᵀ) with Π Sᵀ precomputed; the
+  stored bits are sign(S r) >= 0 and γ = ‖r‖ (the residual of x itself, not of the unit vector,
+  as the reference stores it);
+- values: per group of g coordinates, zero = fp16(min), scale = fp16((max - min) / (2^b - 1)),
+  code = round_half_even((x - zero) / scale) clamped to [0, 2^b - 1] (0 where scale = 0);
+- every index plane packed in the planar layout of ``pack_planar`` (3 bits = a 2-bit plane then
+  a 1-bit plane) and stored at slot ``slots[n]`` of every (batch, head).
+
+Two launches, one pass over each input: grid (cdiv(B·H·N, BN),) over the flattened
+(batch, head, token) rows, one for the keys and one for the values (so the light value programs
+do not inherit the key programs' registers and shared memory). The rotation is computed in column
+chunks of DC: chunk j of Πᵀ ([D, DC]) is loaded once per program, and the indices of chunk j are
+OR-ed into the bytes of the planar fields it covers, so no [D, D] operand is held at once (D = 256
+fits). For prod keys, S r accumulates over the chunks as Σ_j (Π r)_j (Π Sᵀ)_j.
+
+Bytes a 32k-token prefill chunk must move (B = 1, H_kv = 8, N = 32768, D = 128, bf16 input;
+262,144 rows each of K and V): reads 2 · 262,144 · 256 B = 134.2 MB; writes 146 B per row
+pair (K4/V4 mse: 64 + 2 key, 64 + 16 value) = 38.3 MB, 98 B (K3/V2 mse) = 25.7 MB, 100 B
+(K3/V2 prod: 32 + 2 + 16 + 2 key, 48 value) = 26.2 MB. At 4.26 TB/s (the H200's copy rate)
+that is 40.5 µs (K4/V4), 37.5 µs (K3/V2 mse) and 37.7 µs (K3/V2 prod); copying the bf16 K/V
+into a bf16 cache moves 268.4 MB, 63.0 µs. The rotation costs 2·D² FLOPs per key (4·D² for
+prod keys): 8.6 (17.2) GFLOP for the chunk, which must be done to fp32 accuracy, so the encode
+sits near the line between memory- and compute-bound.
+
+Numerics (why the codes match the reference's bit for bit away from ties):
+- divisions and square roots round as IEEE (``div_rn``, ``sqrt_rn``; the value quotient
+  (x - zero) / scale from the rounded reciprocal with Markstein's fused correction, which gives
+  the correctly rounded quotient);
+- 16-bit keys (bf16, fp16) are rotated as x Πᵀ / ‖x‖ with Πᵀ split into three 16-bit parts
+  (Πᵀ = P0 + s·P1 + s²·P2): three tensor-core products of the stored x with fp32 accumulation,
+  exact products and fp32 accuracy; fp32 keys use u Πᵀ with ``input_precision="tf32x3"``, as does
+  (Π r)(Π Sᵀ) for prod keys (the CPU interpreter computes every dot in exact fp32 products);
+- so codes equal the reference's except where √d·y lies within float rounding of a decision
+  boundary (or S r within rounding of 0); norms, γ, scales and zeros are equal up to the last
+  fp16 bit (γ with norm correction is formed as ‖Π x‖² - 2f⟨Π x, c⟩ + f²‖c‖², f = stored norm / √d,
+  since f is known only after the last chunk).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
+
+__all__ = ["ENCODE_HEAD_DIMS", "LAUNCH_DEFAULTS", "encode_kv"]
+
+ENCODE_HEAD_DIMS = (64, 128, 256)
+_TINY = torch.finfo(torch.float32).tiny  # the reference's clamp of ‖x‖ before x / ‖x‖
+
+
+@triton.jit
+def _pack_chunk(idx, j: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr):
+    """Bytes of a planar plane (fields of DP columns, BITS each) contributed by column chunk j.
+
+    idx: [BN, DC] int32 indices of columns [j·DC, (j+1)·DC) -> [BN, DP] int32 (fields OR-ed in,
+    as a sum of disjoint bits). Column c lies in field c // DP, at byte c % DP, bits (c // DP)·BITS.
+    """
+    if DC >= DP:  # the chunk spans whole fields j·NF .. j·NF + NF - 1
+        NF: tl.constexpr = DC // DP
+        o_f = j * NF + tl.arange(0, NF)
+        return tl.sum(tl.reshape(idx, (BN, NF, DP)) << (o_f * BITS)[None, :, None], axis=1)
+    else:  # the chunk is byte block S of field F
+        NS: tl.constexpr = DP // DC
+        F: tl.constexpr = (j * DC) // DP
+        S: tl.constexpr = ((j * DC) % DP) // DC
+        o_s = tl.arange(0, NS)
+        part = tl.where((o_s == S)[None, :, None], (idx << (F * BITS))[:, None, :], 0)  # [BN, NS, DC]
+        return tl.reshape(part, (BN, DP))
+
+
+@triton.jit
+def _encode_keys(
+    p_x, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Algorithm 1 (and 2 for PROD) on BN key rows p_x [BN, D] -> buffer rows ``row`` [BN].
+
+    TAB: [3·NC] float32 = boundaries (NC - 1) and a pad, centroids c (NC), c / √d (NC).
+    RT: Πᵀ [D, D] float32.  MT: Π Sᵀ [D, D] float32 (PROD).
+    SPLIT (16-bit keys): RS = [3, D, D] parts of Πᵀ in the keys' dtype, Πᵀ = P0 + s·P1 + s²·P2 with
+    s = SPLIT_SCALE, so that x Πᵀ is three 16-bit tensor-core products with fp32 accumulation,
+    exact products of the stored x and fp32 accuracy; otherwise u Πᵀ is one fp32 (PRECISION) dot.
+    UPCAST: multiply the split parts as fp32 instead (same products; Triton's CPU interpreter
+    mishandles bf16 dot operands).
+    """
+    o_d = tl.arange(0, D)
+    o_c = tl.arange(0, DC)
+    b_xs = tl.load(p_x, mask=m_r[:, None], other=0.0)  # [BN, D] as stored
+    b_x = b_xs.to(tl.float32)
+    b_n = tl.sqrt_rn(tl.sum(b_x * b_x, axis=1))  # [BN] ‖x‖
+    if SPLIT:
+        b_xd = b_x if UPCAST else b_xs  # the split products' left operand
+        b_inv = tl.div_rn(tl.full((BN,), 1.0, tl.float32), tl.maximum(b_n, TINY))  # 1 / ‖x‖
+    else:
+        b_u = tl.div_rn(b_x, tl.broadcast_to(tl.maximum(b_n, TINY)[:, None], (BN, D)))  # [BN, D] x / ‖x‖
+    if PROD and not NORM_CORRECTION:
+        b_f = tl.div_rn(b_n.to(tl.float16).to(tl.float32), tl.full((BN,), SCALE, tl.float32))  # stored ‖x‖ / √d
+    KB: tl.constexpr = D * KEY_BITS // 8
+    if KEY_BITS == 3:
+        b_lo = tl.zeros((BN, D // 4), dtype=tl.int32)  # 2-bit plane
+        b_hi = tl.zeros((BN, D // 8), dtype=tl.int32)  # 1-bit plane
+    else:
+        b_pk = tl.zeros((BN, KB), dtype=tl.int32)
+    if NORM_CORRECTION:
+        b_cn = tl.zeros((BN,), dtype=tl.float32)  # ‖c[idx] / √d‖²
+    if PROD:
+        b_sr = tl.zeros((BN, D), dtype=tl.float32)  # S r (with norm correction: Π x Π Sᵀ)
+        b_g = tl.zeros((BN,), dtype=tl.float32)  # ‖r‖²
+        if NORM_CORRECTION:
+            b_a2 = tl.zeros((BN, D), dtype=tl.float32)  # c[idx] Π Sᵀ
+            b_pp = tl.zeros((BN,), dtype=tl.float32)  # ‖Π x‖², ⟨Π x, c[idx]⟩, ‖c[idx]‖²
+            b_pc = tl.zeros((BN,), dtype=tl.float32)
+            b_cc = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(D // DC):
+        if SPLIT:  # Π x from three exact 16-bit products, smallest part first
+            p_rs = RS + o_d[:, None] * D + (j * DC + o_c)[None, :]  # [D, DC] columns j·DC.. of each part
+            b_px = tl.dot(b_xd, tl.load(p_rs + 2 * D * D).to(b_xd.dtype), input_precision=PRECISION)
+            b_px = tl.dot(b_xd, tl.load(p_rs + D * D).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
+            b_px = tl.dot(b_xd, tl.load(p_rs).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
+            b_y = b_px * b_inv[:, None]  # y = Π x / ‖x‖
+        else:
+            b_rt = tl.load(RT + o_d[:, None] * D + (j * DC + o_c)[None, :])  # [D, DC] columns j·DC.. of Πᵀ
+            b_y = tl.dot(b_u, b_rt, input_precision=PRECISION)  # [BN, DC] y = u Πᵀ
+            b_px = b_n[:, None] * b_y
+        b_s = b_y * SCALE  # √d·y
+        b_i = tl.zeros((BN, DC), dtype=tl.int32)
+        if PROD:
+            b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC)  # c[idx]
+        if NORM_CORRECTION:
+            b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC)  # c[idx] / √d
+        for t in tl.static_range(NC - 1):  # ascending boundaries: idx = #{t : √d·y > b_t}
+            m_t = b_s > tl.load(TAB + t)
+            b_i += m_t.to(tl.int32)
+            if PROD:
+                b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+            if NORM_CORRECTION:
+                b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+        if KEY_BITS == 3:
+            b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
+            b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
+        else:
+            b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
+        if NORM_CORRECTION:
+            b_cn += tl.sum(b_cs * b_cs, axis=1)
+        if PROD:
+            b_m = tl.load(MT + (j * DC + o_c)[:, None] * D + o_d[None, :])  # [DC, D] rows j·DC.. of Π Sᵀ
+            if NORM_CORRECTION:  # the stored norm is known after the last chunk: keep Π x and c apart
+                b_sr += tl.dot(b_px, b_m, input_precision=PRECISION)  # [BN, D]
+                b_a2 += tl.dot(b_c, b_m, input_precision=PRECISION)  # [BN, D]
+                b_pp += tl.sum(b_px * b_px, axis=1)
+                b_pc += tl.sum(b_px * b_c, axis=1)
+                b_cc += tl.sum(b_c * b_c, axis=1)
+            else:
+                b_pr = b_px - b_f[:, None] * b_c  # [BN, DC] Π r = Π x - ŷ on this chunk
+                b_sr += tl.dot(b_pr, b_m, input_precision=PRECISION)  # [BN, D]
+                b_g += tl.sum(b_pr * b_pr, axis=1)
+    m_w = m_r[:, None]
+    if KEY_BITS == 3:
+        tl.store(KC + row[:, None] * KB + tl.arange(0, D // 4)[None, :], b_lo.to(tl.uint8), mask=m_w)
+        tl.store(KC + row[:, None] * KB + D // 4 + tl.arange(0, D // 8)[None, :], b_hi.to(tl.uint8), mask=m_w)
+    else:
+        tl.store(KC + row[:, None] * KB + tl.arange(0, KB)[None, :], b_pk.to(tl.uint8), mask=m_w)
+    if NORM_CORRECTION:
+        b_nk = tl.div_rn(b_n, tl.sqrt_rn(b_cn)).to(tl.float16)  # ‖x‖ / ‖c[idx] / √d‖
+    else:
+        b_nk = b_n.to(tl.float16)
+    tl.store(KN + row, b_nk, mask=m_r)
+    if PROD:
+        if NORM_CORRECTION:
+            b_f = tl.div_rn(b_nk.to(tl.float32), tl.full((BN,), SCALE, tl.float32))
+            b_sr = b_sr - b_f[:, None] * b_a2  # S r = (Π x - (fp16 norm / √d) c[idx]) Π Sᵀ
+            b_g = tl.maximum(b_pp - 2.0 * b_f * b_pc + b_f * b_f * b_cc, 0.0)
+        b_sg = _pack_chunk((b_sr >= 0).to(tl.int32), 0, 1, D // 8, D, BN)  # [BN, D/8]
+        tl.store(KS + row[:, None] * (D // 8) + tl.arange(0, D // 8)[None, :], b_sg.to(tl.uint8), mask=m_w)
+        tl.store(KR + row, tl.sqrt_rn(b_g).to(tl.float16), mask=m_r)
+
+
+@triton.jit
+def _encode_values(
+    p_x, row, m_r, VC, VS, VZ,
+    D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Per-group min/max affine codes of BN value rows p_x [BN, D] -> buffer rows ``row`` [BN]."""
+    NG: tl.constexpr = D // GROUP
+    LEVELS: tl.constexpr = (1 << VALUE_BITS) - 1
+    VB: tl.constexpr = D * VALUE_BITS // 8
+    m_w = m_r[:, None]
+    b_x = tl.reshape(tl.load(p_x, mask=m_w, other=0.0).to(tl.float32), (BN, NG, GROUP))  # [BN, NG, GROUP]
+    b_min = tl.min(b_x, axis=2)  # [BN, NG]
+    b_max = tl.max(b_x, axis=2)
+    b_z = b_min.to(tl.float16)
+    b_sc = tl.div_rn(b_max - b_min, tl.full((BN, NG), LEVELS, tl.float32)).to(tl.float16)
+    o_g = row[:, None] * NG + tl.arange(0, NG)[None, :]  # [BN, NG]
+    tl.store(VZ + o_g, b_z, mask=m_w)
+    tl.store(VS + o_g, b_sc, mask=m_w)
+    b_s = b_sc.to(tl.float32)
+    b_d = tl.maximum(b_s, 1e-30)[:, :, None]  # the reference's clamp_min
+    b_r = tl.div_rn(tl.full((BN, NG), 1.0, tl.float32), tl.maximum(b_s, 1e-30))[:, :, None]  # RN(1 / scale)
+    # (x - zero) / scale correctly rounded from the rounded reciprocal (Markstein): q = RN(a·r),
+    # then q + RN(a - q·scale)·r with both steps fused multiply-adds
+    b_a = b_x - b_z.to(tl.float32)[:, :, None]  # [BN, NG, GROUP]
+    b_q = b_a * b_r
+    b_q = tl.fma(tl.fma(-b_q, b_d, b_a), b_r, b_q)
+    b_q = tl.where(b_s[:, :, None] > 0, b_q, 0.0)
+    b_fl = tl.floor(b_q)  # round half to even, as torch.round
+    b_fr = b_q - b_fl
+    b_odd = (b_fl - 2.0 * tl.floor(b_fl * 0.5)) == 1.0
+    b_q = b_fl + tl.where((b_fr > 0.5) | ((b_fr == 0.5) & b_odd), 1.0, 0.0)
+    b_q = tl.reshape(tl.minimum(tl.maximum(b_q, 0.0), LEVELS).to(tl.int32), (BN, D))  # [BN, D]
+    if VALUE_BITS == 8:
+        tl.store(VC + row[:, None] * VB + tl.arange(0, D)[None, :], b_q.to(tl.uint8), mask=m_w)
+    elif VALUE_BITS == 3:
+        b_p = _pack_chunk(b_q & 3, 0, 2, D // 4, D, BN)
+        tl.store(VC + row[:, None] * VB + tl.arange(0, D // 4)[None, :], b_p.to(tl.uint8), mask=m_w)
+        b_p = _pack_chunk(b_q >> 2, 0, 1, D // 8, D, BN)
+        tl.store(VC + row[:, None] * VB + D // 4 + tl.arange(0, D // 8)[None, :], b_p.to(tl.uint8), mask=m_w)
+    else:
+        b_p = _pack_chunk(b_q, 0, VALUE_BITS, VB, D, BN)
+        tl.store(VC + row[:, None] * VB + tl.arange(0, VB)[None, :], b_p.to(tl.uint8), mask=m_w)
+
+
+@triton.jit
+def _rows(SLOTS, R, N, H, C, BN: tl.constexpr):
+    """Program i's BN flattened (batch, head, token) rows: (batch, head, token, mask, buffer row), [BN] each."""
+    o_r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    m_r = o_r < R
+    i_bh = o_r // N
+    i_n = o_r % N
+    row = i_bh * C + tl.load(SLOTS + i_n, mask=m_r, other=0)  # slot of token n in head (b, h)
+    return i_bh // H, i_bh % H, i_n, m_r, row
+
+
+@triton.jit
+def _encode_keys_kernel(
+    K, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR,
+    R, N, H, C, s_b, s_h, s_n,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
+    p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
+    _encode_keys(p_k, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD, NORM_CORRECTION,
+                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION)  # fmt: skip
+
+
+@triton.jit
+def _encode_values_kernel(
+    V, SLOTS, VC, VS, VZ, R, N, H, C, s_b, s_h, s_n,
+    D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
+    p_v = V + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
+    _encode_values(p_v, row, m_r, VC, VS, VZ, D, VALUE_BITS, GROUP, BN)
+
+
+# Launch configuration (defaults from an H200 sweep at D = 128): key rows per program (block_n; 16 rows
+# and 4 warps when the launch has at most small_rows rows, e.g. a decode step), columns of Πᵀ per
+# rotation chunk (chunk, capped at D), warps, pipeline depth, the precision of the fp32 dots
+# ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs), whether 16-bit keys use the
+# split 16-bit rotation (split), and rows / warps per program of the value kernel.
+LAUNCH_DEFAULTS = dict(
+    block_n=128, small_rows=1024, chunk=64, num_warps=8, num_stages=1, precision="tf32x3", split=True,
+    value_block_n=32, value_num_warps=4,
+)  # fmt: skip
+
+# Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D],
+# Π Sᵀ [D, D] (prod keys) and, per 16-bit key dtype, the split parts of Πᵀ. Keyed weakly by the quantizer.
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# 16-bit dtypes: the scale between the split parts of Πᵀ. bf16 has fp32's exponent range, so its
+# parts need none; fp16 parts are scaled by 2^11 each so that they stay normal numbers.
+_SPLIT_SCALES = {torch.bfloat16: 1.0, torch.float16: 2.0**-11}
+
+
+def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if key_quantizer not in _PREPARED:
+        mse = key_quantizer if isinstance(key_quantizer, TurboQuantMSE) else key_quantizer.mse
+        pad = mse.boundaries.new_zeros(1)
+        # centroids / √d as the reference divides them (tensor / Python float on this device)
+        table = torch.cat((mse.boundaries, pad, mse.centroids, mse.centroids / mse.scale)).float().contiguous()
+        prep = {"table": table, "rot_t": mse.rotation.T.contiguous().float()}
+        if isinstance(key_quantizer, TurboQuantProd):
+            prep["m_t"] = (mse.rotation.double() @ key_quantizer.qjl.double().T).float().contiguous()
+        _PREPARED[key_quantizer] = prep
+    prep = _PREPARED[key_quantizer]
+    if dtype in _SPLIT_SCALES and dtype not in prep:
+        inv = 1.0 / _SPLIT_SCALES[dtype]
+        rest, parts = prep["rot_t"].double(), []
+        for _ in range(3):  # Πᵀ = P0 + s·P1 + s²·P2 (to fp32 accuracy)
+            parts.append(rest.to(dtype))
+            rest = (rest - parts[-1].double()) * inv
+        prep[dtype] = torch.stack(parts).contiguous()
+    return prep
+
+
+def _buffer_specs(d: int, key_bits: int, prod: bool, value_bits: int, group: int) -> dict:
+    specs = {
+        "key_codes": ((d * key_bits // 8,), torch.uint8),
+        "key_norms": ((), torch.float16),
+        "value_codes": ((d * value_bits // 8,), torch.uint8),
+        "value_scales": ((d // group,), torch.float16),
+        "value_zeros": ((d // group,), torch.float16),
+    }
+    if prod:
+        specs["key_signs"] = ((d // 8,), torch.uint8)
+        specs["key_rnorms"] = ((), torch.float16)
+    return specs
+
+
+def encode_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    buffers: dict[str, torch.Tensor],
+    slots: torch.Tensor,
+    *,
+    key_quantizer: TurboQuantMSE | TurboQuantProd,
+    value_quantizer: ValueQuantizer,
+    check_slots: bool = True,
+    **launch,
+) -> None:
+    """Quantize k, v and write their packed rows into the cache buffers at ``slots`` (two launches: keys, values).
+
+    Writes exactly the rows ``TurboQuantKVCache._encode`` produces (TurboQuant, arXiv:2504.19874,
+    Algorithm 1 for MSE keys, Algorithm 2 for prod keys; per-group affine values), in place.
+
+    Args:
+        k, v: [B, H_kv, N, D] float32 / float16 / bfloat16, last dim contiguous (other strides free,
+            so a slice of a larger tensor needs no copy); D in (64, 128, 256).
+        buffers: the cache buffers, each contiguous on k's device, with C the capacity:
+            ``key_codes`` uint8 [B, H_kv, C, D·kb/8] (kb = key bits, minus 1 for prod keys),
+            ``key_norms`` float16 [B, H_kv, C], ``value_codes`` uint8 [B, H_kv, C, D·vb/8],
+            ``value_scales``, ``value_zeros`` float16 [B, H_kv, C, D/g]; prod keys also
+            ``key_signs`` uint8 [B, H_kv, C, D/8] and ``key_rnorms`` float16 [B, H_kv, C].
+            Other entries (window, seq_lens) are ignored.
+        slots: [N] int64 on k's device, distinct slot indices in [0, C), the same for every
+            (batch, head): token n is written to ``buffers[...][:, :, slots[n]]``.
+        key_quantizer: the TurboQuantMSE or TurboQuantProd whose rows the cache stores.
+        value_quantizer: the ValueQuantizer (group size g dividing D).
+        check_slots: verify 0 <= slots < C on the host (a device sync; pass False inside a
+            CUDA graph capture or when the caller guarantees the range).
+        launch: overrides of LAUNCH_DEFAULTS (block_n, small_rows, chunk, num_warps, num_stages,
+            precision, split, value_block_n, value_num_warps).
+
+    Unlike the reference, values outside the float16 range are stored as ±inf instead of raising.
+    """
+    unknown = set(launch) - set(LAUNCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
+    launch = {**LAUNCH_DEFAULTS, **launch}
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, H_kv, N, D], got {tuple(t.shape)}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.device != v.device:
+        raise ValueError(f"k and v must be on the same device, got {k.device} and {v.device}")
+    b, h, n, d = k.shape
+    if d not in ENCODE_HEAD_DIMS:
+        raise ValueError(f"the fused encode kernel supports head_dim 64, 128 or 256, got {d}")
+
+    if isinstance(key_quantizer, TurboQuantProd):
+        prod, mse = True, key_quantizer.mse
+    elif isinstance(key_quantizer, TurboQuantMSE):
+        prod, mse = False, key_quantizer
+    else:
+        raise ValueError(f"key_quantizer must be a TurboQuantMSE or TurboQuantProd, got {type(key_quantizer).__name__}")
+    if not isinstance(value_quantizer, ValueQuantizer):
+        raise ValueError(f"value_quantizer must be a ValueQuantizer, got {type(value_quantizer).__name__}")
+    if mse.head_dim != d:
+        raise ValueError(f"key_quantizer has head_dim={mse.head_dim} but k has D={d}")
+    if mse.rotation.device != k.device or (prod and key_quantizer.qjl.device != k.device):
+        raise ValueError(f"key_quantizer lives on {mse.rotation.device} but k is on {k.device}")
+    group = value_quantizer.group_size
+    if d % group:  # D is a power of two, so the group size is one too
+        raise ValueError(f"value_quantizer.group_size={group} must divide D={d}")
+
+    specs = _buffer_specs(d, mse.bits, prod, value_quantizer.bits, group)
+    missing = sorted(set(specs) - set(buffers))
+    if missing:
+        raise ValueError(f"buffers lacks {missing} (needed for key_mode={'prod' if prod else 'mse'})")
+    codes = buffers["key_codes"]
+    c = codes.shape[2] if isinstance(codes, torch.Tensor) and codes.dim() == 4 else -1
+    for name, (tail, dtype) in specs.items():
+        t = buffers[name]
+        expect = (b, h, c, *tail)
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != expect:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"buffer {name} must be {dtype} [B, H_kv, C, ...] = {expect}, got {got}")
+        if t.device != k.device or not t.is_contiguous():
+            raise ValueError(f"buffer {name} must be contiguous and on {k.device}")
+
+    if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.shape != (n,):
+        got = f"{slots.dtype} {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
+        raise ValueError(f"slots must be an int64 tensor of shape [N={n}], got {got}")
+    if slots.device != k.device:
+        raise ValueError(f"slots must be on {k.device}, got {slots.device}")
+    if not slots.is_contiguous():
+        raise ValueError("slots must be contiguous")
+    if n == 0 or b * h == 0:
+        return
+    if check_slots:
+        lo, hi = int(slots.min()), int(slots.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"slots must lie in [0, C={c}), got values in [{lo}, {hi}]")
+
+    prep = _prepare(key_quantizer, k.dtype)
+    split = k.dtype in _SPLIT_SCALES and launch["split"]
+    rows = b * h * n
+    small = rows <= launch["small_rows"]
+    block_n = 16 if small else launch["block_n"]
+    _encode_keys_kernel[(triton.cdiv(rows, block_n),)](
+        k, slots, prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
+        prep["m_t"] if prod else prep["rot_t"],
+        buffers["key_codes"], buffers["key_norms"],
+        buffers["key_signs"] if prod else buffers["key_codes"], buffers["key_rnorms"] if prod else buffers["key_norms"],
+        rows, n, h, c, k.stride(0), k.stride(1), k.stride(2),
+        D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
+        SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
+        UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"],
+        num_warps=4 if small else launch["num_warps"], num_stages=launch["num_stages"],
+    )  # fmt: skip
+    value_block_n = 16 if small else launch["value_block_n"]
+    _encode_values_kernel[(triton.cdiv(rows, value_block_n),)](
+        v, slots, buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
+        rows, n, h, c, v.stride(0), v.stride(1), v.stride(2),
+        D=d, VALUE_BITS=value_quantizer.bits, GROUP=group, BN=value_block_n,
+        num_warps=launch["value_num_warps"],
+    )  # fmt: skip
