@@ -43,7 +43,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def sync() -> None:
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def build_model(layers: int, tiny: bool = False) -> LlamaForCausalLM:
@@ -73,8 +73,9 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
         cache = TurboQuantCache(model, **spec)
     for i in range(cfg.num_hidden_layers):
         if spec is None:
-            k = torch.randn(batch, h, context, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-            cache.update(k, torch.randn_like(k), i)
+            k, v = (torch.randn(batch, h, context, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+                    for _ in range(2))  # fmt: skip
+            cache.update(k, v, i)
             continue
         layer: TurboQuantLayer = cache.layers[i]
         config = KVCacheConfig(head_dim=d, **layer.settings)
@@ -83,8 +84,8 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
         layer.is_initialized, layer.dtype, layer.device = True, torch.bfloat16, torch.device(DEVICE)
         for start in range(0, context, FILL_CHUNK):
             n = min(FILL_CHUNK, context - start)
-            k = torch.randn(batch, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-            layer.store.append(k, torch.randn_like(k))
+            k, v = (torch.randn(batch, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+            layer.store.append(k, v)
     return cache
 
 
@@ -139,20 +140,41 @@ def free_all() -> None:
         torch.cuda.empty_cache()
 
 
-def correctness_gate(model) -> float:
-    """Max relative error of decode logits, fused kernel vs reference attention (B=2, 2048 tokens)."""
+def correctness_gate(batch: int, context: int) -> float:
+    """Max relative error of one layer's decode attention at the benchmark shape, fused kernel vs reference.
+
+    (Through the random-weight model, bf16 rounding of each layer's output amplifies any difference, so
+    the attention itself is compared; the model's logits are compared in the output for information.)
+    """
     worst = 0.0
-    for spec in (CACHES["TurboQuant K4/V4"], CACHES["TurboQuant K3/V2"]):
-        out = {}
-        for backend in ("triton", "reference"):
-            cache = filled_cache(model, spec, 2, 2048, 4)
-            for layer in cache.layers:
-                layer.backend = backend
-            _, logits = decode_steps(model, cache, 2, 2)
-            out[backend] = logits.float()
-        err = ((out["triton"] - out["reference"]).norm() / out["reference"].norm()).item()
-        worst = max(worst, err)
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    for name in ("TurboQuant K4/V4", "TurboQuant K3/V2"):
+        store = TurboQuantKVCache(KVCacheConfig(head_dim=128, **CACHES[name]), batch, 8, device=DEVICE,
+                                  dtype=torch.bfloat16, capacity=context)  # fmt: skip
+        for start in range(0, context, FILL_CHUNK):
+            n = min(FILL_CHUNK, context - start)
+            k, v = (torch.randn(batch, 8, n, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+                    for _ in range(2))  # fmt: skip
+            store.append(k, v)
+        q = torch.randn(batch, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        out, _ = store.attend_with_lse(q, after=True, backend="triton")
+        ref, _ = store.attend_with_lse(q, after=True, backend="reference")
+        worst = max(worst, ((out - ref).norm() / ref.norm()).item())
+        del store
+    free_all()
     return worst
+
+
+def logits_difference(model) -> float:
+    """Relative difference of decode logits through the whole model, fused kernel vs reference (B=2, 2048)."""
+    out = {}
+    for backend in ("triton", "reference"):
+        cache = filled_cache(model, CACHES["TurboQuant K4/V4"], 2, 2048, 4)
+        for layer in cache.layers:
+            layer.backend = backend
+        _, logits = decode_steps(model, cache, 2, 1)
+        out[backend] = logits.float()
+    return ((out["triton"] - out["reference"]).norm() / out["reference"].norm()).item()
 
 
 def run(model, name: str, batch: int, context: int, steps: int) -> dict:
@@ -215,10 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args.layers, args.tiny)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU"
     print(f"{name}, torch {torch.__version__}, model {args.layers} layers", flush=True)
-    err = correctness_gate(model) if DEVICE == "cuda" else 0.0
-    print(f"gate: decode logits, fused kernel vs reference attention: rel err {err:.2e}", flush=True)
-    if err > 1e-2:
-        raise SystemExit("correctness gate failed: no speed reported")
+    if DEVICE == "cuda":  # (a CPU smoke run has no kernels to check)
+        err = correctness_gate(max(args.batches), args.context)
+        print(f"gate: one layer's decode attention at ({max(args.batches)}, {args.context}), fused kernel vs "
+              f"reference: rel err {err:.2e}; whole-model logits (B=2, 2048 tokens): rel diff "
+              f"{logits_difference(model):.2e}", flush=True)  # fmt: skip
+        if not err < 2e-3:
+            raise SystemExit("correctness gate failed: no speed reported")
     rows = []
     print(HEADER, flush=True)
     for batch in args.batches:
