@@ -139,3 +139,29 @@ def test_decode_kernel_rejects_unsupported_head_dim():
         cache.attend(q, backend="triton")
     with pytest.raises(ValueError, match="head_dim 64, 128 or 256"):
         decode_attention(**cache.decode_inputs(q.float().reshape(1, 1, 1, 96), 1, 96**-0.5))
+
+
+@pytest.mark.parametrize(
+    "key_mode,key_bits,value_bits,head_dim,group,context",
+    [("mse", 4, 4, 128, 4, 63), ("mse", 3, 2, 64, 8, 15), ("prod", 3, 2, 64, 1, 300)],
+)
+def test_fused_decode_step_with_its_own_exact_token(key_mode, key_bits, value_bits, head_dim, group, context):
+    """attend_and_append with N = 1 on the kernel (the token's exact k, v merged inside the merge kernel)
+    equals softmax attention over the dequantized cache plus the exact token, computed independently."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{key_bits}{value_bits}{head_dim}".encode()))
+    cfg = KVCacheConfig(head_dim=head_dim, key_bits=key_bits, value_bits=value_bits, key_mode=key_mode)
+    h_kv = 2
+    cache = _filled_cache(cfg, 2, h_kv, context, gen)
+    for _ in range(2):  # two steps: the first token is stored by the first step and read by the second
+        q = torch.randn(2, h_kv * group, 1, head_dim, generator=gen).to(DEVICE)
+        k_new = torch.randn(2, h_kv, 1, head_dim, generator=gen).to(DEVICE)
+        v_new = torch.randn(2, h_kv, 1, head_dim, generator=gen).to(DEVICE)
+        k_old, v_old = cache.dequantize()
+        keys = torch.cat((k_old.float(), k_new), dim=2).repeat_interleave(group, dim=1)
+        values = torch.cat((v_old.float(), v_new), dim=2).repeat_interleave(group, dim=1)
+        weights = torch.softmax((q @ keys.transpose(-1, -2)) / head_dim**0.5, dim=-1)
+        expected = weights @ values
+        _poison_workspaces()
+        out = cache.attend_and_append(q, k_new, v_new, backend="triton")
+        assert _rel(out, expected) < TOL
+    assert cache.total_tokens == context + 2

@@ -31,6 +31,7 @@ __all__ = [
     "KEY_MODES",
     "causal_mask",
     "check_attention_inputs",
+    "chunk_attention",
     "merge_attention",
     "softmax_block",
     "turboquant_attention",
@@ -85,6 +86,60 @@ def softmax_block(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, 
     lse = torch.logsumexp(scores, dim=-1)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return torch.exp(scores - safe.unsqueeze(-1)) @ v, lse
+
+
+_QUERY_BLOCK = 512  # query rows per block in chunk_attention with its log-sum-exp
+
+
+def chunk_mask(
+    b: int, n_q: int, n_k: int, valid: torch.Tensor | None, sliding_window: int | None, device
+) -> torch.Tensor:
+    """[B, 1, N_q, N_k] bool: query i sits at key position N_k - N_q + i (bottom-right), sees keys at or
+    before it, inside the sliding window (key > query - W), and not padding (valid [B, N_k]); a query
+    row that would see nothing (a pad) sees itself, so its output stays finite."""
+    q_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    k_pos = torch.arange(n_k, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (k_pos > q_pos - sliding_window)
+    mask = mask[None, None].expand(b, 1, n_q, n_k)
+    if valid is not None:
+        mask = mask & valid[:, None, None, :]
+        mask = mask | ((k_pos == q_pos) & ~mask.any(dim=-1, keepdim=True))
+    return mask
+
+
+def chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, *,
+    scale: float, sliding_window: int | None = None, with_lse: bool = False,
+):  # fmt: skip
+    """Exact attention of q [B, H_q, N_q, D] over k, v [B, H_kv, N_k, D] (bottom-right causal, sliding window,
+    key padding valid [B, N_k]).
+
+    Returns out [B, H_q, N_q, D] in q's dtype (torch SDPA), or with ``with_lse`` (out float32, lse
+    [B, H_q, N_q] float32) computed in blocks of query rows, for merging with merge_attention.
+    """
+    b, h_q, n_q, d = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    if not with_lse:
+        plain = valid is None and sliding_window is None and n_q == n_k
+        mask = None if plain else chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=plain, scale=scale, enable_gqa=h_q != h_kv
+        )
+    group = h_q // h_kv
+    kf, vf = k.float(), v.float()
+    outs, lses = [], []
+    for i0 in range(0, n_q, _QUERY_BLOCK):
+        i1 = min(i0 + _QUERY_BLOCK, n_q)
+        qg = q[:, :, i0:i1].float().reshape(b, h_kv, group * (i1 - i0), d)
+        scores = (qg @ kf.transpose(-1, -2)) * scale  # [B, H_kv, G·n, N_k]
+        mask = chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)[:, :, i0:i1]
+        scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), float("-inf"))
+        out, lse = softmax_block(scores, vf)
+        outs.append(out.reshape(b, h_q, i1 - i0, d))
+        lses.append(lse.reshape(b, h_q, i1 - i0))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def _key_quantizer(head_dim, key_bits, key_mode, device, rotation, norm_correction, seed, qjl_seed):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import KEY_MODES, merge_attention, softmax_block
+from .attention import KEY_MODES, chunk_attention, merge_attention, softmax_block
 from .codebook import SUPPORTED_BITS
 from .packing import pack_planar, planar_size, unpack_planar
 from .quantizers import (
@@ -165,6 +165,7 @@ class TurboQuantKVCache:
         self.key_quantizer, self.value_quantizer = get_quantizers(config, self.device)
         # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
+        self._kernel_codebook = self.mse_quantizer.centroids / self.mse_quantizer.scale  # [2^b] for the kernels
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
@@ -519,6 +520,57 @@ class TurboQuantKVCache:
                                                                 self.sink_v[:, :, :s].float()))  # fmt: skip
         return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
 
+    def attend_and_append(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """One model step: the queries of a new chunk attend to the cache and, exactly, to the chunk itself
+        (causal, left padding ``valid``, sliding window); then the chunk is appended.
+
+        q: [B, H_q, N, D]; k, v: [B, H_kv, N, D], the chunk's keys and values at positions L .. L + N - 1.
+        A single-token step on the fused kernel adds the token's exact key/value inside the kernel's merge
+        (no extra launches); otherwise the two parts are merged by log-sum-exp. Returns [B, H_q, N, D] in q's dtype.
+        """
+        self._check_kv(k, v)
+        if q.dim() != 4 or q.shape[2] != k.shape[2]:
+            raise ValueError(f"q must be [B, H_q, N, D] with the chunk's N = {k.shape[2]}, got {tuple(q.shape)}")
+        scale = 1.0 / math.sqrt(self.config.head_dim) if scale is None else scale
+        if self.total_tokens == 0:
+            out = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
+        elif self._fused_step_applies(q, valid, sliding_window, backend):
+            out = self._fused_step(q, k, v, scale)
+        else:
+            past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
+            chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
+            out = merge_attention(*past, *chunk)[0].to(q.dtype)
+        self.append(k, v, valid=valid)
+        return out
+
+    def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
+        c = self.config
+        plain = q.shape[2] == 1 and valid is None and self.window_k.shape[2] == 0 and not c.sink_tokens
+        wants_kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
+        return plain and self.key_mean is None and wants_kernel and self._kernel_applies(self.total_tokens,
+                                                                                          sliding_window)
+
+    def _fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode of one token with the fused kernel, its own exact k, v merged in-kernel: q [B, H_q, 1, D]."""
+        from .kernels.decode import LOG2E, decode_attention
+
+        b, h_q, _, d = q.shape
+        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
+        inputs = self.decode_inputs(qg, 1, scale, first_q=self.total_tokens)
+        qx = (qg * (scale * LOG2E)).contiguous()
+        out, _ = decode_attention(**inputs, causal=False, exact=(qx, k, v))
+        return out.reshape(b, h_q, 1, d).to(q.dtype)
+
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
         """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
         if self.config.head_dim not in (64, 128, 256):
@@ -582,7 +634,7 @@ class TurboQuantKVCache:
         wrapped = c.ring_window is not None and self.num_compressed > c.ring_window
         kv_start = torch.zeros_like(self.kv_start) if wrapped else self.kv_start + c.sink_tokens
         return dict(
-            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=mse.centroids / mse.scale, seq_lens=self.seq_lens,
+            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, seq_lens=self.seq_lens,
             kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
             group_size=c.group_size, n_q=n_q,
         )  # fmt: skip

@@ -27,19 +27,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..attention import merge_attention, softmax_block
+from ..attention import chunk_attention
 from ..cache import KVCacheConfig, TurboQuantKVCache
 
 __all__ = ["ATTENTION_NAME", "LayerKeys", "TurboQuantCache", "TurboQuantLayer", "turboquant_attention_forward"]
 
 ATTENTION_NAME = "turboquant"
 LAYER_TYPES = ("full_attention", "sliding_attention")
-_QUERY_BLOCK = 512  # query rows per block when attending a chunk exactly with its log-sum-exp
 
 
 class LayerKeys(torch.Tensor):
@@ -151,17 +149,10 @@ class TurboQuantLayer(CacheLayerMixin):
         valid = _chunk_validity(attention_mask, n)
         if valid is not None and n == 1 and store._max_kv_start < store.total_tokens:
             valid = None  # every sequence has started: a single new token cannot be padding
-        if store.total_tokens == 0:
-            out = _chunk_attention(query, k_new, v_new, valid, scale, self.sliding_window, with_lse=False)
-        else:
-            out_p, lse_p = store.attend_with_lse(
-                query, scale=scale, after=True, sliding_window=self.sliding_window, backend=self.backend
-            )
-            out_c, lse_c = _chunk_attention(query, k_new, v_new, valid, scale, self.sliding_window, with_lse=True)
-            out, _ = merge_attention(out_p, lse_p, out_c, lse_c)
-        store.append(k_new, v_new, valid=valid)
+        out = store.attend_and_append(query, k_new, v_new, valid=valid, scale=scale,
+                                      sliding_window=self.sliding_window, backend=self.backend)  # fmt: skip
         self._pending = None
-        return out.to(query.dtype)
+        return out
 
 
 def _chunk_validity(attention_mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -174,54 +165,6 @@ def _chunk_validity(attention_mask: torch.Tensor | None, n: int) -> torch.Tensor
             f"got a {attention_mask.dim()}-D mask (custom 4-D masks are not supported)"
         )
     return attention_mask[:, -n:].to(torch.bool)
-
-
-def _chunk_mask(
-    b: int, n_q: int, n_k: int, valid: torch.Tensor | None, sliding_window: int | None, device
-) -> torch.Tensor:
-    """[B, 1, N_q, N_k] bool: query i sits at key position N_k - N_q + i (bottom-right), sees keys at or
-    before it, inside the sliding window, and not padding; a row that would see nothing sees itself."""
-    q_pos = torch.arange(n_k - n_q, n_k, device=device)[:, None]
-    k_pos = torch.arange(n_k, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if sliding_window is not None:
-        mask = mask & (k_pos > q_pos - sliding_window)
-    mask = mask[None, None].expand(b, 1, n_q, n_k)
-    if valid is not None:
-        mask = mask & valid[:, None, None, :]
-        mask = mask | ((k_pos == q_pos) & ~mask.any(dim=-1, keepdim=True))  # pad queries: finite, unused
-    return mask
-
-
-def _chunk_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, scale: float,
-    sliding_window: int | None, *, with_lse: bool,
-):  # fmt: skip
-    """Exact attention of q [B, H_q, N_q, D] over k, v [B, H_kv, N_k, D] (bottom-right causal, window, padding).
-
-    Returns out [B, H_q, N_q, D] (float32 when with_lse, with lse [B, H_q, N_q]; else q's dtype via SDPA).
-    """
-    b, h_q, n_q, d = q.shape
-    h_kv, n_k = k.shape[1], k.shape[2]
-    if not with_lse:
-        plain = valid is None and sliding_window is None and n_q == n_k
-        mask = None if plain else _chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)
-        return F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=plain, scale=scale, enable_gqa=h_q != h_kv
-        )
-    group = h_q // h_kv
-    kf, vf = k.float(), v.float()
-    outs, lses = [], []
-    for i0 in range(0, n_q, _QUERY_BLOCK):
-        i1 = min(i0 + _QUERY_BLOCK, n_q)
-        qg = q[:, :, i0:i1].float().reshape(b, h_kv, group * (i1 - i0), d)
-        scores = (qg @ kf.transpose(-1, -2)) * scale  # [B, H_kv, G·n, N_k]
-        mask = _chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)[:, :, i0:i1]
-        scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), float("-inf"))
-        out, lse = softmax_block(scores, vf)
-        outs.append(out.reshape(b, h_q, i1 - i0, d))
-        lses.append(lse.reshape(b, h_q, i1 - i0))
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def turboquant_attention_forward(
@@ -252,7 +195,7 @@ def turboquant_attention_forward(
         out = key.layer.attend_and_store(query, attention_mask, scale)
     else:  # a layer kept in 16 bits: key, value hold its whole (or windowed) history
         valid = None if attention_mask is None else _chunk_validity(attention_mask, key.shape[2])
-        out = _chunk_attention(query, key, value, valid, scale, sliding_window, with_lse=False)
+        out = chunk_attention(query, key, value, valid, scale=scale, sliding_window=sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 

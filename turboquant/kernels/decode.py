@@ -180,9 +180,14 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, BS: tl.constexpr):  # fmt: skip
-    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log."""
+def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h,
+                         D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
+                         EXACT: tl.constexpr):  # fmt: skip
+    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log.
+
+    EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
+    ⟨QX[m], KX⟩ with QX already scaled by scale·log2(e).
+    """
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1)
     o_s = tl.arange(0, BS)
@@ -191,11 +196,21 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, D: tl.constexpr, BM: tl.co
     parts = (i_bh * NUM_SPLITS + o_s) * BM + i_m
     b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
     l_max = tl.max(b_l, axis=0)
+    if EXACT:
+        row = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h
+        b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d)
+        s_x = tl.sum(b_qx * tl.load(KX + row + o_d).to(tl.float32), axis=0)
+        l_max = tl.maximum(l_max, s_x)
     l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
     w = tl.exp2(b_l - l_safe)
     w_sum = tl.sum(w, axis=0)
     b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
-    out = tl.sum(b_o * w[:, None], axis=0) / tl.where(w_sum == 0.0, 1.0, w_sum)
+    acc = tl.sum(b_o * w[:, None], axis=0)
+    if EXACT:
+        w_x = tl.exp2(s_x - l_safe)
+        acc += w_x * tl.load(VX + row + o_d).to(tl.float32)
+        w_sum += w_x
+    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
     lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
     tl.store(LSE + i_bh * M + i_m, lse)
@@ -249,6 +264,7 @@ def decode_attention(
     group_size: int,
     n_q: int,
     causal: bool = True,
+    exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
@@ -261,6 +277,9 @@ def decode_attention(
         codebook: [2^kb] float32 centroids divided by √d.
         seq_lens: [B] int, stored slots per sequence.  kv_start: [B] int, first slot to attend (slots
             before it hold left padding).  q_start: [B] int, position of query 0.
+        exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
+            (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
+            scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
@@ -303,7 +322,22 @@ def decode_attention(
     )  # fmt: skip
     out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
     lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
+    if exact is not None:
+        qx, kx, vx = exact
+        if not (qx.shape == q_rot.shape and qx.dtype == torch.float32 and qx.is_contiguous()):
+            raise ValueError(f"exact queries must be a contiguous float32 tensor of shape {tuple(q_rot.shape)}")
+        for name, t in (("k", kx), ("v", vx)):
+            if t.shape != (b, h_kv, 1, d) or t.stride(-1) != 1 or t.device != q_rot.device:
+                raise ValueError(f"exact {name} must be [B, H_kv, 1, D] = {(b, h_kv, 1, d)} with a contiguous last "
+                                 f"dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
+        if kx.stride()[:2] != vx.stride()[:2]:
+            kx, vx = kx.contiguous(), vx.contiguous()
+        sx_b, sx_h = kx.stride(0), kx.stride(1)
+    else:
+        qx = kx = vx = q_rot
+        sx_b = sx_h = 0
     _merge_splits_kernel[(b * h_kv, m)](
-        o_part, l_part, out, lse, m, D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits)
-    )
+        o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h,
+        D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact is not None,
+    )  # fmt: skip
     return out, lse
