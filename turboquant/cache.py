@@ -632,7 +632,8 @@ class TurboQuantKVCache:
         # slots then are not positions, and _kernel_applies has checked that no pad is among them
         q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
         wrapped = c.ring_window is not None and self.num_compressed > c.ring_window
-        kv_start = torch.zeros_like(self.kv_start) if wrapped else self.kv_start + c.sink_tokens
+        kv_start = torch.zeros_like(self.kv_start) if wrapped else self.kv_start + c.sink_tokens if c.sink_tokens \
+            else self.kv_start
         return dict(
             q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, seq_lens=self.seq_lens,
             kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
