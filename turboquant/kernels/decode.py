@@ -180,6 +180,153 @@ def _decode_split_kernel(
 
 
 @triton.jit
+def _field_pick(f: tl.constexpr, t0, t1, t2, t3):
+    """t_f for a compile-time field index f < 4."""
+    if f == 0:
+        return t0
+    elif f == 1:
+        return t1
+    elif f == 2:
+        return t2
+    else:
+        return t3
+
+
+@triton.jit
+def _value_chunk(acc, zacc, p, alpha, row, m_n, VC, VS, VZ, ch: tl.constexpr, VALUE_BITS: tl.constexpr,
+                 D: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
+                 DP_V: tl.constexpr):  # fmt: skip
+    """One value chunk (W columns of one field, inside one group) folded into its accumulators.
+
+    The group's scale multiplies the probabilities, not the codes (Σ p·(s·x + z) = Σ (p·s)·x + Σ p·z), and a
+    code becomes an fp16 integer through its bit pattern (0x6400 | x is 1024 + x), so a value element costs a
+    shift, a mask, an or and one subtraction."""
+    f: tl.constexpr = ch // NH
+    h: tl.constexpr = ch % NH
+    o_w = tl.arange(0, W)
+    vb = tl.load(VC + row[:, None] * (D * VALUE_BITS // 8) + h * W + o_w[None, :], mask=m_n[:, None], other=0)
+    code = ((vb.to(tl.int16) >> (f * VALUE_BITS)) & ((1 << VALUE_BITS) - 1)) | 0x6400
+    x = (code.to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)  # [BN, W] exact small integers
+    g: tl.constexpr = (f * DP_V + h * W) // GROUP
+    sc = tl.load(VS + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)  # [BN]
+    zz = tl.load(VZ + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot((p * sc[None, :]).to(tl.float16), x)
+    zacc = zacc * alpha + tl.sum(p * zz[None, :], axis=1)
+    return acc, zacc
+
+
+@triton.jit
+def _store_chunk(O_PART, part, o_m, m_m, acc, zacc, l_div, ch: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
+                 DP_V: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    o_w = tl.arange(0, W)
+    col: tl.constexpr = (ch // NH) * DP_V + (ch % NH) * W
+    out = (acc + zacc[:, None]) / l_div[:, None]
+    tl.store(O_PART + (part + o_m)[:, None] * D + col + o_w[None, :], out, mask=m_m[:, None])
+
+
+@triton.jit
+def _decode_split_kernel_2d(
+    Q, KC, KN, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
+    H_KV, C, M, N_Q, SPLIT_SIZE,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
+    NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    """The split kernel for MSE keys of 2 or 4 bits and values of 2 or 4 bits in 2-D tiles (at most four key
+    fields and four value chunks): scores as Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed, values
+    with the scales folded into the probabilities. Same inputs and outputs as _decode_split_kernel."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1)
+    i_b = i_bh // H_KV
+    seq_len = tl.load(SEQ_LEN + i_b).to(tl.int32)
+    q_start = tl.load(Q_START + i_b).to(tl.int32)
+    start = i_s * SPLIT_SIZE
+    end = tl.minimum(start + SPLIT_SIZE, seq_len)
+    start = tl.maximum(start, tl.load(KV_START + i_b).to(tl.int32))
+    if CAUSAL:
+        end = tl.minimum(end, q_start + N_Q)
+    o_m = tl.arange(0, BM)
+    m_m = o_m < M
+    q_pos = q_start + o_m % N_Q
+    o_k = tl.arange(0, DP_K)
+    # transposed query fields [DP_K, BM], loaded once
+    p_q = Q + i_bh * M * D + o_m[None, :] * D + o_k[:, None]
+    qt0 = tl.load(p_q, mask=m_m[None, :], other=0.0).to(tl.float16)
+    qt1 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+    if P_K > 2:
+        qt2 = tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt3 = tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+    else:
+        qt2 = qt0
+        qt3 = qt0
+    NC: tl.constexpr = 2**KEY_BITS
+    b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
+    b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BM], dtype=tl.float32)
+    acc0 = tl.zeros([BM, W], dtype=tl.float32)
+    acc1 = tl.zeros([BM, W], dtype=tl.float32)
+    acc2 = tl.zeros([BM, W], dtype=tl.float32)
+    acc3 = tl.zeros([BM, W], dtype=tl.float32)
+    z0 = tl.zeros([BM], dtype=tl.float32)
+    z1 = tl.zeros([BM], dtype=tl.float32)
+    z2 = tl.zeros([BM], dtype=tl.float32)
+    z3 = tl.zeros([BM], dtype=tl.float32)
+    for n0 in range(start, end, BN):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < end
+        row = i_bh * C + o_n.to(tl.int64)
+        kb = tl.load(KC + row[:, None] * DP_K + o_k[None, :], mask=m_n[:, None], other=0).to(tl.int32)
+        s_t = tl.zeros([BN, BM], dtype=tl.float32)
+        for f in tl.static_range(P_K):
+            idx = (kb >> (f * KEY_BITS)) & (NC - 1)
+            s_t += tl.dot(tl.gather(b_cb, idx, axis=1), _field_pick(f, qt0, qt1, qt2, qt3))
+        s_t = s_t * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[:, None]
+        b_s = tl.trans(s_t)  # [BM, BN]
+        visible = m_n[None, :]
+        if CAUSAL:
+            visible = visible & (o_n[None, :] <= q_pos[:, None])
+        b_s = tl.where(visible, b_s, float("-inf"))
+        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(b_m - m_safe)
+        b_p = tl.exp2(b_s - m_safe[:, None])
+        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        acc0, z0 = _value_chunk(acc0, z0, b_p, alpha, row, m_n, VC, VS, VZ, 0, VALUE_BITS, D, GROUP, W, NH, DP_V)
+        acc1, z1 = _value_chunk(acc1, z1, b_p, alpha, row, m_n, VC, VS, VZ, 1, VALUE_BITS, D, GROUP, W, NH, DP_V)
+        if NCH > 2:
+            acc2, z2 = _value_chunk(acc2, z2, b_p, alpha, row, m_n, VC, VS, VZ, 2, VALUE_BITS, D, GROUP, W, NH,
+                                    DP_V)  # fmt: skip
+            acc3, z3 = _value_chunk(acc3, z3, b_p, alpha, row, m_n, VC, VS, VZ, 3, VALUE_BITS, D, GROUP, W, NH,
+                                    DP_V)  # fmt: skip
+        b_m = m_new
+
+    part = (i_bh * NUM_SPLITS + i_s) * BM
+    l_div = tl.where(b_l == 0.0, 1.0, b_l)
+    _store_chunk(O_PART, part, o_m, m_m, acc0, z0, l_div, 0, W, NH, DP_V, D)
+    _store_chunk(O_PART, part, o_m, m_m, acc1, z1, l_div, 1, W, NH, DP_V, D)
+    if NCH > 2:
+        _store_chunk(O_PART, part, o_m, m_m, acc2, z2, l_div, 2, W, NH, DP_V, D)
+        _store_chunk(O_PART, part, o_m, m_m, acc3, z3, l_div, 3, W, NH, DP_V, D)
+    lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log2(l_div))
+    tl.store(L_PART + part + o_m, lse, mask=m_m)
+
+
+def _two_d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
+    """Constexprs of _decode_split_kernel_2d for this configuration, or None where it does not apply."""
+    if key_mode != "mse" or key_bits not in (2, 4) or value_bits not in (2, 4) or d not in (64, 128):
+        return None
+    p_k, p_v = 8 // key_bits, 8 // value_bits
+    dp_v = d // p_v
+    w = min(dp_v, group_size)
+    if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
+        return None
+    nch = d // w
+    if nch not in (2, 4):
+        return None
+    return dict(P_K=p_k, DP_K=d // p_k, NCH=nch, W=w, NH=dp_v // w, DP_V=dp_v)
+
+
+@triton.jit
 def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h,
                          D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
                          EXACT: tl.constexpr):  # fmt: skip
@@ -218,7 +365,7 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 # Launch configuration of the split kernel: tokens per block, warps, pipeline depth, codebook lookup
 # (registers or global memory), and the orientation of the score dot (see _fields_scores).
-LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False)
+LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False, tiles_2d=True)
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -280,7 +427,8 @@ def decode_attention(
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
             (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
-        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major).
+        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major,
+            tiles_2d: use _decode_split_kernel_2d where the configuration allows).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -308,18 +456,28 @@ def decode_attention(
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
     o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
     dummy = key_codes
-    _decode_split_kernel[(b * h_kv, splits)](
-        q_rot, sq if prod else q_rot,
-        key_codes, buffers["key_norms"],
-        buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
-        buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
-        codebook, seq_lens, kv_start, q_start, o_part, l_part,
-        h_kv, c, m, n_q, split_size,
-        D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
-        BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
-        REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
-        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
-    )  # fmt: skip
+    layout_2d = _two_d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
+    if layout_2d is not None:
+        _decode_split_kernel_2d[(b * h_kv, splits)](
+            q_rot, key_codes, buffers["key_norms"], buffers["value_codes"], buffers["value_scales"],
+            buffers["value_zeros"], codebook, seq_lens, kv_start, q_start, o_part, l_part,
+            h_kv, c, m, n_q, split_size,
+            D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
+            NUM_SPLITS=splits, num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
+        )  # fmt: skip
+    else:
+        _decode_split_kernel[(b * h_kv, splits)](
+            q_rot, sq if prod else q_rot,
+            key_codes, buffers["key_norms"],
+            buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
+            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
+            codebook, seq_lens, kv_start, q_start, o_part, l_part,
+            h_kv, c, m, n_q, split_size,
+            D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
+            BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
+            REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
+            num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        )  # fmt: skip
     out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
     lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
     if exact is not None:
