@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.kernels.decode import LAUNCH_DEFAULTS, decode_attention
+from turboquant.kernels.decode import LAUNCH_DEFAULTS, decode_attention, tiles_2d_layout
 
 CONFIGS = {
     "K4/V4 mse": dict(key_bits=4, value_bits=4, key_mode="mse"),
@@ -52,6 +52,11 @@ def prepared_call(cache: TurboQuantKVCache, q: torch.Tensor, **launch):
     return lambda: decode_attention(**inputs, **launch)
 
 
+def layout_args(cfg: KVCacheConfig) -> dict:
+    return dict(key_bits=cfg.key_index_bits, key_mode=cfg.key_mode, value_bits=cfg.value_bits,
+                group_size=cfg.group_size)  # fmt: skip
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
     ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages per shape")
+    ap.add_argument("--ab", action="store_true", help="also time the generic 3-D-field kernel (tiles_2d=False)")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("results/decode.md"))
@@ -83,11 +89,14 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [
-            dict(block_n=bn, num_warps=4, num_stages=st, register_codebook=True, key_major=km)
+            dict(LAUNCH_DEFAULTS, block_n=bn, num_stages=st, key_major=km, tiles_2d=t2)
             for bn in (32, 64, 128)
             for st in (2, 3)
             for km in (False, True)
+            for t2 in (True, False)
         ]
+    elif args.ab:
+        launches = [dict(LAUNCH_DEFAULTS), dict(LAUNCH_DEFAULTS, tiles_2d=False)]
     rows = []
     header = (
         "| shape (B, ctx) | config | kernel ms | GB/s (compressed) | bf16 SDPA ms | speedup | "
@@ -138,8 +147,12 @@ def main(argv: list[str] | None = None) -> None:
             if ok:
                 for launch in launches:
                     fns = [prepared_call(c, q, **launch) for c in caches]
+                    launch_err = rel_err(fns[0]()[0].reshape(ref.shape), ref)
+                    if not launch_err < 5e-3:  # every timed launch passes the same check
+                        print(f"  ({batch}, {context}) {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
+                        continue
                     t = bench(fns)
-                    if args.sweep:
+                    if args.sweep or args.ab:
                         print(f"  sweep ({batch}, {context}) {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)
@@ -154,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
                     f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']}"
-                    f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''} |"
+                    f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
+                    f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "num_splits_for"]
+__all__ = ["decode_attention", "num_splits_for", "tiles_2d_layout"]
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -311,7 +311,7 @@ def _decode_split_kernel_2d(
     tl.store(L_PART + part + o_m, lse, mask=m_m)
 
 
-def _two_d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
+def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
     """Constexprs of _decode_split_kernel_2d for this configuration, or None where it does not apply."""
     if key_mode != "mse" or key_bits not in (2, 4) or value_bits not in (2, 4) or d not in (64, 128):
         return None
@@ -456,7 +456,7 @@ def decode_attention(
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
     o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
     dummy = key_codes
-    layout_2d = _two_d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
+    layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
     if layout_2d is not None:
         _decode_split_kernel_2d[(b * h_kv, splits)](
             q_rot, key_codes, buffers["key_norms"], buffers["value_codes"], buffers["value_scales"],
