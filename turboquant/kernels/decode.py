@@ -198,19 +198,21 @@ def _value_chunk(acc, zacc, p, alpha, row, m_n, VC, VS, VZ, ch: tl.constexpr, VA
                  DP_V: tl.constexpr):  # fmt: skip
     """One value chunk (W columns of one field, inside one group) folded into its accumulators.
 
-    The group's scale multiplies the probabilities, not the codes (Σ p·(s·x + z) = Σ (p·s)·x + Σ p·z), and a
-    code becomes an fp16 integer through its bit pattern (0x6400 | x is 1024 + x), so a value element costs a
-    shift, a mask, an or and one subtraction."""
+    With c = 2^b - 1, a value is s·x + z = (s/2)·(2x - c) + (z + (s/2)·c): the group's half-scale multiplies
+    the probabilities, not the codes, and the centred code 2x - c (odd integers in [-c, c], so the two sums do
+    not cancel) becomes fp16 through its bit pattern (0x6400 | 2x is 1024 + 2x). A value element costs a
+    shift, a mask, a shift, an or and one subtraction."""
     f: tl.constexpr = ch // NH
     h: tl.constexpr = ch % NH
+    CODE_MAX: tl.constexpr = (1 << VALUE_BITS) - 1
     o_w = tl.arange(0, W)
     vb = tl.load(VC + row[:, None] * (D * VALUE_BITS // 8) + h * W + o_w[None, :], mask=m_n[:, None], other=0)
-    code = ((vb.to(tl.int16) >> (f * VALUE_BITS)) & ((1 << VALUE_BITS) - 1)) | 0x6400
-    x = (code.to(tl.float16, bitcast=True) - 1024.0).to(tl.float16)  # [BN, W] exact small integers
+    code = (((vb.to(tl.int16) >> (f * VALUE_BITS)) & CODE_MAX) << 1) | 0x6400
+    y = (code.to(tl.float16, bitcast=True) - (1024.0 + CODE_MAX)).to(tl.float16)  # [BN, W] 2x - c, exact
     g: tl.constexpr = (f * DP_V + h * W) // GROUP
-    sc = tl.load(VS + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)  # [BN]
-    zz = tl.load(VZ + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot((p * sc[None, :]).to(tl.float16), x)
+    half = 0.5 * tl.load(VS + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)  # [BN] s/2
+    zz = tl.load(VZ + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32) + half * CODE_MAX
+    acc = acc * alpha[:, None] + tl.dot((p * half[None, :]).to(tl.float16), y)
     zacc = zacc * alpha + tl.sum(p * zz[None, :], axis=1)
     return acc, zacc
 
