@@ -165,3 +165,19 @@ def test_fused_decode_step_with_its_own_exact_token(key_mode, key_bits, value_bi
         out = cache.attend_and_append(q, k_new, v_new, backend="triton")
         assert _rel(out, expected) < TOL
     assert cache.total_tokens == context + 2
+
+
+@pytest.mark.parametrize("value_bits", [4, 2])
+def test_long_splits(value_bits):
+    """One program per (sequence, head) walking many tokens (on a GPU: 288 programs fill the grid, so each
+    walks 16k tokens): the value sums must not lose precision as they grow (fp16 products, fp32 sums)."""
+    gen = torch.Generator().manual_seed(value_bits)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=value_bits)
+    batch, h_kv, n = (9, 32, 16384) if DEVICE == "cuda" else (1, 1, 600)
+    cache = TurboQuantKVCache(cfg, batch, h_kv, device=DEVICE, dtype=torch.float32)
+    k = (0.3 * torch.randn(batch, h_kv, n, 64, generator=gen)).to(DEVICE)
+    cache.append(k, torch.randn(batch, h_kv, n, 64, generator=gen).to(DEVICE))
+    q = (0.3 * torch.randn(batch, h_kv * 4, 1, 64, generator=gen)).to(DEVICE)
+    ref, _ = cache.attend_with_lse(q, backend="reference")
+    out, _ = cache.attend_with_lse(q, backend="triton")
+    assert _rel(out, ref) < TOL
