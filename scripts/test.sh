@@ -6,6 +6,6 @@ bash scripts/install.sh
 if ! python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
 fi
-python -m ruff check turboquant tests benchmarks
+python -m ruff check turboquant tests benchmarks examples
 export OMP_NUM_THREADS=1  # two test workers, one thread each: no oversubscription on 2 cores
 python -m pytest -q -n 2 tests
