@@ -380,8 +380,8 @@ class TurboQuantKVCache:
         stored = min(length, self.num_compressed)
         self.window_k = self.window_k[:, :, :n_win].contiguous()
         self.window_v = self.window_v[:, :, :n_win].contiguous()
-        self.seq_lens.clamp_(max=stored)
-        self.kv_start.clamp_(max=length)
+        self.seq_lens = self.seq_lens.clamp(max=stored)
+        self.kv_start = self.kv_start.clamp(max=length)
         self._max_kv_start = min(self._max_kv_start, length)
         self.total_tokens = stored + n_win
 
