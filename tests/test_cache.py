@@ -395,7 +395,7 @@ def _bad_calls() -> list[tuple[str, object, str]]:
         ("head-dim-8", lambda: KVCacheConfig(head_dim=8, group_size=8), "head_dim"),
         ("rotation", lambda: KVCacheConfig(head_dim=64, rotation="dct"), "rotation"),
         ("hadamard-96", lambda: KVCacheConfig(head_dim=96, rotation="hadamard"), "power-of-two"),
-        ("ring-and-window", lambda: KVCacheConfig(head_dim=64, ring_window=32, residual_window=8), "ring_window"),
+        ("ring-and-sinks", lambda: KVCacheConfig(head_dim=64, ring_window=32, sink_tokens=4), "ring_window"),
         ("ring-0", lambda: KVCacheConfig(head_dim=64, ring_window=0), "ring_window"),
         ("window-negative", lambda: KVCacheConfig(head_dim=64, residual_window=-1), "residual_window"),
         ("flush-block-0", lambda: KVCacheConfig(head_dim=64, residual_window=8, flush_block=0), "flush_block"),
@@ -414,3 +414,27 @@ def test_valid_configs_construct() -> None:
     KVCacheConfig(head_dim=96)  # Haar works for any multiple of 16
     KVCacheConfig(head_dim=64, rotation="hadamard", ring_window=32)
     KVCacheConfig(head_dim=64, key_bits=2, key_mode="prod", residual_window=8, flush_block=1)
+
+
+@pytest.mark.parametrize("key_mode", ["mse", "prod"])
+def test_ring_with_exact_window_covers_the_sliding_window(key_mode: str) -> None:
+    """A sliding-window layer's store: ring of W - 1 - R compressed tokens + an exact window of R (flushed one
+    token at a time). Every decode step (attend_and_append) equals softmax attention over the positions
+    (p - W, p]: the newest R (and the step's own token) exact, older ones as one-shot compression stores them."""
+    w, r, d, group = 12, 4, 64, 2
+    cfg = KVCacheConfig(head_dim=d, key_mode=key_mode, key_bits=3, value_bits=4, ring_window=w - 1 - r,
+                        residual_window=r, flush_block=1)  # fmt: skip
+    k, v = make_kv(2, 2, 40, d, seed=31)
+    q = randn(2, 2 * group, 40, d, seed=33)
+    full = filled(KVCacheConfig(head_dim=d, key_mode=key_mode, key_bits=3, value_bits=4), k, v)
+    k_hat, v_hat = full.dequantize()  # the compressed form of every position
+    cache = filled(cfg, k[:, :, :20], v[:, :, :20])  # a prompt longer than the window
+    for p in range(20, 40):
+        assert cache.num_compressed == p - r and cache.window_k.shape[2] == r
+        out = cache.attend_and_append(q[:, :, p : p + 1], k[:, :, p : p + 1], v[:, :, p : p + 1], sliding_window=w)
+        lo = p - w + 1  # oldest visible position
+        keys = torch.cat((k_hat[:, :, lo : p - r], k[:, :, p - r : p + 1]), dim=2).double()
+        values = torch.cat((v_hat[:, :, lo : p - r], v[:, :, p - r : p + 1]), dim=2).double()
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        weights = torch.softmax((q[:, :, p : p + 1].double() @ keys.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+        assert rel_err(out, weights @ values) < FP32_RTOL, p

@@ -983,3 +983,20 @@ def test_smollm2_greedy_generation_and_bytes(smollm2) -> None:
     compressed_per_slot = sum(s.store_nbytes() for s in stores) / capacity
     assert compressed_per_slot / sixteen_bit_per_token == per_token / (2 * 2 * d)
     assert compressed_per_slot < 0.29 * sixteen_bit_per_token
+
+
+def test_sliding_layers_take_an_exact_window() -> None:
+    """With residual_window R, a sliding layer holds a ring of W - 1 - R compressed tokens plus R exact ones
+    (flushed one at a time), so it still covers the last W - 1 positions; full layers keep their own window."""
+    model = tiny_gemma3()
+    cache = TurboQuantCache(model, **PLAIN, residual_window=3)
+    seqs = prompts((12,), seed=8)
+    greedy(model, seqs[0][None], cache=cache, n=14)
+    for i, layer in tq_layers(cache):
+        store = layer.store
+        assert store.total_tokens == 12 + 13
+        if HYBRID_TYPES[i] == "sliding_attention":
+            assert store.config.ring_window == SLIDING_WINDOW - 1 - 3 and store.config.flush_block == 1
+            assert store.window_k.shape[2] == 3 and int(store.seq_lens[0]) == SLIDING_WINDOW - 1 - 3
+        else:
+            assert store.config.ring_window is None and store.window_k.shape[2] >= 3

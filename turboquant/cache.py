@@ -18,7 +18,8 @@ Keys are stored in the rotated basis: the score of a query q is norm · ⟨Πq, 
 attention rotates each query once and never de-rotates a key. An optional full-precision
 window keeps the most recent tokens exact (between R and R + flush_block - 1 of them) and flushes
 the oldest ones to the compressed store in blocks of ``flush_block``. In ring mode the store has a
-fixed capacity W and position p lives in slot p mod W (a sliding window of the last W tokens).
+fixed capacity W and position p lives in slot p mod W (a sliding window of the last W compressed
+tokens; with a window, ring + window hold the last W + R tokens when flush_block is 1).
 
 The reference ``attend`` walks the store in fixed-size blocks with an online softmax, so its
 temporaries do not grow with the cache length; the fused kernels follow the same algorithm.
@@ -95,8 +96,8 @@ class KVCacheConfig:
         if self.ring_window is not None:
             if self.ring_window < 1:
                 raise ValueError(f"ring_window must be >= 1 or None, got {self.ring_window}")
-            if self.residual_window or self.sink_tokens:
-                raise ValueError("ring_window cannot be combined with residual_window or sink_tokens")
+            if self.sink_tokens:
+                raise ValueError("ring_window cannot be combined with sink_tokens (the ring drops the first tokens)")
 
     @property
     def key_index_bits(self) -> int:

@@ -18,8 +18,9 @@ mask through unchanged; causal order, sliding windows and left padding are appli
 (left pads are stored but never attended, see ``TurboQuantKVCache.append``).
 
 Layers: ``config.layer_types`` decides per layer: "full_attention" layers get a growing compressed store,
-"sliding_attention" layers a ring holding the last ``sliding_window - 1`` tokens (what the next query
-can see). Layers listed in ``skip_layers`` keep transformers' own 16-bit layers.
+"sliding_attention" layers a ring that, with the layer's exact window (flushed one token at a time),
+holds the last ``sliding_window - 1`` tokens (what the next query can see). Layers listed in
+``skip_layers`` keep transformers' own 16-bit layers.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class TurboQuantLayer(CacheLayerMixin):
 
     Args:
         config: store settings without head_dim (taken from the first update); see KVCacheConfig.
-        sliding_window: the layer's window W for sliding-attention layers (the store is then a ring of W - 1).
+        sliding_window: the layer's window W for sliding-attention layers (the store is then a ring of
+            W - 1 - R tokens, R the exact window, flushed one token at a time).
     """
 
     is_compileable = False
@@ -69,8 +71,10 @@ class TurboQuantLayer(CacheLayerMixin):
         self.settings = dict(settings)
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
-        if self.is_sliding:
-            self.settings.update(ring_window=max(sliding_window - 1, 1), residual_window=0, sink_tokens=0)
+        if self.is_sliding:  # ring + exact window hold exactly the last sliding_window - 1 tokens
+            window = min(self.settings.get("residual_window", 0), sliding_window - 2)
+            self.settings.update(ring_window=max(sliding_window - 1 - window, 1), residual_window=max(window, 0),
+                                 flush_block=1, sink_tokens=0)  # fmt: skip
             self.is_croppable = False
         self.store: TurboQuantKVCache | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
