@@ -75,6 +75,30 @@ def _fields_dot_nn(p, v, P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP
 
 
 @triton.jit
+def _split_range(i_b, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL: tl.constexpr):
+    """Slots [start, end) of split i_s for sequence i_b, and the position of its first query: left padding
+    (slots before kv_start) skipped and, with CAUSAL, nothing after the last query's position."""
+    q_start = tl.load(Q_START + i_b).to(tl.int32)
+    start = i_s * SPLIT_SIZE
+    end = tl.minimum(start + SPLIT_SIZE, tl.load(SEQ_LEN + i_b).to(tl.int32))
+    start = tl.maximum(start, tl.load(KV_START + i_b).to(tl.int32))
+    if CAUSAL:
+        end = tl.minimum(end, q_start + N_Q)
+    return start, end, q_start
+
+
+@triton.jit
+def _online_softmax_step(b_s, b_m, b_l):
+    """One tile of the online softmax in base 2: scores b_s [M, N] (-inf where masked), running max b_m and
+    sum b_l [M] -> (probabilities [M, N], rescale factor of earlier tiles [M], new max, new sum)."""
+    m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(b_m - m_safe)
+    b_p = tl.exp2(b_s - m_safe[:, None])
+    return b_p, alpha, m_new, b_l * alpha + tl.sum(b_p, axis=1)
+
+
+@triton.jit
 def _decode_split_kernel(
     Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
@@ -85,14 +109,7 @@ def _decode_split_kernel(
 ):  # fmt: skip
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
-    i_b = i_bh // H_KV
-    seq_len = tl.load(SEQ_LEN + i_b).to(tl.int32)
-    q_start = tl.load(Q_START + i_b).to(tl.int32)
-    start = i_s * SPLIT_SIZE
-    end = tl.minimum(start + SPLIT_SIZE, seq_len)
-    start = tl.maximum(start, tl.load(KV_START + i_b).to(tl.int32))  # slots before it are padding
-    if CAUSAL:
-        end = tl.minimum(end, q_start + N_Q)  # no query of this step sees a later slot
+    start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
 
     o_m = tl.arange(0, BM)
     m_m = o_m < M
@@ -147,11 +164,7 @@ def _decode_split_kernel(
             visible = visible & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
         # online softmax (base 2)
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_safe)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_p, alpha, m_new, b_l = _online_softmax_step(b_s, b_m, b_l)
         # values: [P_V, BN, DP_V]
         codes = _load_fields(VC + row * VB, m_n, VALUE_BITS, D, BN, P_V, DP_V).to(tl.float32)
         if DP_V >= GROUP:
@@ -239,14 +252,7 @@ def _decode_split_kernel_2d(
     with the scales folded into the probabilities. Same inputs and outputs as _decode_split_kernel."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
-    i_b = i_bh // H_KV
-    seq_len = tl.load(SEQ_LEN + i_b).to(tl.int32)
-    q_start = tl.load(Q_START + i_b).to(tl.int32)
-    start = i_s * SPLIT_SIZE
-    end = tl.minimum(start + SPLIT_SIZE, seq_len)
-    start = tl.maximum(start, tl.load(KV_START + i_b).to(tl.int32))
-    if CAUSAL:
-        end = tl.minimum(end, q_start + N_Q)
+    start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q
@@ -288,11 +294,7 @@ def _decode_split_kernel_2d(
         if CAUSAL:
             visible = visible & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
-        m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(b_m - m_safe)
-        b_p = tl.exp2(b_s - m_safe[:, None])
-        b_l = b_l * alpha + tl.sum(b_p, axis=1)
+        b_p, alpha, m_new, b_l = _online_softmax_step(b_s, b_m, b_l)
         acc0, z0 = _value_chunk(acc0, z0, b_p, alpha, row, m_n, VC, VS, VZ, 0, VALUE_BITS, D, GROUP, W, NH, DP_V)
         acc1, z1 = _value_chunk(acc1, z1, b_p, alpha, row, m_n, VC, VS, VZ, 1, VALUE_BITS, D, GROUP, W, NH, DP_V)
         if NCH > 2:
