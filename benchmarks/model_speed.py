@@ -30,10 +30,13 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer
 
+# The paper's quantizers (no sink tokens, no key centring, no norm correction): a decode step then merges the
+# step's own token inside the decode kernel (TurboQuantKVCache._fused_step).
+PLAIN = dict(norm_correction=False, center_keys=False, sink_tokens=0)
 CACHES = {
     "bf16 DynamicCache + SDPA": None,
-    "TurboQuant K4/V4": dict(key_bits=4, value_bits=4),
-    "TurboQuant K3/V2": dict(key_bits=3, value_bits=2),
+    "TurboQuant K4/V4": dict(key_bits=4, value_bits=4, **PLAIN),
+    "TurboQuant K3/V2": dict(key_bits=3, value_bits=2, **PLAIN),
 }
 FILL_CHUNK = 4096
 
