@@ -181,3 +181,27 @@ def test_long_splits(value_bits):
     ref, _ = cache.attend_with_lse(q, backend="reference")
     out, _ = cache.attend_with_lse(q, backend="triton")
     assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("key_mode", ["mse", "prod"])
+def test_fused_decode_step_with_sinks_and_centred_keys(key_mode):
+    """The fused single-token step with exact sink tokens, centred keys, norm correction and left padding (the
+    transformers cache's defaults) equals the reference path (store attention, then merges by log-sum-exp)."""
+    gen = torch.Generator().manual_seed(7)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
+                        sink_tokens=4, center_keys=True, norm_correction=True)  # fmt: skip
+    caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
+    k = (1.5 + torch.randn(2, 2, 40, 64, generator=gen)).to(DEVICE)  # a common offset: centring matters
+    v = torch.randn(2, 2, 40, 64, generator=gen).to(DEVICE)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :9] = False  # left padding: sequence 1's sinks start at position 9
+    for cache in caches:
+        cache.append(k, v, valid=valid.to(DEVICE))
+    for _ in range(2):
+        q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
+        k_new = (1.5 + torch.randn(2, 2, 1, 64, generator=gen)).to(DEVICE)
+        v_new = torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE)
+        _poison_workspaces()
+        fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
+        ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")
+        assert _rel(fused, ref) < TOL

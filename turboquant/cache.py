@@ -512,14 +512,18 @@ class TurboQuantKVCache:
             out, lse = merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")),
                                                                 self.window_v.float()))  # fmt: skip
         if c.sink_tokens:
-            s = c.sink_tokens
-            sink_pos = self.kv_start[:, None] + torch.arange(s, device=self.device)  # [B, S]
-            filled = (sink_pos < self.total_tokens)[:, None, None, :]
-            scores = (qg @ self.sink_k[:, :, :s].float().transpose(-1, -2)) * scale
-            visible = self._visible(sink_pos, q_pos, self.kv_start, group, causal, sliding_window) & filled
-            out, lse = merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")),
-                                                                self.sink_v[:, :, :s].float()))  # fmt: skip
+            out, lse = self._merge_sinks(qg, out, lse, q_pos, group, scale, causal, sliding_window)
         return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
+
+    def _merge_sinks(self, qg, out, lse, q_pos, group: int, scale: float, causal: bool, sliding_window):
+        """Merge attention over the exact sink tokens into (out [B, H_kv, M, D], lse [B, H_kv, M])."""
+        s = self.config.sink_tokens
+        sink_pos = self.kv_start[:, None] + torch.arange(s, device=self.device)  # [B, S]
+        filled = (sink_pos < self.total_tokens)[:, None, None, :]
+        scores = (qg @ self.sink_k[:, :, :s].float().transpose(-1, -2)) * scale
+        visible = self._visible(sink_pos, q_pos, self.kv_start, group, causal, sliding_window) & filled
+        return merge_attention(out, lse, *softmax_block(scores.masked_fill(~visible, float("-inf")),
+                                                        self.sink_v[:, :, :s].float()))  # fmt: skip
 
     def attend_and_append(
         self,
@@ -546,7 +550,7 @@ class TurboQuantKVCache:
         if self.total_tokens == 0:
             out = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
         elif self._fused_step_applies(q, valid, sliding_window, backend):
-            out = self._fused_step(q, k, v, scale)
+            out = self._fused_step(q, k, v, scale, sliding_window)
         else:
             past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
             chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
@@ -555,21 +559,31 @@ class TurboQuantKVCache:
         return out
 
     def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
-        c = self.config
-        plain = q.shape[2] == 1 and valid is None and self.window_k.shape[2] == 0 and not c.sink_tokens
+        plain = q.shape[2] == 1 and valid is None and self.window_k.shape[2] == 0
         wants_kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
-        return plain and self.key_mean is None and wants_kernel and self._kernel_applies(self.total_tokens,
-                                                                                          sliding_window)
+        return plain and wants_kernel and self._kernel_applies(self.total_tokens, sliding_window)
 
-    def _fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode of one token with the fused kernel, its own exact k, v merged in-kernel: q [B, H_q, 1, D]."""
+    def _fused_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None
+    ) -> torch.Tensor:
+        """Decode of one token with the fused kernel, its own exact k, v merged in-kernel: q [B, H_q, 1, D].
+
+        Centred keys: the token's key is centred too, so all logits in the kernel share the shift -q·μ (its
+        lse is restored after); sink tokens are merged afterwards."""
         from .kernels.decode import LOG2E, decode_attention
 
         b, h_q, _, d = q.shape
-        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
+        group = h_q // self.num_kv_heads
+        qg = q.float().reshape(b, self.num_kv_heads, group, d)
         inputs = self.decode_inputs(qg, 1, scale, first_q=self.total_tokens)
         qx = (qg * (scale * LOG2E)).contiguous()
-        out, _ = decode_attention(**inputs, causal=False, exact=(qx, k, v))
+        k_exact = k if self.key_mean is None else k.float() - self.key_mean[:, :, None, :]
+        out, lse = decode_attention(**inputs, causal=False, exact=(qx, k_exact, v))
+        if self.config.sink_tokens:
+            if self.key_mean is not None:
+                lse = lse + scale * (qg @ self.key_mean[:, :, :, None]).squeeze(-1)
+            q_pos = torch.full((1,), self.total_tokens, device=self.device)
+            out, _ = self._merge_sinks(qg, out, lse, q_pos, group, scale, False, sliding_window)
         return out.reshape(b, h_q, 1, d).to(q.dtype)
 
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
