@@ -81,15 +81,19 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
             cache.update(k, v, i)
             continue
         layer: TurboQuantLayer = cache.layers[i]
-        config = KVCacheConfig(head_dim=d, **layer.settings)
-        layer.store = TurboQuantKVCache(config, batch, h, device=DEVICE, dtype=torch.bfloat16,
-                                        capacity=context + steps)  # fmt: skip
-        layer.is_initialized, layer.dtype, layer.device = True, torch.bfloat16, torch.device(DEVICE)
-        for start in range(0, context, FILL_CHUNK):
-            n = min(FILL_CHUNK, context - start)
-            k, v = (torch.randn(batch, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(2))
-            layer.store.append(k, v)
+        layer.initialize(batch, h, d, DEVICE, torch.bfloat16, capacity=context + steps)
+        fill_store(layer.store, context, gen)
     return cache
+
+
+def fill_store(store: TurboQuantKVCache, context: int, gen: torch.Generator) -> None:
+    """Append ``context`` random bf16 tokens per sequence to a store, in chunks (bounded temporaries)."""
+    shape = (store.batch_size, store.num_kv_heads)
+    for start in range(0, context, FILL_CHUNK):
+        n = min(FILL_CHUNK, context - start)
+        k, v = (torch.randn(*shape, n, store.config.head_dim, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+                for _ in range(2))  # fmt: skip
+        store.append(k, v)
 
 
 def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[list[float], torch.Tensor]:
@@ -154,11 +158,7 @@ def correctness_gate(batch: int, context: int) -> float:
     for name in ("TurboQuant K4/V4", "TurboQuant K3/V2"):
         store = TurboQuantKVCache(KVCacheConfig(head_dim=128, **CACHES[name]), batch, 8, device=DEVICE,
                                   dtype=torch.bfloat16, capacity=context)  # fmt: skip
-        for start in range(0, context, FILL_CHUNK):
-            n = min(FILL_CHUNK, context - start)
-            k, v = (torch.randn(batch, 8, n, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-                    for _ in range(2))  # fmt: skip
-            store.append(k, v)
+        fill_store(store, context, gen)
         q = torch.randn(batch, 32, 1, 128, device=DEVICE, dtype=torch.bfloat16, generator=gen)
         out, _ = store.attend_with_lse(q, after=True, backend="triton")
         ref, _ = store.attend_with_lse(q, after=True, backend="reference")

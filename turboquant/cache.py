@@ -231,6 +231,16 @@ class TurboQuantKVCache:
         return self.total_tokens
 
     @property
+    def _ring_wrapped(self) -> bool:
+        """Whether the ring has overwritten slots (slots then no longer equal positions)."""
+        return self.config.ring_window is not None and self.num_compressed > self.config.ring_window
+
+    @property
+    def all_sequences_started(self) -> bool:
+        """Whether every sequence already holds a real token (so a new single token cannot be left padding)."""
+        return self._max_kv_start < self.total_tokens
+
+    @property
     def num_compressed(self) -> int:
         """Positions written to the compressed store per sequence (in ring mode, only the last
         ring_window of them are still held)."""
@@ -326,11 +336,11 @@ class TurboQuantKVCache:
         slots = torch.arange(start, start + n, device=self.device)
         if ring is not None:
             slots = slots % ring
+        if self.key_mean is not None:
+            k = k.float() - self.key_mean[:, :, None, :]
         if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):
             from .kernels.encode import encode_kv  # fused quantize-on-write
 
-            if self.key_mean is not None:
-                k = k.float() - self.key_mean[:, :, None, :]
             encode_kv(k, v, self.buffers(), slots, key_quantizer=self.key_quantizer,
                       value_quantizer=self.value_quantizer, check_slots=False)  # fmt: skip
         else:
@@ -339,10 +349,8 @@ class TurboQuantKVCache:
         self.seq_lens.fill_(min(start + n, ring) if ring is not None else start + n)
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Quantize and planar-pack k, v [B, H, N, D] into buffer rows (keys centred if configured)."""
+        """Quantize and planar-pack k, v [B, H, N, D] (keys already centred where configured) into buffer rows."""
         c = self.config
-        if self.key_mean is not None:
-            k = k.float() - self.key_mean[:, :, None, :]
         rows = {}
         if c.key_mode == "mse":
             idx, norms = self.key_quantizer.quantize(k)
@@ -476,9 +484,7 @@ class TurboQuantKVCache:
         if not after and n_q > self.total_tokens:
             raise ValueError(f"{n_q} queries but only {self.total_tokens} tokens cached: append before attend")
         first_q = self.total_tokens if after else self.total_tokens - n_q
-        ring = c.ring_window
-        wrapped = ring is not None and self.num_compressed > ring
-        if wrapped and not after and n_q > 1 and causal:
+        if self._ring_wrapped and not after and n_q > 1 and causal:
             raise ValueError(
                 "ring mode keeps only the last ring_window tokens: attend with N_q > 1 after the ring wrapped "
                 "would miss keys that earlier queries of the chunk need; attend one query at a time"
@@ -501,8 +507,8 @@ class TurboQuantKVCache:
             out, lse = self._attend_compressed_triton(qg, n_q, first_q, scale, causal)
         else:
             out, lse = self._attend_compressed_reference(qg, q_pos, lower, group, scale, causal, sliding_window)
-        if self.key_mean is not None:  # centred keys: restore q·μ in the log-sum-exp (the output is unchanged)
-            lse = lse + scale * (qg @ self.key_mean[:, :, :, None]).squeeze(-1)
+        if self.key_mean is not None:
+            lse = self._restore_key_mean(lse, qg, scale)
 
         n_win = self.window_k.shape[2]
         if n_win:
@@ -514,6 +520,11 @@ class TurboQuantKVCache:
         if c.sink_tokens:
             out, lse = self._merge_sinks(qg, out, lse, q_pos, group, scale, causal, sliding_window)
         return out.reshape(b, h_q, n_q, d), lse.reshape(b, h_q, n_q)
+
+    def _restore_key_mean(self, lse: torch.Tensor, qg: torch.Tensor, scale: float) -> torch.Tensor:
+        """Centred keys shift every stored logit by -scale·q·μ: add it back to lse [B, H_kv, M] (outputs are
+        unchanged), so that merges with exact keys stay right."""
+        return lse + scale * (qg @ self.key_mean[:, :, :, None]).squeeze(-1)
 
     def _merge_sinks(self, qg, out, lse, q_pos, group: int, scale: float, causal: bool, sliding_window):
         """Merge attention over the exact sink tokens into (out [B, H_kv, M, D], lse [B, H_kv, M])."""
@@ -581,7 +592,7 @@ class TurboQuantKVCache:
         out, lse = decode_attention(**inputs, causal=False, exact=(qx, k_exact, v))
         if self.config.sink_tokens:
             if self.key_mean is not None:
-                lse = lse + scale * (qg @ self.key_mean[:, :, :, None]).squeeze(-1)
+                lse = self._restore_key_mean(lse, qg, scale)
             q_pos = torch.full((1,), self.total_tokens, device=self.device)
             out, _ = self._merge_sinks(qg, out, lse, q_pos, group, scale, False, sliding_window)
         return out.reshape(b, h_q, 1, d).to(q.dtype)
@@ -590,13 +601,12 @@ class TurboQuantKVCache:
         """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
         if self.config.head_dim not in (64, 128, 256):
             return False
-        ring = self.config.ring_window
         stored = min(self.num_compressed, self.capacity)
         oldest = self.num_compressed - stored  # position of the oldest stored token
         if sliding_window is not None and oldest <= last_q_pos - sliding_window:
             return False  # some stored keys fall out of the window of some query
-        wrapped = ring is not None and self.num_compressed > ring
-        return not (wrapped and self._max_kv_start + self.config.sink_tokens > oldest)  # pads among wrapped slots
+        # pads among the slots of a wrapped ring: the kernel's slot bound cannot skip them
+        return not (self._ring_wrapped and self._max_kv_start + self.config.sink_tokens > oldest)
 
     def _attend_compressed_reference(
         self, qg: torch.Tensor, q_pos: torch.Tensor, lower: torch.Tensor, group: int, scale: float, causal: bool,
@@ -646,9 +656,12 @@ class TurboQuantKVCache:
         # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total;
         # slots then are not positions, and _kernel_applies has checked that no pad is among them
         q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
-        wrapped = c.ring_window is not None and self.num_compressed > c.ring_window
-        kv_start = torch.zeros_like(self.kv_start) if wrapped else self.kv_start + c.sink_tokens if c.sink_tokens \
-            else self.kv_start
+        if self._ring_wrapped:
+            kv_start = torch.zeros_like(self.kv_start)
+        elif c.sink_tokens:  # the sinks are attended from their exact copies
+            kv_start = self.kv_start + c.sink_tokens
+        else:
+            kv_start = self.kv_start
         return dict(
             q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, seq_lens=self.seq_lens,
             kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,

@@ -58,7 +58,7 @@ class TurboQuantLayer(CacheLayerMixin):
     """One decoder layer's compressed cache (a transformers cache layer over TurboQuantKVCache).
 
     Args:
-        config: store settings without head_dim (taken from the first update); see KVCacheConfig.
+        settings: KVCacheConfig fields except head_dim (taken from the first update).
         sliding_window: the layer's window W for sliding-attention layers (the store is then a ring of
             W - 1 - R tokens, R the exact window, flushed one token at a time).
     """
@@ -83,9 +83,13 @@ class TurboQuantLayer(CacheLayerMixin):
     # transformers layer API -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h, _, d = key_states.shape
-        config = KVCacheConfig(head_dim=d, **self.settings)
-        self.store = TurboQuantKVCache(config, b, h, device=key_states.device, dtype=key_states.dtype)
-        self.dtype, self.device = key_states.dtype, key_states.device
+        self.initialize(b, h, d, key_states.device, key_states.dtype)
+
+    def initialize(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype, capacity: int = 0) -> None:
+        """Create the layer's store (``capacity`` tokens preallocated) before any update."""
+        config = KVCacheConfig(head_dim=head_dim, **self.settings)
+        self.store = TurboQuantKVCache(config, batch_size, num_kv_heads, device=device, dtype=dtype, capacity=capacity)
+        self.dtype, self.device = dtype, self.store.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -151,7 +155,7 @@ class TurboQuantLayer(CacheLayerMixin):
         k_new, v_new = self._pending
         store, n = self.store, k_new.shape[2]
         valid = _chunk_validity(attention_mask, n)
-        if valid is not None and n == 1 and store._max_kv_start < store.total_tokens:
+        if valid is not None and n == 1 and store.all_sequences_started:
             valid = None  # every sequence has started: a single new token cannot be padding
         out = store.attend_and_append(query, k_new, v_new, valid=valid, scale=scale,
                                       sliding_window=self.sliding_window, backend=self.backend)  # fmt: skip
@@ -290,7 +294,6 @@ class TurboQuantCache(Cache):
             else:
                 layers.append(TurboQuantLayer(settings, sliding_window=sliding))
         super().__init__(layers=layers)
-        self.settings = settings
         if isinstance(model, PreTrainedModel):
             model.set_attn_implementation(ATTENTION_NAME)
 
