@@ -7,17 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 from turboquant.attention import causal_mask, turboquant_attention
 from turboquant.quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
 
 FP32_RTOL = 1e-4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, computed in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def make_qkv(

@@ -9,22 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import COMPRESSED, randn, rel_err
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
 
 FP32_RTOL = 1e-4
-COMPRESSED = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_scales", "value_zeros")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, computed in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def make_kv(b: int, h: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from helpers import COMPRESSED, randn, rel_err
 
 from turboquant.attention import merge_attention
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
@@ -18,7 +19,6 @@ from turboquant.quantizers import TurboQuantMSE, TurboQuantProd
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_RTOL = 1e-5  # float32 cache arithmetic against a float64 oracle on the same stored values
 KERNEL_TOL = 2e-3  # the fused kernel's fp16 tiles
-COMPRESSED = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_scales", "value_zeros")
 
 needs_triton = pytest.mark.skipif(
     DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
@@ -27,16 +27,6 @@ needs_triton = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, computed in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def left_pad_mask(pads: tuple[int, ...], n: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import COMPRESSED, randn, rel_err
 from transformers import (
     AttentionInterface,
     DeepseekV3Config,
@@ -52,20 +53,9 @@ needs_triton = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need a GPU or TRITON_INTERPRET=1",
 )
-COMPRESSED = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_scales", "value_zeros")
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, computed in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
-
-
-def randn(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def tiny_llama(layers: int = 3, seed: int = 0) -> LlamaForCausalLM:
