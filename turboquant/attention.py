@@ -129,13 +129,13 @@ def chunk_attention(
         )
     group = h_q // h_kv
     kf, vf = k.float(), v.float()
+    mask = chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)
     outs, lses = [], []
     for i0 in range(0, n_q, _QUERY_BLOCK):
         i1 = min(i0 + _QUERY_BLOCK, n_q)
         qg = q[:, :, i0:i1].float().reshape(b, h_kv, group * (i1 - i0), d)
         scores = (qg @ kf.transpose(-1, -2)) * scale  # [B, H_kv, G·n, N_k]
-        mask = chunk_mask(b, n_q, n_k, valid, sliding_window, q.device)[:, :, i0:i1]
-        scores = scores.masked_fill(~mask.repeat(1, 1, group, 1), float("-inf"))
+        scores = scores.masked_fill(~mask[:, :, i0:i1].repeat(1, 1, group, 1), float("-inf"))
         out, lse = softmax_block(scores, vf)
         outs.append(out.reshape(b, h_q, i1 - i0, d))
         lses.append(lse.reshape(b, h_q, i1 - i0))
