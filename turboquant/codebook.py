@@ -29,6 +29,7 @@ __all__ = [
     "codebook_distortion",
     "generate_lloyd_max_codebook",
     "get_codebook",
+    "user_cache_dir",
 ]
 
 SHIPPED_HEAD_DIMS = (64, 96, 128, 256)
@@ -118,7 +119,8 @@ def codebook_distortion(head_dim: int, centroids: torch.Tensor) -> float:
     return _distortion(_CellMoments(head_dim), c)
 
 
-def _user_cache_dir() -> Path:
+def user_cache_dir() -> Path:
+    """turboquant's per-user cache: $TURBOQUANT_CACHE_DIR, else $XDG_CACHE_HOME/turboquant (~/.cache/turboquant)."""
     root = os.environ.get("TURBOQUANT_CACHE_DIR")
     if root:
         return Path(root)
@@ -134,7 +136,7 @@ def _load_or_generate(head_dim: int, bits: int) -> torch.Tensor:
     shipped = shipped_codebook_path(head_dim, bits)
     if shipped.exists():
         return torch.load(shipped, weights_only=True)
-    cached = _user_cache_dir() / "codebooks" / shipped.name
+    cached = user_cache_dir() / "codebooks" / shipped.name
     if cached.exists():
         return torch.load(cached, weights_only=True)
     centroids = generate_lloyd_max_codebook(head_dim, bits)
