@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
     ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages per shape")
-    ap.add_argument("--ab", action="store_true", help="also time the generic 3-D-field kernel (tiles_2d=False)")
+    ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("results/decode.md"))
@@ -89,14 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [
-            dict(LAUNCH_DEFAULTS, block_n=bn, num_stages=st, key_major=km, tiles_2d=t2)
-            for bn in (32, 64, 128)
+            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st)
+            for bn in (64, 128)
+            for w in (1, 2, 4)
             for st in (2, 3)
-            for km in (False, True)
-            for t2 in (True, False)
         ]
-    elif args.ab:
-        launches = [dict(LAUNCH_DEFAULTS), dict(LAUNCH_DEFAULTS, tiles_2d=False)]
+    elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
+        launches = [
+            dict(LAUNCH_DEFAULTS),
+            dict(LAUNCH_DEFAULTS, inline_asm=False),
+            dict(LAUNCH_DEFAULTS, tiles_2d=False),
+        ]
     rows = []
     header = (
         "| shape (B, ctx) | config | kernel ms | GB/s (compressed) | bf16 SDPA ms | speedup | "
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
                     f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']}"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
-                    f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''} |"
+                    f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
+                    f"{' asm' if launch['inline_asm'] else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

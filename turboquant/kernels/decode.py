@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "num_splits_for", "tiles_2d_layout"]
+__all__ = ["decode_attention", "key4_asm", "num_splits_for", "tiles_2d_layout"]
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -192,51 +192,226 @@ def _decode_split_kernel(
     tl.store(L_PART + part + o_m, lse, mask=m_m)
 
 
+def _value_asm(bits: int) -> str:
+    """Inline assembly dequantising values: 4 bytes of planar codes (one 32-bit register, pack=4) -> per field,
+    4 values s·x + z in fp16 (elementwise: output k of field f comes from byte k).
+
+    prmt spreads bytes (0, 1) and (2, 3) to the two halves of a register; each field's code is masked into the
+    mantissa of 1024 (0x6400) at bit 1, giving 1024 + 2x; one f16x2 subtraction of 1024 + c (c = 2^b - 1) leaves
+    the centred code 2x - c exactly, and one f16x2 fma applies the group's s/2 and z + s·c/2 (inputs after the
+    codes, one pair per field). Operands: outputs $0.. (field f in registers 2f, 2f+1), then the code register,
+    then per field two registers of s/2 and two of z + s·c/2.
+    """
+    fields = 8 // bits
+    mask = {4: 0x001E001E, 2: 0x00060006}[bits]
+    n_out = 2 * fields
+    src = n_out  # the code register
+    lines = ["{ .reg .b32 x0, x1, t, k;", f"mov.b32 k, {0x64006400 | ((1 << bits) - 1) * 0x10001:#x};",
+             f"prmt.b32 x0, ${src}, 0, 0x4140;", f"prmt.b32 x1, ${src}, 0, 0x4342;"]  # fmt: skip
+    for f in range(fields):
+        shift = bits * f - 1  # bits [b·f, b·f + b) -> [1, b + 1)
+        scale, zero = src + 1 + 4 * f, src + 3 + 4 * f
+        for x in range(2):
+            op = f"shl.b32 t, x{x}, 1;" if shift < 0 else f"shr.u32 t, x{x}, {shift};"
+            lines += [op, f"lop3.b32 t, t, {mask:#x}, 0x64006400, 0xEA;", "sub.f16x2 t, t, k;",
+                      f"fma.rn.f16x2 ${2 * f + x}, t, ${scale + x}, ${zero + x};"]  # fmt: skip
+    return "\n".join(lines + ["}"])
+
+
+_VALUE_ASM_4 = tl.constexpr(_value_asm(4))
+_VALUE_ASM_2 = tl.constexpr(_value_asm(2))
+
+
+def key4_asm(codebook: torch.Tensor) -> str:
+    """Inline assembly looking up 4-bit key centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 centroids.
+
+    codebook: [16] ascending and symmetric (c[15 - i] = -c[i]), e.g. the MSE centroids divided by √d; the
+    magnitudes c[8..15] rounded to fp16 are baked into the code as byte tables. Elementwise (pack=4: output k
+    of field f comes from byte k). Per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the
+    code's top bit is clear), the low and high bytes of |c| looked up four ranks at a time with prmt, bytes
+    interleaved into f16x2 pairs, and the sign bit of negative codes or-ed in: 22 instructions.
+    """
+    if codebook.numel() != 16:
+        raise ValueError(f"key4_asm needs a 16-entry codebook, got {codebook.numel()}")
+    half = codebook.detach().to("cpu", torch.float16)[8:]
+    bits = half.view(torch.int16).to(torch.int32) & 0xFFFF
+    lo = [int(b) & 0xFF for b in bits]
+    hi = [int(b) >> 8 for b in bits]
+
+    def word(b):
+        return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+
+    tl0, tl1, th0, th1 = word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+    return (
+        "{ .reg .b32 neg, r, sb, la, ha, lb, hb, u, v, t, l0, l1, h0, h1;\n"
+        f"mov.b32 l0, {tl0:#x};\n mov.b32 l1, {tl1:#x};\n mov.b32 h0, {th0:#x};\n mov.b32 h1, {th1:#x};\n"
+        "lop3.b32 neg, $4, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
+        "shr.u32 t, neg, 3;\n mul.lo.u32 t, t, 7;\n"
+        "lop3.b32 r, $4, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
+        "shr.u32 sb, r, 16;\n"
+        "prmt.b32 la, l0, l1, r;\n prmt.b32 ha, h0, h1, r;\n prmt.b32 lb, l0, l1, sb;\n prmt.b32 hb, h0, h1, sb;\n"
+        "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $2, la, ha, 0x7351;\n"
+        "prmt.b32 $1, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
+        "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3)
+        "shl.b32 t, u, 4;\n lop3.b32 $0, $0, t, 0x80008000, 0xF8;\n lop3.b32 $2, $2, u, 0x80008000, 0xF8;\n"
+        "shl.b32 t, v, 4;\n lop3.b32 $1, $1, t, 0x80008000, 0xF8;\n lop3.b32 $3, $3, v, 0x80008000, 0xF8;\n}"
+    )
+
+
 @triton.jit
-def _field_pick(f: tl.constexpr, t0, t1, t2, t3):
-    """t_f for a compile-time field index f < 4."""
-    if f == 0:
-        return t0
-    elif f == 1:
-        return t1
-    elif f == 2:
-        return t2
+def _key_fields(KC, row, m_n, b_cb, KEY_BITS: tl.constexpr, DP_K: tl.constexpr, KEY_ASM: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    """Centroids (√d units, fp16) of BN keys as P_K field tiles [BN, DP_K] (field f: key columns f·DP_K + e).
+    b_cb: the [BN, 2^kb] codebook table of the portable lookup (unused with KEY_ASM)."""
+    p_k = KC + row[:, None] * DP_K + tl.arange(0, DP_K)[None, :]
+    if MASKED:
+        kb = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
-        return t3
+        kb = tl.load(p_k)
+    if KEY_ASM != "":
+        k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
+                                           is_pure=False, pack=4)  # fmt: skip
+        k2 = k0
+        k3 = k0
+    else:
+        kb = kb.to(tl.int32)
+        NC: tl.constexpr = 2**KEY_BITS
+        k0 = tl.gather(b_cb, kb & (NC - 1), axis=1)
+        k1 = tl.gather(b_cb, (kb >> KEY_BITS) & (NC - 1), axis=1)
+        if KEY_BITS == 2:
+            k2 = tl.gather(b_cb, (kb >> 4) & 3, axis=1)
+            k3 = tl.gather(b_cb, (kb >> 6) & 3, axis=1)
+        else:
+            k2 = k0
+            k3 = k0
+    return k0, k1, k2, k3
 
 
 @triton.jit
-def _value_chunk(acc, zacc, p, alpha, row, m_n, VC, VS, VZ, ch: tl.constexpr, VALUE_BITS: tl.constexpr,
-                 D: tl.constexpr, GROUP: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
-                 DP_V: tl.constexpr):  # fmt: skip
-    """One value chunk (W columns of one field, inside one group) folded into its accumulators.
+def _group_affine(VS, VZ, row, m_n, g: tl.constexpr, VALUE_BITS: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr):
+    """Group g of BN rows: (s/2, z + s·c/2) as fp16 [BN], so that a value is (2x - c)·s/2 + (z + s·c/2)."""
+    if MASKED:
+        sc = tl.load(VS + row * NG + g, mask=m_n, other=0.0).to(tl.float32)
+        z = tl.load(VZ + row * NG + g, mask=m_n, other=0.0).to(tl.float32)
+    else:
+        sc = tl.load(VS + row * NG + g).to(tl.float32)
+        z = tl.load(VZ + row * NG + g).to(tl.float32)
+    return (0.5 * sc).to(tl.float16), (z + sc * (0.5 * ((1 << VALUE_BITS) - 1))).to(tl.float16)
 
-    With c = 2^b - 1, a value is s·x + z = (s/2)·(2x - c) + (z + (s/2)·c): the group's half-scale multiplies
-    the probabilities, not the codes, and the centred code 2x - c (odd integers in [-c, c], so the two sums do
-    not cancel) becomes fp16 through its bit pattern (0x6400 | 2x is 1024 + 2x). A value element costs a
-    shift, a mask, a shift, an or and one subtraction."""
-    f: tl.constexpr = ch // NH
-    h: tl.constexpr = ch % NH
+
+@triton.jit
+def _dequant_field(vb, f: tl.constexpr, hs, zz, VALUE_BITS: tl.constexpr):
+    """Portable twin of the inline assembly: field f of value bytes vb [BN, W] -> (2x - c)·hs + zz in fp16."""
     CODE_MAX: tl.constexpr = (1 << VALUE_BITS) - 1
-    o_w = tl.arange(0, W)
-    vb = tl.load(VC + row[:, None] * (D * VALUE_BITS // 8) + h * W + o_w[None, :], mask=m_n[:, None], other=0)
-    code = (((vb.to(tl.int16) >> (f * VALUE_BITS)) & CODE_MAX) << 1) | 0x6400
-    y = (code.to(tl.float16, bitcast=True) - (1024.0 + CODE_MAX)).to(tl.float16)  # [BN, W] 2x - c, exact
-    g: tl.constexpr = (f * DP_V + h * W) // GROUP
-    half = 0.5 * tl.load(VS + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32)  # [BN] s/2
-    zz = tl.load(VZ + row * (D // GROUP) + g, mask=m_n, other=0.0).to(tl.float32) + half * CODE_MAX
-    acc = acc * alpha[:, None] + tl.dot((p * half[None, :]).to(tl.float16), y)
-    zacc = zacc * alpha + tl.sum(p * zz[None, :], axis=1)
-    return acc, zacc
+    y = ((((vb >> (f * VALUE_BITS)) & CODE_MAX) << 1) | 0x6400).to(tl.float16, bitcast=True)
+    y = (y - (1024.0 + CODE_MAX)).to(tl.float32)  # 2x - c, exact
+    return (y * hs[:, None].to(tl.float32) + zz[:, None].to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
-def _store_chunk(O_PART, part, o_m, m_m, acc, zacc, l_div, ch: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
+def _value_fields(VC, VS, VZ, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexpr, D: tl.constexpr,
+                  GROUP: tl.constexpr, W: tl.constexpr, DP_V: tl.constexpr, ASM: tl.constexpr,
+                  MASKED: tl.constexpr):  # fmt: skip
+    """Values s·x + z (fp16) of value bytes [h·W, (h+1)·W) of BN rows, one tile [BN, W] per field (2 for 4-bit
+    values, 4 for 2-bit): tile column e of field f is value column f·DP_V + h·W + e (one group: W ≤ GROUP)."""
+    NG: tl.constexpr = D // GROUP
+    o_w = tl.arange(0, W)
+    p_v = VC + row[:, None] * (D * VALUE_BITS // 8) + h * W + o_w[None, :]
+    if MASKED:
+        vb = tl.load(p_v, mask=m_n[:, None], other=0)
+    else:
+        vb = tl.load(p_v)
+    BN: tl.constexpr = vb.shape[0]
+    hs0, zz0 = _group_affine(VS, VZ, row, m_n, (h * W) // GROUP, VALUE_BITS, NG, MASKED)
+    hs1, zz1 = _group_affine(VS, VZ, row, m_n, (DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
+    if VALUE_BITS == 2:
+        hs2, zz2 = _group_affine(VS, VZ, row, m_n, (2 * DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
+        hs3, zz3 = _group_affine(VS, VZ, row, m_n, (3 * DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
+    if ASM:
+        b0 = tl.broadcast_to(hs0[:, None], (BN, W))
+        c0 = tl.broadcast_to(zz0[:, None], (BN, W))
+        b1 = tl.broadcast_to(hs1[:, None], (BN, W))
+        c1 = tl.broadcast_to(zz1[:, None], (BN, W))
+        if VALUE_BITS == 4:
+            v0, v1 = tl.inline_asm_elementwise(_VALUE_ASM_4, "=r,=r,=r,=r" + ",r" * 9, [vb, b0, c0, b1, c1],
+                                               dtype=(tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
+            v2 = v0
+            v3 = v0
+        else:
+            b2 = tl.broadcast_to(hs2[:, None], (BN, W))
+            c2 = tl.broadcast_to(zz2[:, None], (BN, W))
+            b3 = tl.broadcast_to(hs3[:, None], (BN, W))
+            c3 = tl.broadcast_to(zz3[:, None], (BN, W))
+            v0, v1, v2, v3 = tl.inline_asm_elementwise(
+                _VALUE_ASM_2, "=r" + ",=r" * 7 + ",r" * 17, [vb, b0, c0, b1, c1, b2, c2, b3, c3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
+    else:
+        vb = vb.to(tl.int16)
+        v0 = _dequant_field(vb, 0, hs0, zz0, VALUE_BITS)
+        v1 = _dequant_field(vb, 1, hs1, zz1, VALUE_BITS)
+        if VALUE_BITS == 2:
+            v2 = _dequant_field(vb, 2, hs2, zz2, VALUE_BITS)
+            v3 = _dequant_field(vb, 3, hs3, zz3, VALUE_BITS)
+        else:
+            v2 = v0
+            v3 = v0
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
                  DP_V: tl.constexpr, D: tl.constexpr):  # fmt: skip
     o_w = tl.arange(0, W)
     col: tl.constexpr = (ch // NH) * DP_V + (ch % NH) * W
-    out = (acc + zacc[:, None]) / l_div[:, None]
-    tl.store(O_PART + (part + o_m)[:, None] * D + col + o_w[None, :], out, mask=m_m[:, None])
+    tl.store(O_PART + (part + o_m)[:, None] * D + col + o_w[None, :], acc / l_div[:, None], mask=m_m[:, None])
+
+
+@triton.jit
+def _attend_block_2d(
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
+    KC, KN, VC, VS, VZ, C,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
+    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Tokens [n0, n0 + BN) of one head folded into the online softmax. MASKED: the block may reach past `end`
+    or past a query's causal limit (the last block of a split); other blocks load and score without masks."""
+    o_n = n0 + tl.arange(0, BN)
+    m_n = o_n < end
+    row = i_bh * C + o_n.to(tl.int64)
+    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, KEY_BITS, DP_K, KEY_ASM, MASKED)
+    s_t = tl.dot(k0, qt0)
+    s_t += tl.dot(k1, qt1)
+    if P_K > 2:
+        s_t += tl.dot(k2, qt2)
+        s_t += tl.dot(k3, qt3)
+    if MASKED:
+        norm = tl.load(KN + row, mask=m_n, other=0.0)
+    else:
+        norm = tl.load(KN + row)
+    b_s = tl.trans(s_t * norm.to(tl.float32)[:, None])  # [BM, BN]
+    if MASKED:
+        visible = m_n[None, :]
+        if CAUSAL:
+            visible = visible & (o_n[None, :] <= q_pos[:, None])
+        b_s = tl.where(visible, b_s, float("-inf"))
+    b_p, alpha, b_m, b_l = _online_softmax_step(b_s, b_m, b_l)
+    p16 = b_p.to(tl.float16)
+    # value chunk ch = f·NH + h: field f of value bytes [h·W, (h+1)·W)
+    v0, v1, v2, v3 = _value_fields(VC, VS, VZ, row, m_n, 0, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
+    if NH == 2:  # 4-bit values in two byte chunks: fields 0, 1 of each
+        acc0 = acc0 * alpha[:, None] + tl.dot(p16, v0)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p16, v1)
+        v0, v1, v2, v3 = _value_fields(VC, VS, VZ, row, m_n, 1, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p16, v0)
+        acc3 = acc3 * alpha[:, None] + tl.dot(p16, v1)
+    else:  # one byte chunk holding every field
+        acc0 = acc0 * alpha[:, None] + tl.dot(p16, v0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p16, v1)
+        if NCH > 2:
+            acc2 = acc2 * alpha[:, None] + tl.dot(p16, v2)
+            acc3 = acc3 * alpha[:, None] + tl.dot(p16, v3)
+    return b_m, b_l, acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -246,19 +421,23 @@ def _decode_split_kernel_2d(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for MSE keys of 2 or 4 bits and values of 2 or 4 bits in 2-D tiles (at most four key
     fields and four value chunks): scores as Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed, values
-    with the scales folded into the probabilities. Same inputs and outputs as _decode_split_kernel."""
+    dequantised per element. Same inputs and outputs as _decode_split_kernel.
+
+    KEY_ASM (4-bit keys; from key4_asm) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
+    Triton (the CPU interpreter) computes the same tiles, the key lookup with a register-table gather. Blocks
+    that lie wholly inside the split and before every query's causal limit skip all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q
-    o_k = tl.arange(0, DP_K)
     # transposed query fields [DP_K, BM], loaded once
-    p_q = Q + i_bh * M * D + o_m[None, :] * D + o_k[:, None]
+    p_q = Q + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DP_K)[:, None]
     qt0 = tl.load(p_q, mask=m_m[None, :], other=0.0).to(tl.float16)
     qt1 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
     if P_K > 2:
@@ -275,42 +454,29 @@ def _decode_split_kernel_2d(
     acc1 = tl.zeros([BM, W], dtype=tl.float32)
     acc2 = tl.zeros([BM, W], dtype=tl.float32)
     acc3 = tl.zeros([BM, W], dtype=tl.float32)
-    z0 = tl.zeros([BM], dtype=tl.float32)
-    z1 = tl.zeros([BM], dtype=tl.float32)
-    z2 = tl.zeros([BM], dtype=tl.float32)
-    z3 = tl.zeros([BM], dtype=tl.float32)
-    for n0 in range(start, end, BN):
-        o_n = n0 + tl.arange(0, BN)
-        m_n = o_n < end
-        row = i_bh * C + o_n.to(tl.int64)
-        kb = tl.load(KC + row[:, None] * DP_K + o_k[None, :], mask=m_n[:, None], other=0).to(tl.int32)
-        s_t = tl.zeros([BN, BM], dtype=tl.float32)
-        for f in tl.static_range(P_K):
-            idx = (kb >> (f * KEY_BITS)) & (NC - 1)
-            s_t += tl.dot(tl.gather(b_cb, idx, axis=1), _field_pick(f, qt0, qt1, qt2, qt3))
-        s_t = s_t * tl.load(KN + row, mask=m_n, other=0.0).to(tl.float32)[:, None]
-        b_s = tl.trans(s_t)  # [BM, BN]
-        visible = m_n[None, :]
-        if CAUSAL:
-            visible = visible & (o_n[None, :] <= q_pos[:, None])
-        b_s = tl.where(visible, b_s, float("-inf"))
-        b_p, alpha, m_new, b_l = _online_softmax_step(b_s, b_m, b_l)
-        acc0, z0 = _value_chunk(acc0, z0, b_p, alpha, row, m_n, VC, VS, VZ, 0, VALUE_BITS, D, GROUP, W, NH, DP_V)
-        acc1, z1 = _value_chunk(acc1, z1, b_p, alpha, row, m_n, VC, VS, VZ, 1, VALUE_BITS, D, GROUP, W, NH, DP_V)
-        if NCH > 2:
-            acc2, z2 = _value_chunk(acc2, z2, b_p, alpha, row, m_n, VC, VS, VZ, 2, VALUE_BITS, D, GROUP, W, NH,
-                                    DP_V)  # fmt: skip
-            acc3, z3 = _value_chunk(acc3, z3, b_p, alpha, row, m_n, VC, VS, VZ, 3, VALUE_BITS, D, GROUP, W, NH,
-                                    DP_V)  # fmt: skip
-        b_m = m_new
+    # full blocks: in the split, and (causal) at or before the first query's position
+    full_end = end
+    if CAUSAL:
+        full_end = tl.minimum(full_end, q_start + 1)
+    n_full = tl.maximum(full_end - start, 0) // BN
+    for n0 in range(start, start + n_full * BN, BN):
+        b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, VC, VS, VZ, C,
+            D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM,
+            False)  # fmt: skip
+    for n0 in range(start + n_full * BN, end, BN):
+        b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, VC, VS, VZ, C,
+            D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM,
+            True)  # fmt: skip
 
     part = (i_bh * NUM_SPLITS + i_s) * BM
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
-    _store_chunk(O_PART, part, o_m, m_m, acc0, z0, l_div, 0, W, NH, DP_V, D)
-    _store_chunk(O_PART, part, o_m, m_m, acc1, z1, l_div, 1, W, NH, DP_V, D)
+    _store_chunk(O_PART, part, o_m, m_m, acc0, l_div, 0, W, NH, DP_V, D)
+    _store_chunk(O_PART, part, o_m, m_m, acc1, l_div, 1, W, NH, DP_V, D)
     if NCH > 2:
-        _store_chunk(O_PART, part, o_m, m_m, acc2, z2, l_div, 2, W, NH, DP_V, D)
-        _store_chunk(O_PART, part, o_m, m_m, acc3, z3, l_div, 3, W, NH, DP_V, D)
+        _store_chunk(O_PART, part, o_m, m_m, acc2, l_div, 2, W, NH, DP_V, D)
+        _store_chunk(O_PART, part, o_m, m_m, acc3, l_div, 3, W, NH, DP_V, D)
     lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log2(l_div))
     tl.store(L_PART + part + o_m, lse, mask=m_m)
 
@@ -369,7 +535,9 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 # Launch configuration of the split kernel: tokens per block, warps, pipeline depth, codebook lookup
 # (registers or global memory), and the orientation of the score dot (see _fields_scores).
-LAUNCH_DEFAULTS = dict(block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False, tiles_2d=True)
+LAUNCH_DEFAULTS = dict(
+    block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False, tiles_2d=True, inline_asm=True
+)
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -416,6 +584,7 @@ def decode_attention(
     n_q: int,
     causal: bool = True,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    key_asm: str | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
@@ -431,8 +600,11 @@ def decode_attention(
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
             (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
+        key_asm: key4_asm(codebook) for 4-bit MSE keys, computed once by the caller (else here, reading the
+            codebook on the host).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major,
-            tiles_2d: use _decode_split_kernel_2d where the configuration allows).
+            tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it unpack
+            with inline PTX, on CUDA only).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -462,12 +634,18 @@ def decode_attention(
     dummy = key_codes
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
     if layout_2d is not None:
+        use_asm = launch["inline_asm"] and q_rot.is_cuda
+        if use_asm and key_bits == 4:
+            key_asm = key4_asm(codebook) if key_asm is None else key_asm
+        else:
+            key_asm = ""
         _decode_split_kernel_2d[(b * h_kv, splits)](
             q_rot, key_codes, buffers["key_norms"], buffers["value_codes"], buffers["value_scales"],
             buffers["value_zeros"], codebook, seq_lens, kv_start, q_start, o_part, l_part,
             h_kv, c, m, n_q, split_size,
             D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-            NUM_SPLITS=splits, num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
+            NUM_SPLITS=splits, KEY_ASM=key_asm, VALUE_ASM=use_asm, num_warps=launch["num_warps"],
+            num_stages=launch["num_stages"], **layout_2d,
         )  # fmt: skip
     else:
         _decode_split_kernel[(b * h_kv, splits)](
