@@ -72,7 +72,7 @@ def bench(fns, rep_ms: int = 200) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
-    ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages per shape")
+    ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages / programs per SM")
     ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -89,10 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [
-            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st)
-            for bn in (64, 128)
-            for w in (1, 2, 4)
-            for st in (2, 3)
+            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st, programs_per_sm=per_sm)
+            for bn in (None, 64)
+            for w in (4, 8)
+            for st in (3, 4)
+            for per_sm in (2, 4, 8)
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
                 line = (
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
-                    f"bn{launch['block_n']} w{launch['num_warps']} s{launch['num_stages']}"
+                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages']}"
+                    f" {launch['programs_per_sm']}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
                     f"{' asm' if launch['inline_asm'] else ''} |"

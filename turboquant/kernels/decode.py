@@ -533,22 +533,24 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
-# Launch configuration of the split kernel: tokens per block, warps, pipeline depth, codebook lookup
-# (registers or global memory), and the orientation of the score dot (see _fields_scores).
+# Launch configuration of the split kernels: tokens per block (None: 128 for the 2-D kernel, 64 for the generic
+# one), warps, pipeline depth, programs per SM that the splits aim for, codebook lookup (registers or global
+# memory), and the orientation of the score dot (see _fields_scores).
 LAUNCH_DEFAULTS = dict(
-    block_n=64, num_warps=4, num_stages=3, register_codebook=True, key_major=False, tiles_2d=True, inline_asm=True
-)
+    block_n=None, num_warps=4, num_stages=3, programs_per_sm=2, register_codebook=True, key_major=False,
+    tiles_2d=True, inline_asm=True,
+)  # fmt: skip
 
 _SM_COUNT: dict[int, int] = {}
 
 
-def num_splits_for(batch_heads: int, capacity: int, block_n: int, device: torch.device) -> int:
-    """Splits of the token axis so that B·H_kv·splits fills the GPU, from the capacity alone."""
+def num_splits_for(batch_heads: int, capacity: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
+    """Splits of the token axis so that B·H_kv·splits gives every SM per_sm programs, from the capacity alone."""
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         if idx not in _SM_COUNT:
             _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = 2 * _SM_COUNT[idx]
+        target = per_sm * _SM_COUNT[idx]
     else:
         target = 4
     blocks = max(1, -(-capacity // block_n))
@@ -602,7 +604,8 @@ def decode_attention(
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
         key_asm: key4_asm(codebook) for 4-bit MSE keys, computed once by the caller (else here, reading the
             codebook on the host).
-        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, register_codebook, key_major,
+        launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
+            key_major,
             tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it unpack
             with inline PTX, on CUDA only).
     Returns:
@@ -612,7 +615,6 @@ def decode_attention(
     if unknown:
         raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
     launch = {**LAUNCH_DEFAULTS, **launch}
-    block_n = launch["block_n"]
     b, h_kv, m, d = q_rot.shape
     key_codes = buffers["key_codes"]
     c = key_codes.shape[2]
@@ -628,11 +630,12 @@ def decode_attention(
     p_k = 8 if kb == 3 else 8 // kb
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
-    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device)
+    layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
+    block_n = launch["block_n"] or (128 if layout_2d is not None else 64)
+    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, launch["programs_per_sm"])
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
     o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
     dummy = key_codes
-    layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
         if use_asm and key_bits == 4:
