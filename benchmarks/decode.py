@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
                     f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages']}"
-                    f" {launch['programs_per_sm']}/SM"
+                    f" {launch['programs_per_sm'] or 'auto'}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
                     f"{' asm' if launch['inline_asm'] else ''} |"

@@ -533,26 +533,38 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
-# Launch configuration of the split kernels: tokens per block (None: 128 for the 2-D kernel, 64 for the generic
-# one), warps, pipeline depth, programs per SM that the splits aim for, codebook lookup (registers or global
-# memory), and the orientation of the score dot (see _fields_scores).
+# Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
+# splits aim for (None: chosen per call, see _auto_blocks), codebook lookup (registers or global memory), and
+# the orientation of the score dot (see _fields_scores).
 LAUNCH_DEFAULTS = dict(
-    block_n=None, num_warps=4, num_stages=3, programs_per_sm=2, register_codebook=True, key_major=False,
+    block_n=None, num_warps=4, num_stages=3, programs_per_sm=None, register_codebook=True, key_major=False,
     tiles_2d=True, inline_asm=True,
 )  # fmt: skip
+
+
+def _auto_blocks(batch_heads: int, tiles_2d: bool, device: torch.device) -> tuple[int, int]:
+    """(block_n, programs_per_sm) from an H200 sweep (benchmarks/RESULTS.md): the 2-D kernel takes 128-token
+    blocks, 2 programs per SM, once B·H_kv alone fills the GPU, and 64-token blocks split over 4 programs per
+    SM below that (batch 1 at 131k: 0.124 ms vs 0.151); the generic kernel 64 and 2."""
+    if not tiles_2d:
+        return 64, 2
+    return (128, 2) if batch_heads >= 2 * _sm_count(device) else (64, 4)
 
 _SM_COUNT: dict[int, int] = {}
 
 
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 def num_splits_for(batch_heads: int, capacity: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
     """Splits of the token axis so that B·H_kv·splits gives every SM per_sm programs, from the capacity alone."""
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        target = per_sm * _SM_COUNT[idx]
-    else:
-        target = 4
+    target = per_sm * _sm_count(device) if device.type == "cuda" else 4
     blocks = max(1, -(-capacity // block_n))
     return max(1, min(blocks, -(-target // batch_heads), 128))
 
@@ -631,8 +643,9 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n = launch["block_n"] or (128 if layout_2d is not None else 64)
-    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, launch["programs_per_sm"])
+    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None, q_rot.device)
+    block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
+    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
     o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
     dummy = key_codes
