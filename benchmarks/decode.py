@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         launches = [
             dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st, programs_per_sm=per_sm)
-            for bn in (None, 64)
-            for w in (4, 8)
-            for st in (3, 4)
-            for per_sm in (2, 4, 8)
+            for bn in (64, 128)
+            for w in (4,)
+            for st in (3,)
+            for per_sm in (1, 2, 4)
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [

@@ -542,13 +542,14 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def _auto_blocks(batch_heads: int, tiles_2d: bool, device: torch.device) -> tuple[int, int]:
+def _auto_blocks(batch_heads: int, tiles_2d: bool) -> tuple[int, int]:
     """(block_n, programs_per_sm) from an H200 sweep (benchmarks/RESULTS.md): the 2-D kernel takes 128-token
-    blocks, 2 programs per SM, once B·H_kv alone fills the GPU, and 64-token blocks split over 4 programs per
-    SM below that (batch 1 at 131k: 0.124 ms vs 0.151); the generic kernel 64 and 2."""
+    blocks at 2 programs per SM from B·H_kv = 32 on ((16, 65536): 0.90 ms vs 1.03 with 64-token blocks), and
+    64-token blocks split over 4 programs per SM below ((1, 131072): 0.124 ms vs 0.151); the generic kernel
+    64 and 2."""
     if not tiles_2d:
         return 64, 2
-    return (128, 2) if batch_heads >= 2 * _sm_count(device) else (64, 4)
+    return (128, 2) if batch_heads >= 32 else (64, 4)
 
 _SM_COUNT: dict[int, int] = {}
 
@@ -643,7 +644,7 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None, q_rot.device)
+    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
     splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
