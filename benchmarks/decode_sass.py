@@ -1,0 +1,101 @@
+"""Instruction count of the decode kernel's main loop, compiled offline for the H200 (sm_90; no GPU needed).
+
+Compiles ``_decode_split_kernel_2d`` with Triton's bundled ptxas, disassembles it with nvdisasm and counts
+the SASS instructions of its longest loop (one block of block_n tokens): warp-instructions per token is the
+figure to compare with the budget (an SM issues at most 4 warp-instructions per cycle; at the H200's memory
+rate a K4/V4 token of one KV head leaves about 43). Pointers and the capacity are assumed 16-aligned, as
+Triton specialises them at launch.
+
+    python benchmarks/decode_sass.py                       # K4/V4, inline PTX and portable unpacking
+    python benchmarks/decode_sass.py --bits 4,2 --warps 4 --block-n 64 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from turboquant.codebook import get_codebook
+from turboquant.kernels import decode
+
+POINTERS = {"Q": "*fp32", "KC": "*u8", "KN": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "CB": "*fp32",
+            "SEQ_LEN": "*i64", "KV_START": "*i64", "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
+
+
+def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128):
+    fn = decode._decode_split_kernel_2d
+    names = fn.arg_names
+    cb = get_codebook(d, key_bits, "cpu") / d**0.5
+    cb = (cb - cb.flip(0)) / 2
+    const = dict(D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
+                 NUM_SPLITS=4, KEY_ASM=decode.key4_asm(cb) if asm and key_bits == 4 else "", VALUE_ASM=asm,
+                 **decode.tiles_2d_layout(d, key_bits, "mse", value_bits, 32))  # fmt: skip
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
+    src = ASTSource(
+        fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
+    )  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
+
+
+def sass(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    try:
+        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def longest_loop(text: str) -> collections.Counter:
+    """Opcode counts of the longest span between a label and a backward branch to it."""
+    labels, ins = {}, []
+    for line in text.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
+        if m:
+            ins.append(m.group(1))
+    best = (0, 0, -1)
+    for j, t in enumerate(ins):
+        m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", t)
+        if m and labels.get(m.group(1), j + 1) <= j and j - labels[m.group(1)] + 1 > best[0]:
+            best = (j - labels[m.group(1)] + 1, labels[m.group(1)], j)
+    _, a, b = best
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a : b + 1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", nargs="*", default=["4,4"], help="key_bits,value_bits pairs (keys 2 or 4)")
+    ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    ap.add_argument("--block-n", nargs="*", type=int, default=[128])
+    args = ap.parse_args(argv)
+    for pair in args.bits:
+        kb, vb = (int(x) for x in pair.split(","))
+        for asm in (True, False):
+            for warps in args.warps:
+                for bn in args.block_n:
+                    ops = longest_loop(sass(compile_kernel(kb, vb, asm, warps, bn)))
+                    n = sum(ops.values())
+                    if n == 0:
+                        print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop found in the SASS")
+                        continue
+                    top = " ".join(f"{k}:{v}" for k, v in ops.most_common(12))
+                    print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "
+                          f"{n} instructions per thread per block, {n * warps / bn:.1f} warp-instructions per "
+                          f"token | {top}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
