@@ -35,8 +35,9 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     names = fn.arg_names
     cb = get_codebook(d, key_bits, "cpu") / d**0.5
     cb = (cb - cb.flip(0)) / 2
+    key_asm = decode.key_asm_code(cb) if asm else ("", "")
     const = dict(D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 NUM_SPLITS=4, KEY_ASM=decode.key4_asm(cb) if asm and key_bits == 4 else "", VALUE_ASM=asm,
+                 NUM_SPLITS=4, VALUE_ASM=asm, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1],
                  **decode.tiles_2d_layout(d, key_bits, "mse", value_bits, 32))  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(
@@ -77,7 +78,9 @@ def longest_loop(text: str) -> collections.Counter:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bits", nargs="*", default=["4,4"], help="key_bits,value_bits pairs (keys 2 or 4)")
+    ap.add_argument(
+        "--bits", nargs="*", default=["4,4"], help="key_bits,value_bits pairs (MSE keys 2-4, values 2 or 4)"
+    )
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
     args = ap.parse_args(argv)
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                     ops = longest_loop(sass(compile_kernel(kb, vb, asm, warps, bn)))
                     n = sum(ops.values())
                     if n == 0:
-                        print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop found in the SASS")
+                        print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")
                         continue
                     top = " ".join(f"{k}:{v}" for k, v in ops.most_common(12))
                     print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "

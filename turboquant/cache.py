@@ -167,10 +167,10 @@ class TurboQuantKVCache:
         # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
         # the kernels' codebook: centroids / √d made exactly antisymmetric (they are, up to float rounding), so
-        # that the 4-bit lookup by magnitude and sign (kernels.decode.key4_asm) holds the same values
+        # that the 4-bit lookup by magnitude and sign (kernels.decode.key_asm_code) holds the same values
         cb = self.mse_quantizer.centroids / self.mse_quantizer.scale
         self._kernel_codebook = (cb - cb.flip(0)) / 2  # [2^b]
-        self._key_asm = None  # inline assembly of the 4-bit key lookup, built on the first CUDA kernel call
+        self._key_asm = None  # inline assembly of the key lookup, built on the first CUDA kernel call
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
@@ -666,10 +666,10 @@ class TurboQuantKVCache:
             kv_start = self.kv_start + c.sink_tokens
         else:
             kv_start = self.kv_start
-        if self._key_asm is None and q_rot.is_cuda and self.config.key_mode == "mse" and self.config.key_bits == 4:
-            from .kernels.decode import key4_asm
+        if self._key_asm is None and q_rot.is_cuda:
+            from .kernels.decode import key_asm_code
 
-            self._key_asm = key4_asm(self._kernel_codebook)
+            self._key_asm = key_asm_code(self._kernel_codebook)
         return dict(
             q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, key_asm=self._key_asm,
             seq_lens=self.seq_lens,

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "key4_asm", "num_splits_for", "tiles_2d_layout"]
+__all__ = ["decode_attention", "key_asm_code", "num_splits_for", "tiles_2d_layout"]
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -222,26 +222,26 @@ _VALUE_ASM_4 = tl.constexpr(_value_asm(4))
 _VALUE_ASM_2 = tl.constexpr(_value_asm(2))
 
 
-def key4_asm(codebook: torch.Tensor) -> str:
-    """Inline assembly looking up 4-bit key centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 centroids.
-
-    codebook: [16] ascending and symmetric (c[15 - i] = -c[i]), e.g. the MSE centroids divided by √d; the
-    magnitudes c[8..15] rounded to fp16 are baked into the code as byte tables. Elementwise (pack=4: output k
-    of field f comes from byte k). Per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the
-    code's top bit is clear), the low and high bytes of |c| looked up four ranks at a time with prmt, bytes
-    interleaved into f16x2 pairs, and the sign bit of negative codes or-ed in: 22 instructions.
-    """
-    if codebook.numel() != 16:
-        raise ValueError(f"key4_asm needs a 16-entry codebook, got {codebook.numel()}")
-    half = codebook.detach().to("cpu", torch.float16)[8:]
-    bits = half.view(torch.int16).to(torch.int32) & 0xFFFF
-    lo = [int(b) & 0xFF for b in bits]
-    hi = [int(b) >> 8 for b in bits]
+def _byte_tables(values: torch.Tensor) -> tuple[int, int, int, int]:
+    """fp16 bit patterns of up to 8 values as prmt tables: (low bytes 0-3, low 4-7, high 0-3, high 4-7)."""
+    bits = [int(b) & 0xFFFF for b in values.detach().to("cpu", torch.float16).view(torch.int16)]
+    bits += [0] * (8 - len(bits))
 
     def word(b):
         return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
 
-    tl0, tl1, th0, th1 = word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+    lo, hi = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+    return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
+
+
+def _key4_asm(codebook: torch.Tensor) -> str:
+    """4-bit centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 (elementwise: output k from byte k).
+
+    The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables.
+    Per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear), the low and
+    high bytes of |c| looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the sign of
+    negative codes or-ed in: 22 instructions."""
+    tl0, tl1, th0, th1 = _byte_tables(codebook[8:])
     return (
         "{ .reg .b32 neg, r, sb, la, ha, lb, hb, u, v, t, l0, l1, h0, h1;\n"
         f"mov.b32 l0, {tl0:#x};\n mov.b32 l1, {tl1:#x};\n mov.b32 h0, {th0:#x};\n mov.b32 h1, {th1:#x};\n"
@@ -258,32 +258,99 @@ def key4_asm(codebook: torch.Tensor) -> str:
     )
 
 
+def _key_plane_asm(codebook: torch.Tensor, high_shift: int | None) -> str:
+    """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, the matching
+    4 bytes of the 1-bit plane shifted right by high_shift (field f's high bit at bit 2f) -> 4 fields × 4
+    fp16, elementwise. Nibble selectors A = fields 0, 2 and B = fields 1, 3 of every byte (low 2 bits from
+    the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 25 instructions per 16 codes.
+    Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8, the 1-bit plane $9."""
+    tl0, tl1, th0, th1 = _byte_tables(codebook)
+    lines = ["{ .reg .b32 a, b, s, h, t, la, ha, l0, l1, h0, h1;",
+             f"mov.b32 l0, {tl0:#x};", f"mov.b32 l1, {tl1:#x};", f"mov.b32 h0, {th0:#x};", f"mov.b32 h1, {th1:#x};",
+             "shr.u32 b, $8, 2;"]  # fmt: skip
+    if high_shift is None:
+        lines += ["and.b32 a, $8, 0x33333333;", "and.b32 b, b, 0x33333333;"]
+    else:
+        lines += [f"shr.u32 h, $9, {high_shift};", "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;",
+                  "lop3.b32 a, $8, 0x33333333, t, 0xEA;", "and.b32 t, h, 0x44444444;",
+                  "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
+    for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
+        for x in range(2):  # bytes (0, 1), then (2, 3)
+            if x:
+                lines.append(f"shr.u32 s, {sel}, 16;")
+            src = "s" if x else sel
+            lines += [f"prmt.b32 la, l0, l1, {src};", f"prmt.b32 ha, h0, h1, {src};",
+                      f"prmt.b32 ${2 * fa + x}, la, ha, 0x6240;",
+                      f"prmt.b32 ${2 * fb + x}, la, ha, 0x7351;"]  # fmt: skip
+    return "\n".join(lines + ["}"])
+
+
+def key_asm_code(codebook: torch.Tensor) -> tuple[str, str]:
+    """Inline assembly of the key centroid lookup for _decode_split_kernel_2d, built once per codebook.
+
+    codebook: [2^b] (b = 2, 3, 4) ascending centroids divided by √d, antisymmetric for b = 4; rounded to fp16
+    they are baked into the code as byte tables. Returns (lookup, lookup of the second half of the 2-bit
+    plane for 3-bit keys, else ""); ("", "") for codebooks the kernel does not take."""
+    n = codebook.numel()
+    if n == 16:
+        return _key4_asm(codebook), ""
+    if n == 8:
+        return _key_plane_asm(codebook, 0), _key_plane_asm(codebook, 1)
+    if n == 4:
+        return _key_plane_asm(codebook, None), ""
+    return "", ""
+
+
 @triton.jit
-def _key_fields(KC, row, m_n, b_cb, KEY_BITS: tl.constexpr, DP_K: tl.constexpr, KEY_ASM: tl.constexpr,
-                MASKED: tl.constexpr):  # fmt: skip
-    """Centroids (√d units, fp16) of BN keys as P_K field tiles [BN, DP_K] (field f: key columns f·DP_K + e).
-    b_cb: the [BN, 2^kb] codebook table of the portable lookup (unused with KEY_ASM)."""
-    p_k = KC + row[:, None] * DP_K + tl.arange(0, DP_K)[None, :]
+def _key_fields(KC, row, m_n, b_cb, s: tl.constexpr, KEY_BITS: tl.constexpr, D: tl.constexpr,
+                DP_K: tl.constexpr, KEY_ASM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """Centroids (√d units, fp16) of BN keys as field tiles [BN, DP_K]. 2 and 4 bits: all fields, tile f =
+    key columns f·DP_K + e. 3 bits: the half s of the 2-bit plane, tile f = key columns f·D/4 + s·D/8 + e
+    (DP_K = D/8). b_cb: the [BN, 2^kb] codebook of the portable lookup (unused with KEY_ASM)."""
+    KB: tl.constexpr = D * KEY_BITS // 8  # bytes per key
+    p_k = KC + row[:, None] * KB + tl.arange(0, DP_K)[None, :]
+    if KEY_BITS == 3:
+        p_k += s * DP_K
     if MASKED:
         kb = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
         kb = tl.load(p_k)
-    if KEY_ASM != "":
-        k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
-                                           is_pure=False, pack=4)  # fmt: skip
-        k2 = k0
-        k3 = k0
-    else:
-        kb = kb.to(tl.int32)
-        NC: tl.constexpr = 2**KEY_BITS
-        k0 = tl.gather(b_cb, kb & (NC - 1), axis=1)
-        k1 = tl.gather(b_cb, (kb >> KEY_BITS) & (NC - 1), axis=1)
-        if KEY_BITS == 2:
-            k2 = tl.gather(b_cb, (kb >> 4) & 3, axis=1)
-            k3 = tl.gather(b_cb, (kb >> 6) & 3, axis=1)
+    if KEY_BITS == 3:
+        p_h = KC + row[:, None] * KB + 2 * DP_K + tl.arange(0, DP_K)[None, :]  # the 1-bit plane
+        if MASKED:
+            hb = tl.load(p_h, mask=m_n[:, None], other=0)
         else:
+            hb = tl.load(p_h)
+    if KEY_ASM != "":
+        if KEY_BITS == 4:
+            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
+                                               is_pure=False, pack=4)  # fmt: skip
             k2 = k0
             k3 = k0
+        elif KEY_BITS == 3:
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 7 + ",r,r", [kb, hb], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=False, pack=4)  # fmt: skip
+        else:
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 7 + ",r", [kb], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                is_pure=False, pack=4)  # fmt: skip
+    else:
+        kb = kb.to(tl.int32)
+        if KEY_BITS == 4:
+            k0 = tl.gather(b_cb, kb & 15, axis=1)
+            k1 = tl.gather(b_cb, kb >> 4, axis=1)
+            k2 = k0
+            k3 = k0
+        else:
+            if KEY_BITS == 3:
+                hb = hb.to(tl.int32) >> s
+            else:
+                hb = tl.zeros_like(kb)
+            k0 = tl.gather(b_cb, (kb & 3) | ((hb & 1) << 2), axis=1)
+            k1 = tl.gather(b_cb, ((kb >> 2) & 3) | (hb & 4), axis=1)
+            k2 = tl.gather(b_cb, ((kb >> 4) & 3) | (((hb >> 4) & 1) << 2), axis=1)
+            k3 = tl.gather(b_cb, ((kb >> 6) & 3) | (((hb >> 6) & 1) << 2), axis=1)
     return k0, k1, k2, k3
 
 
@@ -368,23 +435,30 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 @triton.jit
 def _attend_block_2d(
-    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
     KC, KN, VC, VS, VZ, C,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
-    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, MASKED: tl.constexpr,
+    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     """Tokens [n0, n0 + BN) of one head folded into the online softmax. MASKED: the block may reach past `end`
     or past a query's causal limit (the last block of a split); other blocks load and score without masks."""
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < end
     row = i_bh * C + o_n.to(tl.int64)
-    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, KEY_BITS, DP_K, KEY_ASM, MASKED)
+    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, 0, KEY_BITS, D, DP_K, KEY_ASM, MASKED)
     s_t = tl.dot(k0, qt0)
     s_t += tl.dot(k1, qt1)
     if P_K > 2:
         s_t += tl.dot(k2, qt2)
         s_t += tl.dot(k3, qt3)
+    if KEY_BITS == 3:  # the second half of the 2-bit plane
+        k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, 1, KEY_BITS, D, DP_K, KEY_ASM_1, MASKED)
+        s_t += tl.dot(k0, qt4)
+        s_t += tl.dot(k1, qt5)
+        s_t += tl.dot(k2, qt6)
+        s_t += tl.dot(k3, qt7)
     if MASKED:
         norm = tl.load(KN + row, mask=m_n, other=0.0)
     else:
@@ -421,13 +495,13 @@ def _decode_split_kernel_2d(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
+    KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
 ):  # fmt: skip
-    """The split kernel for MSE keys of 2 or 4 bits and values of 2 or 4 bits in 2-D tiles (at most four key
-    fields and four value chunks): scores as Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed, values
-    dequantised per element. Same inputs and outputs as _decode_split_kernel.
+    """The split kernel for MSE keys of 2, 3 or 4 bits and values of 2 or 4 bits in 2-D tiles (at most eight
+    key tiles and four value chunks): scores as Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed,
+    values dequantised per element. Same inputs and outputs as _decode_split_kernel.
 
-    KEY_ASM (4-bit keys; from key4_asm) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
+    KEY_ASM, KEY_ASM_1 (from key_asm_code) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
     Triton (the CPU interpreter) computes the same tiles, the key lookup with a register-table gather. Blocks
     that lie wholly inside the split and before every query's causal limit skip all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
@@ -436,16 +510,25 @@ def _decode_split_kernel_2d(
     o_m = tl.arange(0, BM)
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q
-    # transposed query fields [DP_K, BM], loaded once
+    # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
     p_q = Q + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DP_K)[:, None]
+    F: tl.constexpr = D // 4 if KEY_BITS == 3 else DP_K  # column offset of key field f: f·F (+ D/8 in half 1)
     qt0 = tl.load(p_q, mask=m_m[None, :], other=0.0).to(tl.float16)
-    qt1 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+    qt1 = tl.load(p_q + F, mask=m_m[None, :], other=0.0).to(tl.float16)
+    qt2 = qt0
+    qt3 = qt0
+    qt4 = qt0
+    qt5 = qt0
+    qt6 = qt0
+    qt7 = qt0
     if P_K > 2:
-        qt2 = tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt3 = tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-    else:
-        qt2 = qt0
-        qt3 = qt0
+        qt2 = tl.load(p_q + 2 * F, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt3 = tl.load(p_q + 3 * F, mask=m_m[None, :], other=0.0).to(tl.float16)
+    if KEY_BITS == 3:
+        qt4 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt5 = tl.load(p_q + F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt6 = tl.load(p_q + 2 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt7 = tl.load(p_q + 3 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -461,14 +544,14 @@ def _decode_split_kernel_2d(
     n_full = tl.maximum(full_end - start, 0) // BN
     for n0 in range(start, start + n_full * BN, BN):
         b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, VC, VS, VZ, C,
-            D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM,
-            False)  # fmt: skip
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
+            KC, KN, VC, VS, VZ, C, D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM,
+            KEY_ASM_1, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, VC, VS, VZ, C,
-            D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM,
-            True)  # fmt: skip
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
+            KC, KN, VC, VS, VZ, C, D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM,
+            KEY_ASM_1, VALUE_ASM, True)  # fmt: skip
 
     part = (i_bh * NUM_SPLITS + i_s) * BM
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
@@ -483,9 +566,9 @@ def _decode_split_kernel_2d(
 
 def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
     """Constexprs of _decode_split_kernel_2d for this configuration, or None where it does not apply."""
-    if key_mode != "mse" or key_bits not in (2, 4) or value_bits not in (2, 4) or d not in (64, 128):
+    if key_mode != "mse" or key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
         return None
-    p_k, p_v = 8 // key_bits, 8 // value_bits
+    p_k, p_v = 8 if key_bits == 3 else 8 // key_bits, 8 // value_bits
     dp_v = d // p_v
     w = min(dp_v, group_size)
     if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
@@ -551,6 +634,7 @@ def _auto_blocks(batch_heads: int, tiles_2d: bool) -> tuple[int, int]:
         return 64, 2
     return (128, 2) if batch_heads >= 32 else (64, 4)
 
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -599,7 +683,7 @@ def decode_attention(
     n_q: int,
     causal: bool = True,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    key_asm: str | None = None,
+    key_asm: tuple[str, str] | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
@@ -615,8 +699,8 @@ def decode_attention(
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
             (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
-        key_asm: key4_asm(codebook) for 4-bit MSE keys, computed once by the caller (else here, reading the
-            codebook on the host).
+        key_asm: key_asm_code(codebook), computed once by the caller (else here, reading the codebook on the
+            host).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major,
             tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it unpack
@@ -652,16 +736,16 @@ def decode_attention(
     dummy = key_codes
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
-        if use_asm and key_bits == 4:
-            key_asm = key4_asm(codebook) if key_asm is None else key_asm
+        if use_asm:
+            key_asm = key_asm_code(codebook) if key_asm is None else key_asm
         else:
-            key_asm = ""
+            key_asm = ("", "")
         _decode_split_kernel_2d[(b * h_kv, splits)](
             q_rot, key_codes, buffers["key_norms"], buffers["value_codes"], buffers["value_scales"],
             buffers["value_zeros"], codebook, seq_lens, kv_start, q_start, o_part, l_part,
             h_kv, c, m, n_q, split_size,
             D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-            NUM_SPLITS=splits, KEY_ASM=key_asm, VALUE_ASM=use_asm, num_warps=launch["num_warps"],
+            NUM_SPLITS=splits, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1], VALUE_ASM=use_asm, num_warps=launch["num_warps"],
             num_stages=launch["num_stages"], **layout_2d,
         )  # fmt: skip
     else:
