@@ -745,8 +745,8 @@ def decode_attention(
             buffers["value_zeros"], codebook, seq_lens, kv_start, q_start, o_part, l_part,
             h_kv, c, m, n_q, split_size,
             D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-            NUM_SPLITS=splits, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1], VALUE_ASM=use_asm, num_warps=launch["num_warps"],
-            num_stages=launch["num_stages"], **layout_2d,
+            NUM_SPLITS=splits, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1], VALUE_ASM=use_asm,
+            num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
         )  # fmt: skip
     else:
         _decode_split_kernel[(b * h_kv, splits)](
