@@ -54,7 +54,7 @@ def prepared_call(cache: TurboQuantKVCache, q: torch.Tensor, **launch):
 
 
 def layout_args(cfg: KVCacheConfig) -> dict:
-    return dict(key_bits=cfg.key_index_bits, key_mode=cfg.key_mode, value_bits=cfg.value_bits,
+    return dict(key_bits=cfg.key_bits, key_mode=cfg.key_mode, value_bits=cfg.value_bits,
                 group_size=cfg.group_size)  # fmt: skip
 
 

@@ -26,19 +26,22 @@ from triton.compiler import ASTSource
 from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
 
-POINTERS = {"Q": "*fp32", "KC": "*u8", "KN": "*fp16", "VC": "*u8", "VS": "*fp16", "VZ": "*fp16", "CB": "*fp32",
-            "SEQ_LEN": "*i64", "KV_START": "*i64", "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
+POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
+            "VS": "*fp16", "VZ": "*fp16", "CB": "*fp32", "SEQ_LEN": "*i64", "KV_START": "*i64", "Q_START": "*i64",
+            "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
 
 
-def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128):
+def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128,
+                   prod: bool = False):  # fmt: skip
+    """key_bits: codebook index bits (prod adds the QJL bit)."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
     cb = get_codebook(d, key_bits, "cpu") / d**0.5
     cb = (cb - cb.flip(0)) / 2
     key_asm = decode.key_asm_code(cb) if asm else ("", "")
-    const = dict(D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
+    const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
                  NUM_SPLITS=4, VALUE_ASM=asm, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1],
-                 **decode.tiles_2d_layout(d, key_bits, "mse", value_bits, 32))  # fmt: skip
+                 **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--bits", nargs="*", default=["4,4"], help="key_bits,value_bits pairs (MSE keys 2-4, values 2 or 4)"
     )
+    ap.add_argument("--prod", action="store_true", help="prod keys: the index bits plus the QJL plane")
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
     args = ap.parse_args(argv)
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    ops = longest_loop(sass(compile_kernel(kb, vb, asm, warps, bn)))
+                    ops = longest_loop(sass(compile_kernel(kb, vb, asm, warps, bn, prod=args.prod)))
                     n = sum(ops.values())
                     if n == 0:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")

@@ -354,6 +354,56 @@ def _key_fields(KC, row, m_n, b_cb, s: tl.constexpr, KEY_BITS: tl.constexpr, D: 
     return k0, k1, k2, k3
 
 
+def _sign_asm() -> str:
+    """QJL signs as ±1 fp16: 4 bytes of the 1-bit plane (8 fields per byte) -> 8 fields × 4 values, elementwise.
+
+    Bytes (0, 1) and (2, 3) spread to register halves with prmt; field g's bit shifted to bit 15 of each half
+    and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0 (0x3C00), bit 0 gives -1.0. Outputs $0-$15 (field g in
+    registers 2g, 2g+1), the bytes $16."""
+    lines = ["{ .reg .b32 x0, x1, t;", "prmt.b32 x0, $16, 0, 0x4140;", "prmt.b32 x1, $16, 0, 0x4342;"]
+    for g in range(8):
+        for x in range(2):
+            lines += [f"shl.b32 t, x{x}, {15 - g};", f"lop3.b32 ${2 * g + x}, t, 0x80008000, 0xBC00BC00, 0x6A;"]
+    return "\n".join(lines + ["}"])
+
+
+_SIGN_ASM = tl.constexpr(_sign_asm())
+
+
+@triton.jit
+def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, DQ: tl.constexpr, ASM: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
+    """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32: the 1-bit plane [BN, D/8] as 8 ±1 tiles (field g =
+    key columns g·D/8 + e), each dotted with its query tile sq_g [D/8, BM]."""
+    p_s = KS + row[:, None] * DQ + tl.arange(0, DQ)[None, :]
+    if MASKED:
+        sb = tl.load(p_s, mask=m_n[:, None], other=0)
+    else:
+        sb = tl.load(p_s)
+    if ASM:
+        g0, g1, g2, g3, g4, g5, g6, g7 = tl.inline_asm_elementwise(
+            _SIGN_ASM, "=r" + ",=r" * 15 + ",r", [sb], dtype=(tl.float16,) * 8, is_pure=False, pack=4)  # fmt: skip
+    else:
+        sb = sb.to(tl.int32)
+        g0 = ((sb & 1) * 2 - 1).to(tl.float16)
+        g1 = (((sb >> 1) & 1) * 2 - 1).to(tl.float16)
+        g2 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
+        g3 = (((sb >> 3) & 1) * 2 - 1).to(tl.float16)
+        g4 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
+        g5 = (((sb >> 5) & 1) * 2 - 1).to(tl.float16)
+        g6 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
+        g7 = (((sb >> 7) & 1) * 2 - 1).to(tl.float16)
+    acc = tl.dot(g0, sq0)
+    acc += tl.dot(g1, sq1)
+    acc += tl.dot(g2, sq2)
+    acc += tl.dot(g3, sq3)
+    acc += tl.dot(g4, sq4)
+    acc += tl.dot(g5, sq5)
+    acc += tl.dot(g6, sq6)
+    acc += tl.dot(g7, sq7)
+    return acc
+
+
 @triton.jit
 def _group_affine(VS, VZ, row, m_n, g: tl.constexpr, VALUE_BITS: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr):
     """Group g of BN rows: (s/2, z + s·c/2) as fp16 [BN], so that a value is (2x - c)·s/2 + (z + s·c/2)."""
@@ -435,8 +485,8 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 @triton.jit
 def _attend_block_2d(
-    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
-    KC, KN, VC, VS, VZ, C,
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+    b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
     DP_V: tl.constexpr, KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
@@ -463,7 +513,15 @@ def _attend_block_2d(
         norm = tl.load(KN + row, mask=m_n, other=0.0)
     else:
         norm = tl.load(KN + row)
-    b_s = tl.trans(s_t * norm.to(tl.float32)[:, None])  # [BM, BN]
+    s_t = s_t * norm.to(tl.float32)[:, None]
+    if PROD:  # the QJL term: γ · ⟨S q, sign(S r)⟩ (its constant folded into S q)
+        if MASKED:
+            gamma = tl.load(KR + row, mask=m_n, other=0.0)
+        else:
+            gamma = tl.load(KR + row)
+        s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D // 8, VALUE_ASM, MASKED)
+        s_t += s_qjl * gamma.to(tl.float32)[:, None]
+    b_s = tl.trans(s_t)  # [BM, BN]
     if MASKED:
         visible = m_n[None, :]
         if CAUSAL:
@@ -490,16 +548,17 @@ def _attend_block_2d(
 
 @triton.jit
 def _decode_split_kernel_2d(
-    Q, KC, KN, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
+    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
-    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
     KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
 ):  # fmt: skip
-    """The split kernel for MSE keys of 2, 3 or 4 bits and values of 2 or 4 bits in 2-D tiles (at most eight
-    key tiles and four value chunks): scores as Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed,
-    values dequantised per element. Same inputs and outputs as _decode_split_kernel.
+    """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
+    values of 2 or 4 bits in 2-D tiles (at most eight key tiles and four value chunks): scores as
+    Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed (+ γ · Σ_g sign_g @ (Sq)_gᵀ), values dequantised
+    per element. Same inputs and outputs as _decode_split_kernel; KEY_BITS counts the index bits.
 
     KEY_ASM, KEY_ASM_1 (from key_asm_code) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
     Triton (the CPU interpreter) computes the same tiles, the key lookup with a register-table gather. Blocks
@@ -529,6 +588,25 @@ def _decode_split_kernel_2d(
         qt5 = tl.load(p_q + F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
         qt6 = tl.load(p_q + 2 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
         qt7 = tl.load(p_q + 3 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+    sq0 = qt0
+    sq1 = qt0
+    sq2 = qt0
+    sq3 = qt0
+    sq4 = qt0
+    sq5 = qt0
+    sq6 = qt0
+    sq7 = qt0
+    if PROD:  # S q as 8 tiles [D/8, BM]
+        DQ: tl.constexpr = D // 8
+        p_sq = SQ + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DQ)[:, None]
+        sq0 = tl.load(p_sq, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq1 = tl.load(p_sq + DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq2 = tl.load(p_sq + 2 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq3 = tl.load(p_sq + 3 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq4 = tl.load(p_sq + 4 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq5 = tl.load(p_sq + 5 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq6 = tl.load(p_sq + 6 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq7 = tl.load(p_sq + 7 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -544,14 +622,14 @@ def _decode_split_kernel_2d(
     n_full = tl.maximum(full_end - start, 0) // BN
     for n0 in range(start, start + n_full * BN, BN):
         b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
-            KC, KN, VC, VS, VZ, C, D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM,
-            KEY_ASM_1, VALUE_ASM, False)  # fmt: skip
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D, KEY_BITS, VALUE_BITS,
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, KEY_ASM_1, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, b_cb, b_m, b_l, acc0, acc1, acc2, acc3,
-            KC, KN, VC, VS, VZ, C, D, KEY_BITS, VALUE_BITS, GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM,
-            KEY_ASM_1, VALUE_ASM, True)  # fmt: skip
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D, KEY_BITS, VALUE_BITS,
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, KEY_ASM_1, VALUE_ASM, True)  # fmt: skip
 
     part = (i_bh * NUM_SPLITS + i_s) * BM
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
@@ -565,8 +643,12 @@ def _decode_split_kernel_2d(
 
 
 def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
-    """Constexprs of _decode_split_kernel_2d for this configuration, or None where it does not apply."""
-    if key_mode != "mse" or key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
+    """Constexprs of _decode_split_kernel_2d for this configuration, or None where it does not apply.
+
+    key_bits counts the QJL bit of prod keys (their codebook index has key_bits - 1)."""
+    prod = key_mode == "prod"
+    key_bits = key_bits - 1 if prod else key_bits
+    if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128) or (prod and d // 8 < 16):
         return None
     p_k, p_v = 8 if key_bits == 3 else 8 // key_bits, 8 // value_bits
     dp_v = d // p_v
@@ -576,7 +658,7 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     nch = d // w
     if nch not in (2, 4):
         return None
-    return dict(P_K=p_k, DP_K=d // p_k, NCH=nch, W=w, NH=dp_v // w, DP_V=dp_v)
+    return dict(KEY_BITS=key_bits, PROD=prod, P_K=p_k, DP_K=d // p_k, NCH=nch, W=w, NH=dp_v // w, DP_V=dp_v)
 
 
 @triton.jit
@@ -741,10 +823,11 @@ def decode_attention(
         else:
             key_asm = ("", "")
         _decode_split_kernel_2d[(b * h_kv, splits)](
-            q_rot, key_codes, buffers["key_norms"], buffers["value_codes"], buffers["value_scales"],
-            buffers["value_zeros"], codebook, seq_lens, kv_start, q_start, o_part, l_part,
-            h_kv, c, m, n_q, split_size,
-            D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
+            q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
+            buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
+            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, seq_lens, kv_start,
+            q_start, o_part, l_part, h_kv, c, m, n_q, split_size,
+            D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
             NUM_SPLITS=splits, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1], VALUE_ASM=use_asm,
             num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
         )  # fmt: skip
