@@ -707,14 +707,16 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def _auto_blocks(batch_heads: int, tiles_2d: bool) -> tuple[int, int]:
-    """(block_n, programs_per_sm) from an H200 sweep (benchmarks/RESULTS.md): the 2-D kernel takes 128-token
-    blocks at 2 programs per SM from B·H_kv = 32 on ((16, 65536): 0.90 ms vs 1.03 with 64-token blocks), and
-    64-token blocks split over 4 programs per SM below ((1, 131072): 0.124 ms vs 0.151); the generic kernel
-    64 and 2."""
+def _auto_blocks(batch_heads: int, tiles_2d: bool, prod: bool) -> tuple[int, int]:
+    """(block_n, programs_per_sm) from H200 sweeps (benchmarks/RESULTS.md): from B·H_kv = 32 on, the 2-D kernel
+    takes 128-token blocks at 2 programs per SM ((16, 65536) K4/V4: 0.90 ms vs 1.03 with 64-token blocks), 64
+    for prod keys, whose 16 query tiles leave fewer registers (1.13 ms vs 1.75); below, 64-token blocks split
+    over 4 programs per SM ((1, 131072): 0.124 ms vs 0.151). The generic kernel: 64 and 2."""
     if not tiles_2d:
         return 64, 2
-    return (128, 2) if batch_heads >= 32 else (64, 4)
+    if batch_heads < 32:
+        return 64, 4
+    return (64, 2) if prod else (128, 2)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -810,7 +812,7 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None)
+    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None, prod)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
     splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
     split_size = -(-max(c, 1) // (splits * block_n)) * block_n
