@@ -1,0 +1,185 @@
+"""The decode kernel's inline PTX, run on the CPU by a small interpreter of the instructions it uses.
+
+The GPU tests compare the assembly path with the reference; here (no GPU needed) every unpacking routine is
+checked word by word against what its portable Triton twin computes: the same fp16 values, bit for bit,
+for random 32-bit words and for the all-zero and all-one words.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from turboquant.codebook import get_codebook
+from turboquant.kernels import decode
+
+M32 = 0xFFFFFFFF
+
+
+def _f16x2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (x & 0xFFFF).astype(np.uint16).view(np.float16), (x >> 16).astype(np.uint16).view(np.float16)
+
+
+def _pack_f16x2(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return lo.astype(np.float16).view(np.uint16).astype(np.uint64) | (
+        hi.astype(np.float16).view(np.uint16).astype(np.uint64) << 16
+    )
+
+
+def _lop3(a, b, c, lut):
+    out = np.zeros_like(a)
+    for i in range(8):
+        if lut >> i & 1:
+            out |= (a if i & 4 else ~a & M32) & (b if i & 2 else ~b & M32) & (c if i & 1 else ~c & M32)
+    return out
+
+
+def _prmt(a, b, c):
+    """Default mode: output byte i is byte (c >> 4i) & 7 of {b, a}; with bit 3 of the selector, that byte's
+    sign replicated."""
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = np.zeros_like(a)
+    for i in range(4):
+        sel = (c >> (4 * i)) & 0xF
+        byte = np.choose((sel & 7).astype(np.int64), pool)
+        byte = np.where(sel & 8, np.where(byte & 0x80, 0xFF, 0), byte)
+        out |= byte.astype(np.uint64) << (8 * i)
+    return out
+
+
+def run_ptx(code: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """Execute the instruction subset of the kernels' assembly on uint64 arrays holding 32-bit registers."""
+    regs: dict[str, np.ndarray] = {f"${k}": v.astype(np.uint64) for k, v in operands.items()}
+    n = len(next(iter(operands.values())))
+
+    def val(tok: str) -> np.ndarray:
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        return np.full(n, int(tok, 0) & M32, dtype=np.uint64)
+
+    body = code.strip().removeprefix("{").removesuffix("}")
+    for stmt in filter(None, (s.strip() for s in body.split(";"))):
+        if stmt.startswith(".reg"):
+            continue
+        op, args = stmt.split(None, 1)
+        dst, *src = [t.strip() for t in args.split(",")]
+        if op == "mov.b32":
+            out = val(src[0])
+        elif op == "lop3.b32":
+            out = _lop3(val(src[0]), val(src[1]), val(src[2]), int(src[3], 0))
+        elif op == "and.b32":
+            out = val(src[0]) & val(src[1])
+        elif op == "shr.u32":
+            out = val(src[0]) >> int(src[1])
+        elif op == "shl.b32":
+            out = (val(src[0]) << int(src[1])) & M32
+        elif op == "mul.lo.u32":
+            out = (val(src[0]) * val(src[1])) & M32
+        elif op == "prmt.b32":
+            out = _prmt(val(src[0]), val(src[1]), val(src[2]))
+        elif op == "sub.f16x2":
+            (a0, a1), (b0, b1) = _f16x2(val(src[0])), _f16x2(val(src[1]))
+            out = _pack_f16x2(a0.astype(np.float64) - b0, a1.astype(np.float64) - b1)
+        elif op == "fma.rn.f16x2":  # exact product and sum in float64, one rounding to fp16
+            (a0, a1), (b0, b1), (c0, c1) = _f16x2(val(src[0])), _f16x2(val(src[1])), _f16x2(val(src[2]))
+            out = _pack_f16x2(a0.astype(np.float64) * b0 + c0, a1.astype(np.float64) * b1 + c1)
+        else:
+            raise AssertionError(f"instruction {op!r} not modelled")
+        regs[dst] = out.astype(np.uint64) & M32
+    return {int(k[1:]): v for k, v in regs.items() if re.fullmatch(r"\$\d+", k)}
+
+
+def _words(seed: int, n: int = 4096) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.concatenate(([0, M32], rng.integers(0, 2**32, n, dtype=np.uint64))).astype(np.uint64)
+
+
+def _bytes(w: np.ndarray) -> list[np.ndarray]:
+    return [(w >> (8 * k)) & 0xFF for k in range(4)]
+
+
+def _field(regs: dict[int, np.ndarray], first: int) -> list[np.ndarray]:
+    """The 4 fp16 values of one output field (registers first, first + 1), in element order."""
+    lo0, hi0 = _f16x2(regs[first])
+    lo1, hi1 = _f16x2(regs[first + 1])
+    return [lo0, hi0, lo1, hi1]
+
+
+def _kernel_codebook(bits: int, d: int = 128) -> torch.Tensor:
+    cb = get_codebook(d, bits, "cpu").double() / d**0.5
+    return ((cb - cb.flip(0)) / 2).float()  # as TurboQuantKVCache hands it to the kernels
+
+
+def test_key4_lookup_matches_the_codebook():
+    cb = _kernel_codebook(4)
+    table = cb.half().numpy()
+    w = _words(0)
+    regs = run_ptx(decode.key_asm_code(cb)[0], {4: w})
+    for f in range(2):  # field 0: low nibbles, field 1: high nibbles
+        got = _field(regs, 2 * f)
+        for k, byte in enumerate(_bytes(w)):
+            want = table[((byte >> (4 * f)) & 15).astype(np.int64)]
+            np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_plane_key_lookup_matches_the_codebook(bits):
+    cb = _kernel_codebook(bits)
+    table = cb.half().numpy()
+    codes, high = _words(1), _words(2)
+    for half, code in enumerate(decode.key_asm_code(cb)[: bits - 1]):
+        regs = run_ptx(code, {8: codes, 9: high})
+        for f in range(4):
+            got = _field(regs, 2 * f)
+            for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):
+                idx = (byte >> (2 * f)) & 3
+                if bits == 3:  # high bit of field f, half s: bit 2f + s of the 1-bit plane byte
+                    idx = idx | (((hb >> (2 * f + half)) & 1) << 2)
+                want = table[idx.astype(np.int64)]
+                np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_value_dequantisation_matches_the_portable_path(bits):
+    rng = np.random.default_rng(bits)
+    w = _words(3)
+    n = len(w)
+    fields = 8 // bits
+    c = (1 << bits) - 1
+    operands = {2 * fields: w}
+    scales = []
+    for f in range(fields):  # s/2 and z + s·c/2 per field, two registers each (elements 0-1, 2-3)
+        hs = rng.uniform(0.01, 0.2, (n, 4)).astype(np.float16)
+        zz = rng.uniform(-1, 1, (n, 4)).astype(np.float16)
+        base = 2 * fields + 1 + 4 * f
+        operands[base], operands[base + 1] = _pack_f16x2(hs[:, 0], hs[:, 1]), _pack_f16x2(hs[:, 2], hs[:, 3])
+        operands[base + 2], operands[base + 3] = _pack_f16x2(zz[:, 0], zz[:, 1]), _pack_f16x2(zz[:, 2], zz[:, 3])
+        scales.append((hs, zz))
+    regs = run_ptx(decode._value_asm(bits), operands)
+    for f in range(fields):
+        got = _field(regs, 2 * f)
+        hs, zz = scales[f]
+        for k, byte in enumerate(_bytes(w)):
+            y = 2.0 * ((byte >> (bits * f)) & c).astype(np.float64) - c
+            want = (y * hs[:, k] + zz[:, k]).astype(np.float16)
+            np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+
+
+def test_qjl_signs_are_plus_minus_one():
+    w = _words(4)
+    regs = run_ptx(decode._sign_asm(), {16: w})
+    for g in range(8):
+        got = _field(regs, 2 * g)
+        for k, byte in enumerate(_bytes(w)):
+            want = np.where((byte >> g) & 1, 1.0, -1.0).astype(np.float16)
+            np.testing.assert_array_equal(got[k], want)
+
+
+def test_interpreter_models_prmt_sign_mode():
+    a = np.array([0x80_7F_01_FF], dtype=np.uint64)
+    # selectors: byte 0 as is, byte 1 as is, byte 2 sign-replicated (0x7F -> 0x00), byte 3 sign (0x80 -> 0xFF)
+    assert int(_prmt(a, np.zeros_like(a), np.array([0xBA10], dtype=np.uint64))[0]) == 0xFF_00_01_FF
