@@ -34,10 +34,10 @@ is a family, then colon-separated options:
     up to N-1 of the newest tokens stay in full precision, and on every flush the whole history is dequantized
     and quantized again). ``gN``: q_group_size (default 64). It refuses models with sliding-window layers
     (Gemma-3): such rows say "refused".
-``tq:kAvB`` [``:mse`` | ``:prod``] [``:haar`` | ``:hadamard``] [``:center``] [``:sinkN``] [``:winN``] [``:nc``]
-[``:skipL`` ...]
+``tq:kAvB`` [``:mse`` | ``:prod``] [``:haar`` | ``:hadamard``] [``:center``] [``:kscale``] [``:sinkN``] [``:winN``]
+[``:nc``] [``:skipL`` ...]
     ``turboquant.integrations.transformers.TurboQuantCache(model, key_bits=A, value_bits=B, ...)``: key_mode
-    (default mse; prod = A-1 MSE bits + 1 QJL bit), rotation (default haar), center_keys, sink_tokens=N,
+    (default mse; prod = A-1 MSE bits + 1 QJL bit), rotation (default haar), center_keys, scale_keys, sink_tokens=N,
     residual_window=N (default 0), norm_correction, and skip_layers (layer L left uncompressed; repeat the option
     for several layers).
 
@@ -204,7 +204,7 @@ def parse_method(spec: str) -> MethodSpec:
         if not (k.startswith("k") and sep and k[1:].isdigit() and v.isdigit()):
             raise ValueError(f"{spec!r}: expected tq:kAvB first, e.g. tq:k4v4")
         kwargs: dict = dict(key_bits=int(k[1:]), value_bits=int(v), key_mode="mse", rotation="haar")
-        kwargs.update(norm_correction=False, residual_window=0, center_keys=False, sink_tokens=0)
+        kwargs.update(norm_correction=False, residual_window=0, center_keys=False, scale_keys=False, sink_tokens=0)
         skip: list[int] = []
         for opt in options[1:]:
             if opt in ("mse", "prod"):
@@ -213,6 +213,8 @@ def parse_method(spec: str) -> MethodSpec:
                 kwargs["rotation"] = opt
             elif opt == "center":
                 kwargs["center_keys"] = True
+            elif opt == "kscale":
+                kwargs["scale_keys"] = True
             elif opt == "nc":
                 kwargs["norm_correction"] = True
             elif (n := _int_option(opt, "sink", spec)) is not None:
@@ -223,7 +225,8 @@ def parse_method(spec: str) -> MethodSpec:
                 skip.append(n)
             else:
                 raise ValueError(
-                    f"{spec!r}: unknown tq option {opt!r} (mse, prod, haar, hadamard, center, sinkN, winN, nc, skipL)"
+                    f"{spec!r}: unknown tq option {opt!r} (mse, prod, haar, hadamard, center, kscale, sinkN, winN, nc, "
+                    "skipL)"
                 )
         kwargs["skip_layers"] = tuple(sorted(set(skip)))
         words = ["tq", kwargs["key_mode"]]
@@ -231,6 +234,8 @@ def parse_method(spec: str) -> MethodSpec:
             words.append(kwargs["rotation"])
         if kwargs["center_keys"]:
             words.append("center")
+        if kwargs["scale_keys"]:
+            words.append("kscale")
         if kwargs["sink_tokens"]:
             words.append(f"sink{kwargs['sink_tokens']}")
         words.append(f"win{kwargs['residual_window']}")

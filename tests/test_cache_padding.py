@@ -392,6 +392,103 @@ def test_center_keys_reduce_error_under_a_common_offset(settings: dict) -> None:
     assert errors[True] < 0.5 * errors[False]
 
 
+# ------------------------------------------------------------------------------- scaled keys
+
+
+def build_with_queries(config, k, v, q, chunks, valid=None, device="cpu") -> TurboQuantKVCache:
+    """Like build(), with the chunks' queries q [B, H_q, N, D] passed to every append."""
+    cache = TurboQuantKVCache(config, k.shape[0], k.shape[1], dtype=torch.float32, device=device)
+    for start, stop in bounds(chunks):
+        mask = None if valid is None else valid[:, start:stop].to(device)
+        cache.append(k[:, :, start:stop].to(device), v[:, :, start:stop].to(device), valid=mask,
+                     queries=q[:, :, start:stop].to(device))  # fmt: skip
+    return cache
+
+
+@pytest.mark.parametrize("settings", [MSE3, PROD3], ids=["mse3", "prod3"])
+def test_scale_keys_is_exact_for_attention(settings: dict) -> None:
+    """Keys stored as (k - μ)/s and the store attended with q·s: attention and lse are those of the keys that
+    dequantize() returns (de-scaled, de-centred), also merged with an exact chunk; the scales follow the
+    formula from the first append's real keys and queries, and select_batch carries them."""
+    config = KVCacheConfig(**settings, center_keys=True, scale_keys=True, residual_window=8, flush_block=4)
+    pads, chunks, h_kv, h_q, d = (0, 3), (20, 12, 1), 2, 4, 64
+    n = sum(chunks)
+    k, v = padded_kv(pads, h_kv, n, d, seed=90)
+    channel = torch.logspace(-1, 1, d)  # very unequal channels, in keys and (differently) in queries
+    k = k * channel
+    q_all = randn(2, h_q, n, d, seed=91) * channel.flip(0)
+    valid = left_pad_mask(pads, n)
+    cache = build_with_queries(config, k, v, q_all, chunks, valid)
+
+    first = chunks[0]
+    kc = [k[b, :, pads[b] : first] - cache.key_mean[b, :, None, :] for b in range(2)]
+    qs = [q_all[b, :, pads[b] : first].reshape(h_kv, 2, -1, d) for b in range(2)]
+    k2 = torch.stack([x.pow(2).mean(dim=1) for x in kc])  # [B, H, D]
+    q2 = torch.stack([x.pow(2).mean(dim=(1, 2)) for x in qs])
+    k2, q2 = (x + 1e-6 * x.mean(dim=-1, keepdim=True) for x in (k2, q2))  # the floor against empty channels
+    s = (k2 / q2).pow(0.25)
+    s = s / s.log().mean(dim=-1, keepdim=True).exp()
+    assert torch.allclose(cache.key_scale, s, rtol=1e-4)
+
+    k_hat, v_hat = cache.dequantize()
+    n_c = cache.num_compressed
+    kq = key_quantizer(config)
+    scaled = (k[:, :, :n_c] - cache.key_mean[:, :, None, :]) / cache.key_scale[:, :, None, :]
+    expect = kq.decompress(kq.compress(scaled)) * cache.key_scale[:, :, None, :] + cache.key_mean[:, :, None, :]
+    assert rel_err(k_hat[:, :, :n_c], expect) < 1e-6
+    for n_q in (1, 3):
+        q = randn(2, h_q, n_q, d, seed=92 + n_q) * channel.flip(0)
+        ref = attention_oracle(q, k_hat, v_hat, visibility(list(range(n)), list(range(n - n_q, n)), list(pads)))
+        assert_attention(*cache.attend_with_lse(q), *ref)
+    k_new, v_new = randn(2, h_kv, 3, d, seed=95), randn(2, h_kv, 3, d, seed=96)
+    q = randn(2, h_q, 3, d, seed=97)
+    q_pos = list(range(n, n + 3))
+    out_c, lse_c = cache.attend_with_lse(q, after=True)
+    out, lse = merge_attention(
+        out_c.double(), lse_c.double(), *attention_oracle(q, k_new, v_new, visibility(q_pos, q_pos, [n, n]))
+    )
+    visible = visibility(list(range(n + 3)), q_pos, list(pads))
+    ref = attention_oracle(q, torch.cat((k_hat, k_new), dim=2), torch.cat((v_hat, v_new), dim=2), visible)
+    assert_attention(out, lse, *ref)
+
+    before = cache.key_scale.clone()
+    cache.select_batch(torch.tensor([1, 1, 0]))
+    assert torch.equal(cache.key_scale, before[[1, 1, 0]])
+
+
+def test_scale_keys_lowers_the_logit_error_as_predicted() -> None:
+    """Keys and queries with unequal channel spectra: the logit error power of the stored keys falls by the
+    ratio the derivation predicts, (Σ_c √(E q_c² E k_c²))² / (Σ_c E q_c² · Σ_c E k_c²) (here 0.56), within
+    10% (each error power is a mean over 2·2048·8 logits)."""
+    d, n, h_kv, h_q = 64, 2048, 2, 8
+    k_std, q_std = torch.logspace(-0.5, 0.5, d), torch.logspace(0.5, -0.5, d).roll(16)
+    k = randn(1, h_kv, n, d, seed=100) * k_std
+    v = randn(1, h_kv, n, d, seed=101)
+    q = randn(1, h_q, n, d, seed=102) * q_std
+    power = {}
+    for scaled in (False, True):
+        config = KVCacheConfig(head_dim=d, key_bits=4, value_bits=4, scale_keys=scaled)
+        cache = build_with_queries(config, k, v, q, (n,))
+        k_hat, _ = cache.dequantize()
+        qg = q.reshape(1, h_kv, h_q // h_kv, n, d)
+        power[scaled] = torch.einsum("bhgnd,bhmd->bhgnm", qg[:, :, :, :8], k_hat - k).pow(2).mean().item()
+    e_q, e_k = q_std.pow(2), k_std.pow(2)
+    predicted = ((e_q * e_k).sqrt().sum() ** 2 / (e_q.sum() * e_k.sum())).item()
+    assert abs(power[True] / power[False] / predicted - 1) < 0.1
+
+
+def test_scale_keys_needs_queries_and_checks_them() -> None:
+    config = KVCacheConfig(**MSE3, scale_keys=True)
+    k, v = randn(1, 2, 5, 64, seed=110), randn(1, 2, 5, 64, seed=111)
+    cache = TurboQuantKVCache(config, 1, 2, dtype=torch.float32)
+    cache.append(k, v)  # no queries: keys stored unscaled, and stay so
+    assert cache.key_scale is None
+    cache.append(k, v, queries=randn(1, 4, 5, 64, seed=112))
+    assert cache.key_scale is None
+    with pytest.raises(ValueError, match="queries must be"):
+        TurboQuantKVCache(config, 1, 2, dtype=torch.float32).append(k, v, queries=randn(1, 3, 5, 64, seed=113))
+
+
 def test_center_keys_after_an_empty_first_append() -> None:
     """Appending zero positions changes nothing, also before the first real keys of a centred cache."""
     config = KVCacheConfig(**MSE3, center_keys=True)

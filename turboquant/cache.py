@@ -65,6 +65,7 @@ class KVCacheConfig:
     residual_window: int = 0
     flush_block: int = 64
     center_keys: bool = False
+    scale_keys: bool = False
     sink_tokens: int = 0
     ring_window: int | None = None
     chunk_size: int = 1024
@@ -186,6 +187,7 @@ class TurboQuantKVCache:
         self.sink_k = torch.zeros(batch_size, num_kv_heads, s + 1 if s else 0, d, dtype=dtype, device=self.device)
         self.sink_v = torch.zeros_like(self.sink_k)
         self.key_mean: torch.Tensor | None = None  # [B, H, D] float32 with center_keys, set by the first append
+        self.key_scale: torch.Tensor | None = None  # [B, H, D] float32 with scale_keys, set by the first append
 
     # ----------------------------------------------------------------------------------- storage
     def _buffer_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -220,6 +222,8 @@ class TurboQuantKVCache:
             out.update(sink_k=self.sink_k, sink_v=self.sink_v)
         if self.key_mean is not None:
             out["key_mean"] = self.key_mean
+        if self.key_scale is not None:
+            out["key_scale"] = self.key_scale
         return out
 
     def nbytes(self) -> int:
@@ -263,19 +267,26 @@ class TurboQuantKVCache:
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None, queries: torch.Tensor | None = None
+    ) -> None:
         """Append N positions to every sequence: k, v [B, H_kv, N, D].
 
         valid: optional [B, N] bool, False for left padding. A sequence's pads must come before its
         first real token (in this call or an earlier one); pads are stored but never attended.
+        queries: optional [B, H_q, N, D], the chunk's queries: with scale_keys, the first append that has them
+        sets the per-channel key scales (see _key_scales); without them keys are not scaled.
         """
         self._check_kv(k, v)
         if valid is not None:
             self._start_sequences(valid, k.shape[2])
         if self.config.sink_tokens:
             self._write_sinks(k, v)
+        first = self.total_tokens == 0 and k.shape[2] > 0
         if self.config.center_keys and self.key_mean is None and k.shape[2]:
             self.key_mean = self._mean_key(k, valid)
+        if self.config.scale_keys and first and queries is not None:
+            self.key_scale = self._key_scales(k, queries, valid)
         if self.config.residual_window == 0:
             self._write_compressed(k, v)
         else:
@@ -316,6 +327,33 @@ class TurboQuantKVCache:
         w = valid.to(self.device, torch.float32)[:, None, :, None]
         return (k.float() * w).sum(dim=2) / w.sum(dim=2).clamp(min=1.0)
 
+    def _key_scales(self, k: torch.Tensor, q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Per-(sequence, head, channel) key scales s = (E[k̃_c²] / E[q_c²])^(1/4): [B, H, D] float32.
+
+        Keys are stored as k̃/s (k̃ = k - μ with centring) and the store is attended with q·s, so the logits are
+        unchanged. The quantization error of k̃/s is isotropic with power ∝ Σ_c E[k̃_c²]/s_c², and reaches a
+        logit through q·s: its power Σ_c E[q_c²] s_c² · Σ_c E[k̃_c²]/s_c² is smallest (Cauchy–Schwarz) at these
+        s, which weigh the channels where queries are large. Statistics over the real tokens of the first chunk
+        and the G query heads of each KV head; normalised to a geometric mean of 1."""
+        b, h, n, d = k.shape
+        if q.shape[0] != b or q.shape[2] != n or q.shape[3] != d or q.shape[1] % h:
+            raise ValueError(f"queries must be [B={b}, H_q (a multiple of {h}), N={n}, D={d}], got {tuple(q.shape)}")
+        kc = k.float() if self.key_mean is None else k.float() - self.key_mean[:, :, None, :]
+        w = torch.ones(b, n, device=self.device) if valid is None else valid.to(self.device, torch.float32)
+        count = w.sum(dim=1).clamp(min=1.0)[:, None, None]  # [B, 1, 1]
+        k2 = (kc.pow(2) * w[:, None, :, None]).sum(dim=2) / count  # [B, H, D]
+        qg = q.float().reshape(b, h, q.shape[1] // h, n, d)
+        q2 = (qg.pow(2) * w[:, None, None, :, None]).sum(dim=(2, 3)) / (count * (q.shape[1] // h))
+        tiny = torch.finfo(torch.float32).tiny
+        k2 = k2 + 1e-6 * k2.mean(dim=-1, keepdim=True) + tiny
+        q2 = q2 + 1e-6 * q2.mean(dim=-1, keepdim=True) + tiny
+        log_s = 0.25 * (k2.log() - q2.log())
+        return (log_s - log_s.mean(dim=-1, keepdim=True)).exp()
+
+    def _store_queries(self, qg: torch.Tensor) -> torch.Tensor:
+        """Queries [B, H_kv, M, D] as the compressed store sees them: times the key scales, if any."""
+        return qg if self.key_scale is None else qg * self.key_scale[:, :, None, :]
+
     def _write_sinks(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy the positions kv_start .. kv_start + S - 1 of each sequence into the exact sink buffers."""
         s, n = self.config.sink_tokens, k.shape[2]
@@ -342,6 +380,8 @@ class TurboQuantKVCache:
             slots = slots % ring
         if self.key_mean is not None:
             k = k.float() - self.key_mean[:, :, None, :]
+        if self.key_scale is not None:
+            k = k.float() / self.key_scale[:, :, None, :]
         if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):
             from .kernels.encode import encode_kv  # fused quantize-on-write
 
@@ -380,6 +420,8 @@ class TurboQuantKVCache:
             setattr(self, name, getattr(self, name).index_select(0, indices))
         if self.key_mean is not None:
             self.key_mean = self.key_mean.index_select(0, indices)
+        if self.key_scale is not None:
+            self.key_scale = self.key_scale.index_select(0, indices)
         self.batch_size = indices.numel()
 
     def crop(self, length: int) -> None:
@@ -570,7 +612,7 @@ class TurboQuantKVCache:
             past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
             chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
             out = merge_attention(*past, *chunk)[0].to(q.dtype)
-        self.append(k, v, valid=valid)
+        self.append(k, v, valid=valid, queries=q)
         return out
 
     def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
@@ -620,6 +662,7 @@ class TurboQuantKVCache:
         c, d = self.config, self.config.head_dim
         b, h_kv, m, _ = qg.shape
         kq = self.key_quantizer
+        qg = self._store_queries(qg)
         q_rot = self.mse_quantizer.rotate(qg) * scale  # Π q, once
         sq = (qg @ kq.qjl.T) * scale if c.key_mode == "prod" else None  # S q, once
         out = torch.zeros(b, h_kv, m, d, device=self.device)
@@ -654,6 +697,7 @@ class TurboQuantKVCache:
         from .kernels.decode import LOG2E
 
         c, kq, mse = self.config, self.key_quantizer, self.mse_quantizer
+        qg = self._store_queries(qg)
         q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
         sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
         first_q = self.total_tokens - n_q if first_q is None else first_q
@@ -689,6 +733,8 @@ class TurboQuantKVCache:
         if self.config.key_mode == "prod":
             signs = unpack_planar(self.key_signs[:, :, :stored], 1, self.config.head_dim)
             k = k + self.key_quantizer.qjl_correction(signs, self.key_rnorms[:, :, :stored])
+        if self.key_scale is not None:
+            k = k * self.key_scale[:, :, None, :]
         if self.key_mean is not None:
             k = k + self.key_mean[:, :, None, :]
         order = torch.argsort(self._slot_positions(0, stored))

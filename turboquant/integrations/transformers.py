@@ -247,6 +247,8 @@ class TurboQuantCache(Cache):
         key_bits, value_bits, key_mode, rotation, norm_correction, group_size: the quantizers (KVCacheConfig).
         residual_window, flush_block: recent tokens kept in 16 bits, flushed in blocks.
         center_keys: subtract each head's mean prompt key before quantizing (exact for attention).
+        scale_keys: divide key channels by scales set from the prompt's keys and queries, and multiply the
+            queries by them (exact for attention; lowers the logit error, see TurboQuantKVCache._key_scales).
         sink_tokens: keep the first real tokens of each sequence in 16 bits.
         skip_layers: decoder layer indices kept in transformers' 16-bit layers.
 
@@ -269,6 +271,7 @@ class TurboQuantCache(Cache):
         residual_window: int = 0,
         flush_block: int = 64,
         center_keys: bool = True,
+        scale_keys: bool = False,
         sink_tokens: int = 4,
         skip_layers: tuple[int, ...] | list[int] = (),
     ):
@@ -279,7 +282,7 @@ class TurboQuantCache(Cache):
         settings = dict(
             key_bits=key_bits, value_bits=value_bits, key_mode=key_mode, rotation=rotation,
             norm_correction=norm_correction, group_size=group_size, residual_window=residual_window,
-            flush_block=flush_block, center_keys=center_keys, sink_tokens=sink_tokens,
+            flush_block=flush_block, center_keys=center_keys, scale_keys=scale_keys, sink_tokens=sink_tokens,
         )  # fmt: skip
         KVCacheConfig(head_dim=head_dim, **settings)  # validate every option now, with its message
         bad = [i for i in skip_layers if not 0 <= i < len(types)]
