@@ -30,9 +30,9 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer
 
-# The paper's quantizers (no sink tokens, no key centring, no norm correction): a decode step then merges the
+# The paper's quantizers (no sink tokens, no key centring or scaling, no norm correction): a decode step merges the
 # step's own token inside the decode kernel (TurboQuantKVCache._fused_step).
-PLAIN = dict(norm_correction=False, center_keys=False, sink_tokens=0)
+PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
 CACHES = {
     "bf16 DynamicCache + SDPA": None,
     "TurboQuant K4/V4": dict(key_bits=4, value_bits=4, **PLAIN),

@@ -42,7 +42,7 @@ from turboquant.integrations.transformers import (
 
 # The paper's quantizers as they are (the cache's defaults add norm correction, key centring and 4 exact sink
 # tokens): the oracles below rebuild attention from dequantize(), which holds every token in compressed form.
-PLAIN = dict(norm_correction=False, center_keys=False, sink_tokens=0)
+PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
 
 FP32_RTOL = 1e-5  # float32 attention against a float64 oracle on the same (dequantized) keys and values
 KERNEL_TOL = 2e-3  # the fused decode kernel's fp16 tiles
