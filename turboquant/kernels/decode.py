@@ -5,16 +5,25 @@ Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
   scale, 1/√d and log2(e); the kernel never de-rotates a key;
 - grid (B·H_kv, splits): one program owns one KV head and a range of token slots, and all
   G·N_q query rows of that head (GQA) share every dequantised K/V tile through tl.dot;
-- a key's codes are unpacked from the planar layout (packing.pack_planar) into P fields of
-  D/P contiguous columns, held as a [P, BN, D/P] tile, so scores are one batched dot summed over
-  fields, and the key norm is applied once per score;
+- a key's codes are unpacked from the planar layout (packing.pack_planar) into fields of contiguous
+  columns, each dotted with the matching slice of the query; the key norm (and, for prod keys, γ) is
+  applied once per score;
 - values are dequantised in registers (code · scale + zero per group);
 - online softmax in base 2; each split writes its partial output and log-sum-exp, and a second
-  kernel merges the splits.
+  kernel merges the splits (optionally with one exact key/value row, the step's own token).
 The grid depends only on the cache capacity, lengths are read on the device, and workspaces are
 cached, so a decode step can be captured in a CUDA graph.
-"""
 
+Two split kernels:
+- ``_decode_split_kernel_2d`` (every configuration of 2-4-bit MSE or prod keys with 2/4-bit values at
+  head_dim 64/128, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
+  on CUDA the unpacking in inline PTX (``key_asm_code``, ``_value_asm``, ``_sign_asm``): centroids looked
+  up with prmt byte permutes from tables baked into the code, values made fp16 from their bit pattern
+  (0x6400 | code) and scaled with one f16x2 fma. Every routine is elementwise (output k from input byte
+  k), so Triton may lay it out freely; a portable Triton twin computes the same tiles in the CPU
+  interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
+- ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (3-bit values, head_dim 256, ...).
+"""
 from __future__ import annotations
 
 import torch
