@@ -330,6 +330,21 @@ def test_sink_tokens_with_padding_and_window(settings: dict, sinks: int) -> None
 # ------------------------------------------------------------------------------- centred keys
 
 
+def assert_merge_with_exact_chunk(cache, q, k_hat, v_hat, pads: tuple[int, ...], seed: int) -> None:
+    """The cache attended with after=True, merged by log-sum-exp with 3 exact new tokens (causal among
+    themselves), equals the oracle over the dequantized past plus those tokens: q [B, H_q, 3, D]."""
+    b, h_kv, n, d = k_hat.shape
+    k_new, v_new = randn(b, h_kv, 3, d, seed=seed), randn(b, h_kv, 3, d, seed=seed + 1)
+    q_pos = list(range(n, n + 3))
+    out_c, lse_c = cache.attend_with_lse(q, after=True)
+    out, lse = merge_attention(
+        out_c.double(), lse_c.double(), *attention_oracle(q, k_new, v_new, visibility(q_pos, q_pos, [n] * b))
+    )
+    visible = visibility(list(range(n + 3)), q_pos, list(pads))
+    ref = attention_oracle(q, torch.cat((k_hat, k_new), dim=2), torch.cat((v_hat, v_new), dim=2), visible)
+    assert_attention(out, lse, *ref)
+
+
 @pytest.mark.parametrize("window", [0, 8])
 @pytest.mark.parametrize("settings", [MSE3, PROD3], ids=["mse3", "prod3"])
 def test_center_keys(settings: dict, window: int) -> None:
@@ -365,16 +380,8 @@ def test_center_keys(settings: dict, window: int) -> None:
         assert_attention(*cache.attend_with_lse(q), *ref)
 
     # merged with an exact chunk after the cache: needs the lse of the de-centred keys
-    k_new, v_new = randn(2, h_kv, 3, d, seed=75), randn(2, h_kv, 3, d, seed=76)
     q = randn(2, h_q, 3, d, seed=77) + 0.5 * cache.key_mean.repeat_interleave(2, dim=1)[:, :, None, :]
-    q_pos = list(range(n, n + 3))
-    out_c, lse_c = cache.attend_with_lse(q, after=True)
-    out, lse = merge_attention(
-        out_c.double(), lse_c.double(), *attention_oracle(q, k_new, v_new, visibility(q_pos, q_pos, [n, n]))
-    )
-    visible = visibility(list(range(n + 3)), q_pos, list(pads))
-    ref = attention_oracle(q, torch.cat((k_hat, k_new), dim=2), torch.cat((v_hat, v_new), dim=2), visible)
-    assert_attention(out, lse, *ref)
+    assert_merge_with_exact_chunk(cache, q, k_hat, v_hat, pads, seed=75)
 
 
 @pytest.mark.parametrize("settings", [MSE3, PROD3], ids=["mse3", "prod3"])
@@ -440,16 +447,7 @@ def test_scale_keys_is_exact_for_attention(settings: dict) -> None:
         q = randn(2, h_q, n_q, d, seed=92 + n_q) * channel.flip(0)
         ref = attention_oracle(q, k_hat, v_hat, visibility(list(range(n)), list(range(n - n_q, n)), list(pads)))
         assert_attention(*cache.attend_with_lse(q), *ref)
-    k_new, v_new = randn(2, h_kv, 3, d, seed=95), randn(2, h_kv, 3, d, seed=96)
-    q = randn(2, h_q, 3, d, seed=97)
-    q_pos = list(range(n, n + 3))
-    out_c, lse_c = cache.attend_with_lse(q, after=True)
-    out, lse = merge_attention(
-        out_c.double(), lse_c.double(), *attention_oracle(q, k_new, v_new, visibility(q_pos, q_pos, [n, n]))
-    )
-    visible = visibility(list(range(n + 3)), q_pos, list(pads))
-    ref = attention_oracle(q, torch.cat((k_hat, k_new), dim=2), torch.cat((v_hat, v_new), dim=2), visible)
-    assert_attention(out, lse, *ref)
+    assert_merge_with_exact_chunk(cache, randn(2, h_q, 3, d, seed=97), k_hat, v_hat, pads, seed=95)
 
     before = cache.key_scale.clone()
     cache.select_batch(torch.tensor([1, 1, 0]))
