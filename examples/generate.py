@@ -64,10 +64,12 @@ def main() -> None:
     print(f"TurboQuant   : {tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True)!r}")
     same = int((reference[0, n_prompt:] == output[0, n_prompt:]).cumprod(0).sum())
     config = f"K{args.key_bits}/V{args.value_bits} {args.key_mode}"
-    print(f"{config}: first {same} new tokens identical to the 16-bit cache; "
-          f"{per_token} B per token in the compressed store vs {bf16_per_token} B in bf16 "
-          f"({bf16_per_token / per_token:.2f}x smaller); cache allocation {cache.nbytes() / 2**20:.2f} MiB for "
-          f"{tokens} tokens (grows in chunks); {seconds:.1f} s")
+    print(
+        f"{config}: first {same} new tokens identical to the 16-bit cache; "
+        f"{per_token} B per token in the compressed store vs {bf16_per_token} B in bf16 "
+        f"({bf16_per_token / per_token:.2f}x smaller); cache allocation {cache.nbytes() / 2**20:.2f} MiB for "
+        f"{tokens} tokens (grows in chunks); {seconds:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -142,9 +142,7 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.store.nbytes() if self.is_initialized else 0
 
     # attention ----------------------------------------------------------------------------------
-    def attend_and_store(
-        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
-    ) -> torch.Tensor:
+    def attend_and_store(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
         """Attention of query [B, H_q, N, D] over the stored past and the pending chunk; then store the chunk.
 
         attention_mask: None or the [B, ≥N] bool padding mask whose last N columns belong to the chunk.

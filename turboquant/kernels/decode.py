@@ -24,6 +24,7 @@ Two split kernels:
   interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
 - ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (3-bit values, head_dim 256, ...).
 """
+
 from __future__ import annotations
 
 import torch
