@@ -9,3 +9,8 @@ fi
 python -m ruff check turboquant tests benchmarks examples
 export OMP_NUM_THREADS=1  # two test workers, one thread each: no oversubscription on 2 cores
 python -m pytest -q -n 2 tests
+# the integration also against the oldest transformers it supports (5.17), installed beside the newest
+oldest="$(mktemp -d)"
+python -m pip install -q --no-deps --target "$oldest" "transformers==5.17.0"
+PYTHONPATH="$oldest" python -m pytest -q -n 2 tests/test_transformers.py
+rm -rf "$oldest"
