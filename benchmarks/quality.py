@@ -109,8 +109,10 @@ def measure(
     key_bits: int,
     value_bits: int,
     device: torch.device | str = "cpu",
+    center_keys: bool = False,
 ) -> dict:
-    """Compress k, v in a TurboQuantKVCache, attend with q, compare with ``ref``.
+    """Compress k, v in a TurboQuantKVCache (center_keys: minus each head's mean key), attend with q, compare
+    with ``ref``.
 
     q: [1, H_q, N_q, D] bf16; k, v: [1, H_kv, L, D] bf16; ref: [1, H_q, N_q, D] float32 exact attention.
     Returns rel_err, cosine, bytes_per_token_head (from the buffers' nbytes), compression (bf16 / compressed) and,
@@ -118,7 +120,8 @@ def measure(
     (≈ 1 - D_mse/2 for MSE keys, e.g. 0.9953 at 4 bits).
     """
     b, h_kv, context, d = k.shape
-    config = KVCacheConfig(head_dim=d, key_bits=key_bits, value_bits=value_bits, key_mode=key_mode, chunk_size=context)
+    config = KVCacheConfig(head_dim=d, key_bits=key_bits, value_bits=value_bits, key_mode=key_mode, chunk_size=context,
+                           center_keys=center_keys)  # fmt: skip
     cache = TurboQuantKVCache(config, b, h_kv, device=device, dtype=torch.bfloat16)
     cache.append(k, v)
     if cache.capacity != context:
@@ -147,8 +150,10 @@ def run(
     device: torch.device | str = "cpu",
     outlier_scales: tuple[float, ...] = OUTLIER_SCALES,
     progress: bool = True,
+    center_keys: bool = False,
 ) -> list[dict]:
-    """Every (dataset, context, key config, value bits): one row dict with the keys in COLUMNS."""
+    """Every (dataset, context, key config, value bits): one row dict with the keys in COLUMNS (center_keys: every
+    configuration with centred keys, named "... centred")."""
     from tqdm import tqdm
 
     configs = [(mode, kb, vb) for mode, kb in KEY_CONFIGS for vb in VALUE_BITS]
@@ -171,11 +176,12 @@ def run(
                 ref = exact_attention(q, k, v)
                 for mode, kb, vb in configs:
                     bar.set_description(f"{data} L={context}: {config_name(mode, kb, vb)}")
-                    m = measure(q, k, v, ref, key_mode=mode, key_bits=kb, value_bits=vb, device=device)
+                    m = measure(q, k, v, ref, key_mode=mode, key_bits=kb, value_bits=vb, device=device,
+                                center_keys=center_keys)  # fmt: skip
                     rows.append(
                         dict(
                             data=data,
-                            config=config_name(mode, kb, vb),
+                            config=config_name(mode, kb, vb) + (" centred" if center_keys else ""),
                             key_mode=mode,
                             key_bits=kb,
                             value_bits=vb,
@@ -303,6 +309,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
         help="scales of the four outlier key channels of the llm-like data (default %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser.add_argument("--center-keys", action="store_true", help="every configuration with centred keys")
     args = parser.parse_args(argv)
     contexts = args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
 
@@ -314,6 +321,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
         device=args.device,
         outlier_scales=tuple(args.outlier_scales),
         progress=not args.no_progress,
+        center_keys=args.center_keys,
     )
     elapsed = time.perf_counter() - t0
     table = format_table(rows)
