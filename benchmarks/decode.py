@@ -15,12 +15,12 @@ do not hit the 60 MB L2. GB/s counts the compressed bytes the kernel must read.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import time
 from pathlib import Path
 
 import torch
+from timing import capture, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.decode import LAUNCH_DEFAULTS, decode_attention, tiles_2d_layout
@@ -60,31 +60,6 @@ def layout_args(cfg: KVCacheConfig) -> dict:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def as_graphs(fns):
-    """Each call captured in a CUDA graph (a model's decode step runs so): replays time the GPU work without
-    the host's launch overhead, which dominates at small shapes."""
-    graphs = []
-    for fn in fns:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        graphs.append(g.replay)
-    return graphs
-
-
-def bench(fns, rep_ms: int = 200, graphs: bool = False) -> float:
-    """Median ms of one call, cycling through fns (different inputs) so L2 is not reused."""
-    import triton.testing
-
-    cycle = itertools.cycle(as_graphs(fns) if graphs else fns)
-    return triton.testing.do_bench(lambda: next(cycle)(), warmup=25, rep=rep_ms, return_mode="median")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 (lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
                 for k, v in zip(ks, vs, strict=True)
             ]
-            t_bf16 = bench(sdpa_fns, graphs=args.graphs)
+            t_bf16 = median_ms(sdpa_fns, graphs=args.graphs)
             sdpa_out = sdpa_fns[0]()
         for name in args.configs:
             cfg = KVCacheConfig(head_dim=D, chunk_size=context, **CONFIGS[name])
@@ -152,15 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             err = rel_err(ours, ref)
             run0 = prepared_call(caches[0], q, **launches[0])
             eager = run0()[0].clone()
-            graph = torch.cuda.CUDAGraph()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                run0()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(graph):
-                g_out = run0()[0]
-            graph.replay()
+            replay, (g_out, _) = capture(run0)
+            replay()
             torch.cuda.synchronize()
             graph_ok = torch.equal(g_out, eager)
             cos = torch.nn.functional.cosine_similarity(ours.float().flatten(1), sdpa_out.float().flatten(1))
@@ -174,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                     if not launch_err < 5e-3:  # every timed launch passes the same check
                         print(f"  ({batch}, {context}) {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
                         continue
-                    t = bench(fns, graphs=args.graphs)
+                    t = median_ms(fns, graphs=args.graphs)
                     if args.sweep or args.ab:
                         print(f"  sweep ({batch}, {context}) {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:

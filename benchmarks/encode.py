@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.encode import LAUNCH_DEFAULTS, encode_kv
@@ -112,25 +113,6 @@ def row_bytes(cfg: KVCacheConfig) -> int:
     return 2 * 2 * D + cfg.bytes_per_token_per_head()
 
 
-def graph_of(fn):
-    """fn captured in a CUDA graph: its replay (the device time of a step, without Python launch overhead)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def bench(fn, rep_ms: int) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the prefill chunk and the B = 16 decode step, shorter timing")
@@ -172,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             k_cache[:, :, slots] = k
             v_cache[:, :, slots] = v
 
-        t_copy = bench(copy, rep_ms)
+        t_copy = median_ms([copy], rep_ms)
         copy_bytes = 2 * 2 * (batch * H_KV * n * D * 2)
         for name in args.configs:
             cfg = KVCacheConfig(head_dim=D, **CONFIGS[name])
@@ -189,12 +171,14 @@ def main(argv: list[str] | None = None) -> None:
             best = None
             if ok:
                 for launch in launches:
-                    t = bench(functools.partial(encode_kv, k, v, bufs, slots, **kw, **launch), rep_ms)
+                    step = functools.partial(encode_kv, k, v, bufs, slots, **kw, **launch)
+                    t = median_ms([step], rep_ms)
                     if args.sweep:
                         print(f"  sweep {shape_name} {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)
-                t_graph = bench(graph_of(functools.partial(encode_kv, k, v, bufs, slots, **kw, **best[1])), rep_ms)
+                best_step = functools.partial(encode_kv, k, v, bufs, slots, **kw, **best[1])
+                t_graph = median_ms([best_step], rep_ms, graphs=True)
             if best is None:
                 line = (
                     f"| {shape_name} | {name} | CHECK FAILED | - | - | {floor_ms:.4f} | {t_copy:.4f} | "

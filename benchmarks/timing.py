@@ -1,0 +1,33 @@
+"""GPU timing shared by the kernel benchmarks: CUDA-graph capture and median times from triton.testing.do_bench."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["capture", "median_ms"]
+
+
+def capture(fn: Callable):
+    """fn captured in a CUDA graph, after one warm-up call on a side stream: (replay, what fn returned during the
+    capture: the tensors each replay refills). Replays time the GPU work without the host's launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def median_ms(fns: Sequence[Callable], rep_ms: int = 200, graphs: bool = False) -> float:
+    """Median ms of one call, cycling through fns (the same work on different inputs, so that L2 is not reused);
+    graphs: time CUDA-graph replays of them."""
+    import triton.testing
+
+    cycle = itertools.cycle([capture(fn)[0] for fn in fns] if graphs else fns)
+    return triton.testing.do_bench(lambda: next(cycle)(), warmup=25, rep=rep_ms, return_mode="median")
