@@ -60,7 +60,6 @@ import argparse
 import csv
 import datetime
 import importlib.metadata
-import inspect
 import math
 import platform
 import sys
@@ -86,7 +85,6 @@ __all__ = [
     "MethodSpec",
     "build_cache",
     "cache_nbytes",
-    "cache_keyword",
     "format_table",
     "harness_check",
     "main",
@@ -288,13 +286,6 @@ def build_cache(method: MethodSpec, model):
     raise ValueError(f"unknown method kind {method.kind!r}")
 
 
-def cache_keyword(model) -> str:
-    """The forward keyword for the cache object: ``cache`` (transformers >= 5.2x, where ``past_key_values`` is
-    deprecated) or ``past_key_values`` (earlier 5.x)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _tensor_nbytes(t) -> int:
     """Bytes of a tensor, floating point at 2 bytes per element; quanto's tensor subclasses are opened up."""
     if not isinstance(t, torch.Tensor):
@@ -360,6 +351,8 @@ def teacher_force(
     from tqdm import tqdm
 
     steps = ids.shape[1] - prefill - 1
+    from turboquant.integrations.transformers import cache_keyword
+
     keyword = cache_keyword(model)
     targets = ids[0, prefill + 1 :]
     nll = torch.empty(steps)
@@ -411,6 +404,8 @@ def harness_check(model, ids: torch.Tensor, prefill: int, step_logits: torch.Ten
 def _warm_up(model, ids: torch.Tensor) -> None:
     """A few untimed forwards, so that one-time setup is not charged to the first method's seconds."""
     from transformers import DynamicCache
+
+    from turboquant.integrations.transformers import cache_keyword
 
     keyword, cache, n = cache_keyword(model), DynamicCache(config=model.config), min(16, ids.shape[1] - 2)
     with torch.inference_mode():
@@ -664,6 +659,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
     if args.prefill < 1 or tokens < 1:
         parser.error("--prefill and --tokens must be positive")
     out = args.out or Path("results/model-quality-quick" if args.quick else "results/model-quality")
+
+    from turboquant.integrations.transformers import cache_keyword
 
     t0 = time.perf_counter()
     try:

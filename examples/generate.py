@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import os
 import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from turboquant.integrations.transformers import TurboQuantCache
+from turboquant.integrations.transformers import TurboQuantCache, cache_keyword
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,8 +46,7 @@ def main() -> None:
     messages = [{"role": "user", "content": args.prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     n_prompt = inputs["input_ids"].shape[1]
-    # transformers >= 5.24 names the cache argument `cache`; earlier 5.x releases `past_key_values`
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_keyword(model)  # `cache` in newer transformers, `past_key_values` in 5.17
     with torch.inference_mode():
         reference = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                                    **{key: DynamicCache(config=model.config)})  # fmt: skip

@@ -38,11 +38,12 @@ from turboquant.integrations.transformers import (
     LayerKeys,
     TurboQuantCache,
     TurboQuantLayer,
+    cache_keyword,
     turboquant_attention_forward,
 )
 
-# The paper's quantizers as they are (the cache's defaults add norm correction, key centring and 4 exact sink
-# tokens): the oracles below rebuild attention from dequantize(), which holds every token in compressed form.
+# The paper's quantizers as they are (the cache's defaults add norm correction, key centring and scaling, 4 exact
+# sink tokens): the oracles below rebuild attention from dequantize(), which holds every token in compressed form.
 PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
 
 FP32_RTOL = 1e-5  # float32 attention against a float64 oracle on the same (dequantized) keys and values
@@ -105,10 +106,6 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-# The keyword models take the cache object by: ``cache`` from transformers 5.2x on (``past_key_values`` is then
-# deprecated), ``past_key_values`` before (5.17, the GPU machine's version).
-CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded mask: real tokens count from 0 (pads get 0)."""
@@ -119,8 +116,8 @@ def greedy(model, ids: torch.Tensor, mask: torch.Tensor | None = None, cache=Non
     """model.generate, greedy, exactly n new tokens; returns the new tokens [B', n]."""
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, **{CACHE_KW: cache}, do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, pad_token_id=PAD, **kw)  # fmt: skip
+        out = model.generate(ids, attention_mask=mask, **{cache_keyword(model): cache}, do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD, **kw)  # fmt: skip
     return out[:, ids.shape[1] :]
 
 
@@ -128,7 +125,7 @@ def forward(model, ids: torch.Tensor, mask: torch.Tensor, cache, past: int = 0) 
     """One forward of a chunk ids [B, n] after ``past`` cached positions; mask [B, past + n]. Returns logits."""
     pos = positions(mask)[:, past:]
     with torch.inference_mode():
-        return model(ids, attention_mask=mask, position_ids=pos, **{CACHE_KW: cache}).logits
+        return model(ids, attention_mask=mask, position_ids=pos, **{cache_keyword(model): cache}).logits
 
 
 def tq_layers(cache: TurboQuantCache) -> list[tuple[int, TurboQuantLayer]]:
@@ -653,7 +650,7 @@ def test_beam_search_and_multiple_return_sequences(family: str) -> None:
     ids, mask = left_pad(seqs)
     cache = TurboQuantCache(model, **PLAIN)
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=mask, **{CACHE_KW: cache}, do_sample=False, num_beams=2,
+        out = model.generate(ids, attention_mask=mask, **{cache_keyword(model): cache}, do_sample=False, num_beams=2,
                              num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, pad_token_id=PAD,
                              length_penalty=0.0, return_dict_in_generate=True, output_scores=True)  # fmt: skip
     assert out.sequences.shape == (4, 7 + 6) and out.sequences_scores.shape == (4,)
@@ -666,8 +663,9 @@ def test_beam_search_and_multiple_return_sequences(family: str) -> None:
 
     cache = TurboQuantCache(model, **PLAIN)
     with torch.inference_mode():
-        sampled = model.generate(ids, attention_mask=mask, **{CACHE_KW: cache}, do_sample=True, num_return_sequences=3,
-                                 max_new_tokens=5, min_new_tokens=5, pad_token_id=PAD)  # fmt: skip
+        sampled = model.generate(ids, attention_mask=mask, **{cache_keyword(model): cache}, do_sample=True,
+                                 num_return_sequences=3, max_new_tokens=5, min_new_tokens=5,
+                                 pad_token_id=PAD)  # fmt: skip
     assert sampled.shape == (6, 7 + 5)
     assert cache.layers[0].store.batch_size == 6
     assert cache.layers[0].store.kv_start.tolist() == [0, 0, 0, 3, 3, 3]
@@ -909,7 +907,7 @@ def test_bad_calls_to_the_attention_raise() -> None:
     ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(19))
     cache = TurboQuantCache(model, **PLAIN)
     with pytest.raises(ValueError, match="2-D"), torch.inference_mode():
-        model(ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(), **{CACHE_KW: cache})
+        model(ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool).tril(), **{cache_keyword(model): cache})
     layer = TurboQuantLayer(dict(key_bits=4, value_bits=4))
     q, k = randn(1, 2, 3, 64, seed=1), randn(1, 2, 3, 64, seed=2)
     kk, vv = layer.update(k, k)

@@ -25,6 +25,7 @@ holds the last ``sliding_window - 1`` tokens (what the next query can see). Laye
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -35,10 +36,23 @@ from transformers.masking_utils import AttentionMaskInterface
 from ..attention import chunk_attention
 from ..cache import KVCacheConfig, TurboQuantKVCache
 
-__all__ = ["ATTENTION_NAME", "LayerKeys", "TurboQuantCache", "TurboQuantLayer", "turboquant_attention_forward"]
+__all__ = [
+    "ATTENTION_NAME",
+    "LayerKeys",
+    "TurboQuantCache",
+    "TurboQuantLayer",
+    "cache_keyword",
+    "turboquant_attention_forward",
+]
 
 ATTENTION_NAME = "turboquant"
 LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword by which ``model.forward`` and ``generate`` take a cache object in the installed transformers:
+    ``cache`` from 5.2x on (``past_key_values`` is then deprecated), ``past_key_values`` before (5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class LayerKeys(torch.Tensor):
