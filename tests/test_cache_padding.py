@@ -57,12 +57,15 @@ def build(
     chunks: tuple[int, ...],
     valid: torch.Tensor | None = None,
     device: str = "cpu",
+    queries: torch.Tensor | None = None,
 ) -> TurboQuantKVCache:
-    """A float32 cache holding k, v [B, H, N, D] appended in ``chunks`` (with the matching slices of ``valid``)."""
+    """A float32 cache holding k, v [B, H, N, D] appended in ``chunks`` (with the matching slices of ``valid`` and
+    of the chunks' ``queries`` [B, H_q, N, D])."""
     cache = TurboQuantKVCache(config, k.shape[0], k.shape[1], dtype=torch.float32, device=device)
     for start, stop in bounds(chunks):
         mask = None if valid is None else valid[:, start:stop].to(device)
-        cache.append(k[:, :, start:stop].to(device), v[:, :, start:stop].to(device), valid=mask)
+        q = None if queries is None else queries[:, :, start:stop].to(device)
+        cache.append(k[:, :, start:stop].to(device), v[:, :, start:stop].to(device), valid=mask, queries=q)
     assert cache.get_seq_length() == sum(chunks)
     return cache
 
@@ -402,16 +405,6 @@ def test_center_keys_reduce_error_under_a_common_offset(settings: dict) -> None:
 # ------------------------------------------------------------------------------- scaled keys
 
 
-def build_with_queries(config, k, v, q, chunks, valid=None, device="cpu") -> TurboQuantKVCache:
-    """Like build(), with the chunks' queries q [B, H_q, N, D] passed to every append."""
-    cache = TurboQuantKVCache(config, k.shape[0], k.shape[1], dtype=torch.float32, device=device)
-    for start, stop in bounds(chunks):
-        mask = None if valid is None else valid[:, start:stop].to(device)
-        cache.append(k[:, :, start:stop].to(device), v[:, :, start:stop].to(device), valid=mask,
-                     queries=q[:, :, start:stop].to(device))  # fmt: skip
-    return cache
-
-
 @pytest.mark.parametrize("settings", [MSE3, PROD3], ids=["mse3", "prod3"])
 def test_scale_keys_is_exact_for_attention(settings: dict) -> None:
     """Keys stored as (k - μ)/s and the store attended with q·s: attention and lse are those of the keys that
@@ -425,7 +418,7 @@ def test_scale_keys_is_exact_for_attention(settings: dict) -> None:
     k = k * channel
     q_all = randn(2, h_q, n, d, seed=91) * channel.flip(0)
     valid = left_pad_mask(pads, n)
-    cache = build_with_queries(config, k, v, q_all, chunks, valid)
+    cache = build(config, k, v, chunks, valid, queries=q_all)
 
     first = chunks[0]
     kc = [k[b, :, pads[b] : first] - cache.key_mean[b, :, None, :] for b in range(2)]
@@ -466,7 +459,7 @@ def test_scale_keys_lowers_the_logit_error_as_predicted() -> None:
     power = {}
     for scaled in (False, True):
         config = KVCacheConfig(head_dim=d, key_bits=4, value_bits=4, scale_keys=scaled)
-        cache = build_with_queries(config, k, v, q, (n,))
+        cache = build(config, k, v, (n,), queries=q)
         k_hat, _ = cache.dequantize()
         qg = q.reshape(1, h_kv, h_q // h_kv, n, d)
         power[scaled] = torch.einsum("bhgnd,bhmd->bhgnm", qg[:, :, :, :8], k_hat - k).pow(2).mean().item()
