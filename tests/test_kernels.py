@@ -71,16 +71,20 @@ def test_decode_kernel_matches_reference(mode, kb, vb, d, group, n_q, n):
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::3])
 def test_decode_kernel_global_codebook(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    """The generic kernel (the 2-D kernel has no such option) with the codebook read from global memory."""
     from turboquant.kernels import decode
 
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "tiles_2d", False)
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "register_codebook", False)
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[1::3])
 def test_decode_kernel_key_major_scores(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    """The generic kernel (the 2-D kernel has no such option) with the score dot in key-major orientation."""
     from turboquant.kernels import decode
 
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "tiles_2d", False)
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_major", True)
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
