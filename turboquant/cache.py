@@ -274,18 +274,18 @@ class TurboQuantKVCache:
 
         valid: optional [B, N] bool, False for left padding. A sequence's pads must come before its
         first real token (in this call or an earlier one); pads are stored but never attended.
-        queries: optional [B, H_q, N, D], the chunk's queries: with scale_keys, the first append that has them
-        sets the per-channel key scales (see _key_scales); without them keys are not scaled.
+        queries: optional [B, H_q, N, D], the chunk's queries: with scale_keys, those of the first append set the
+        per-channel key scales (see _key_scales); if the first append has none, keys are never scaled (what is
+        stored cannot be rescaled).
         """
         self._check_kv(k, v)
         if valid is not None:
             self._start_sequences(valid, k.shape[2])
         if self.config.sink_tokens:
             self._write_sinks(k, v)
-        first = self.total_tokens == 0 and k.shape[2] > 0
         if self.config.center_keys and self.key_mean is None and k.shape[2]:
             self.key_mean = self._mean_key(k, valid)
-        if self.config.scale_keys and first and queries is not None:
+        if self.config.scale_keys and queries is not None and self.total_tokens == 0 and k.shape[2]:
             self.key_scale = self._key_scales(k, queries, valid)
         if self.config.residual_window == 0:
             self._write_compressed(k, v)
