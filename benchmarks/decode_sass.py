@@ -23,11 +23,10 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
-            "VS": "*fp16", "VZ": "*fp16", "CB": "*fp32", "SEQ_LEN": "*i64", "KV_START": "*i64", "Q_START": "*i64",
+            "VS": "*fp16", "VZ": "*fp16", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64", "Q_START": "*i64",
             "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
 
 
@@ -36,11 +35,9 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     """key_bits: codebook index bits (prod adds the QJL bit)."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
-    cb = get_codebook(d, key_bits, "cpu") / d**0.5
-    cb = (cb - cb.flip(0)) / 2
-    key_asm = decode.key_asm_code(cb) if asm else ("", "")
+    key_asm = decode.key_asm_code(key_bits) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 NUM_SPLITS=4, VALUE_ASM=asm, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1],
+                 NUM_SPLITS=4, VALUE_ASM=asm, KEY_ASM=key_asm,
                  **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(

@@ -114,11 +114,27 @@ def _kernel_codebook(bits: int, d: int = 128) -> torch.Tensor:
     return ((cb - cb.flip(0)) / 2).float()  # as TurboQuantKVCache hands it to the kernels
 
 
+def _table_operands(cb: torch.Tensor, first: int, n: int) -> dict[int, np.ndarray]:
+    """The four lookup tables as the kernel passes them: operands first, first + 4, ... (pack=4)."""
+    words = decode.key_lookup_tables(cb).numpy().astype(np.int64) & M32
+    return {first + 4 * i: np.full(n, words[i], dtype=np.uint64) for i in range(4)}
+
+
+def test_lookup_tables_hold_the_fp16_centroids():
+    cb = _kernel_codebook(3)
+    words = decode.key_lookup_tables(cb).numpy().astype(np.int64) & M32
+    bits = cb.half().view(torch.int16).numpy().astype(np.int64) & 0xFFFF
+    for i, b in enumerate(bits):
+        lo = (words[i // 4] >> (8 * (i % 4))) & 0xFF
+        hi = (words[2 + i // 4] >> (8 * (i % 4))) & 0xFF
+        assert lo | hi << 8 == b
+
+
 def test_key4_lookup_matches_the_codebook():
     cb = _kernel_codebook(4)
     table = cb.half().numpy()
     w = _words(0)
-    regs = run_ptx(decode.key_asm_code(cb)[0], {4: w})
+    regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w))})
     for f in range(2):  # field 0: low nibbles, field 1: high nibbles
         got = _field(regs, 2 * f)
         for k, byte in enumerate(_bytes(w)):
@@ -131,16 +147,16 @@ def test_plane_key_lookup_matches_the_codebook(bits):
     cb = _kernel_codebook(bits)
     table = cb.half().numpy()
     codes, high = _words(1), _words(2)
-    for half, code in enumerate(decode.key_asm_code(cb)[: bits - 1]):
-        regs = run_ptx(code, {8: codes, 9: high})
-        for f in range(4):
-            got = _field(regs, 2 * f)
-            for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):
-                idx = (byte >> (2 * f)) & 3
-                if bits == 3:  # high bit of field f, half s: bit 2f + s of the 1-bit plane byte
-                    idx = idx | (((hb >> (2 * f + half)) & 1) << 2)
-                want = table[idx.astype(np.int64)]
-                np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+    tables = _table_operands(cb, 10 if bits == 3 else 9, len(codes))
+    regs = run_ptx(decode.key_asm_code(bits), {8: codes, 9: high, **tables} if bits == 3 else {8: codes, **tables})
+    for f in range(4):
+        got = _field(regs, 2 * f)
+        for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):
+            idx = (byte >> (2 * f)) & 3
+            if bits == 3:  # the high bit of field f: bit 2f of the (per-column shifted) 1-bit plane byte
+                idx = idx | (((hb >> (2 * f)) & 1) << 2)
+            want = table[idx.astype(np.int64)]
+            np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -152,20 +168,20 @@ def test_value_dequantisation_matches_the_portable_path(bits):
     c = (1 << bits) - 1
     operands = {2 * fields: w}
     scales = []
-    for f in range(fields):  # s/2 and z + s·c/2 per field, two registers each (elements 0-1, 2-3)
-        hs = rng.uniform(0.01, 0.2, (n, 4)).astype(np.float16)
-        zz = rng.uniform(-1, 1, (n, 4)).astype(np.float16)
+    for f in range(fields):  # s and z per field, two registers each (elements 0-1, 2-3)
+        sc = rng.uniform(0.001, 0.2, (n, 4)).astype(np.float16)
+        z = rng.uniform(-1, 1, (n, 4)).astype(np.float16)
         base = 2 * fields + 1 + 4 * f
-        operands[base], operands[base + 1] = _pack_f16x2(hs[:, 0], hs[:, 1]), _pack_f16x2(hs[:, 2], hs[:, 3])
-        operands[base + 2], operands[base + 3] = _pack_f16x2(zz[:, 0], zz[:, 1]), _pack_f16x2(zz[:, 2], zz[:, 3])
-        scales.append((hs, zz))
+        operands[base], operands[base + 1] = _pack_f16x2(sc[:, 0], sc[:, 1]), _pack_f16x2(sc[:, 2], sc[:, 3])
+        operands[base + 2], operands[base + 3] = _pack_f16x2(z[:, 0], z[:, 1]), _pack_f16x2(z[:, 2], z[:, 3])
+        scales.append((sc, z))
     regs = run_ptx(decode._value_asm(bits), operands)
     for f in range(fields):
         got = _field(regs, 2 * f)
-        hs, zz = scales[f]
+        sc, z = scales[f]
         for k, byte in enumerate(_bytes(w)):
-            y = 2.0 * ((byte >> (bits * f)) & c).astype(np.float64) - c
-            want = (y * hs[:, k] + zz[:, k]).astype(np.float16)
+            x = ((byte >> (bits * f)) & c).astype(np.float64)
+            want = (x * sc[:, k] + z[:, k]).astype(np.float16)
             np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
 
 

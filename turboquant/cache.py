@@ -168,10 +168,10 @@ class TurboQuantKVCache:
         # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
         # the kernels' codebook: centroids / √d made exactly antisymmetric (they are, up to float rounding), so
-        # that the 4-bit lookup by magnitude and sign (kernels.decode.key_asm_code) holds the same values
+        # that the 4-bit lookup by magnitude and sign (kernels.decode.key_lookup_tables) holds the same values
         cb = self.mse_quantizer.centroids / self.mse_quantizer.scale
         self._kernel_codebook = (cb - cb.flip(0)) / 2  # [2^b]
-        self._key_asm = None  # inline assembly of the key lookup, built on the first CUDA kernel call
+        self._key_tables = None  # byte tables of the kernel's key lookup, built on the first kernel call
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
@@ -710,12 +710,12 @@ class TurboQuantKVCache:
             kv_start = self.kv_start + c.sink_tokens
         else:
             kv_start = self.kv_start
-        if self._key_asm is None and q_rot.is_cuda:
-            from .kernels.decode import key_asm_code
+        if self._key_tables is None:
+            from .kernels.decode import key_lookup_tables
 
-            self._key_asm = key_asm_code(self._kernel_codebook)
+            self._key_tables = key_lookup_tables(self._kernel_codebook)
         return dict(
-            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, key_asm=self._key_asm,
+            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, key_tables=self._key_tables,
             seq_lens=self.seq_lens,
             kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
             group_size=c.group_size, n_q=n_q,

@@ -18,7 +18,7 @@ Two split kernels:
 - ``_decode_split_kernel_2d`` (every configuration of 2-4-bit MSE or prod keys with 2/4-bit values at
   head_dim 64/128, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
   on CUDA the unpacking in inline PTX (``key_asm_code``, ``_value_asm``, ``_sign_asm``): centroids looked
-  up with prmt byte permutes from tables baked into the code, values made fp16 from their bit pattern
+  up with prmt byte permutes from tables held in registers (``key_lookup_tables``), values made fp16 from their bit pattern
   (0x6400 | code) and scaled with one f16x2 fma. Every routine is elementwise (output k from input byte
   k), so Triton may lay it out freely; a portable Triton twin computes the same tiles in the CPU
   interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "key_asm_code", "num_splits_for", "tiles_2d_layout"]
+__all__ = ["decode_attention", "key_asm_code", "key_lookup_tables", "num_splits_for", "tiles_2d_layout"]
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -204,26 +204,26 @@ def _decode_split_kernel(
 
 def _value_asm(bits: int) -> str:
     """Inline assembly dequantising values: 4 bytes of planar codes (one 32-bit register, pack=4) -> per field,
-    4 values s·x + z in fp16 (elementwise: output k of field f comes from byte k).
+    4 values x·s + z in fp16 (elementwise: output k of field f comes from byte k).
 
-    prmt spreads bytes (0, 1) and (2, 3) to the two halves of a register; each field's code is masked into the
-    mantissa of 1024 (0x6400) at bit 1, giving 1024 + 2x; one f16x2 subtraction of 1024 + c (c = 2^b - 1) leaves
-    the centred code 2x - c exactly, and one f16x2 fma applies the group's s/2 and z + s·c/2 (inputs after the
-    codes, one pair per field). Operands: outputs $0.. (field f in registers 2f, 2f+1), then the code register,
-    then per field two registers of s/2 and two of z + s·c/2.
+    prmt spreads bytes (0, 1) and (2, 3) to the two halves of a register; field f's code, at bits [b·f, b·f + b)
+    of each half, is masked in place into the mantissa of the power of two 2^(10 - b·f) (f16 0x6400, 0x5C00,
+    0x5400, 0x4C00), whose mantissa bit b·f weighs 1: that gives 2^(10 - b·f) + x exactly, one f16x2 subtraction
+    leaves x, one f16x2 fma gives x·s + z with a single rounding. 14 instructions per 8 codes of 4 bits, 26 per
+    16 of 2 bits. Operands: outputs $0.. (field f in registers 2f, 2f+1), then the code register, then per
+    field two registers of s and two of z (fp16 pairs, elements 0-1 and 2-3).
     """
     fields = 8 // bits
-    mask = {4: 0x001E001E, 2: 0x00060006}[bits]
     n_out = 2 * fields
     src = n_out  # the code register
-    lines = ["{ .reg .b32 x0, x1, t, k;", f"mov.b32 k, {0x64006400 | ((1 << bits) - 1) * 0x10001:#x};",
-             f"prmt.b32 x0, ${src}, 0, 0x4140;", f"prmt.b32 x1, ${src}, 0, 0x4342;"]  # fmt: skip
+    lines = ["{ .reg .b32 x0, x1, t, k;", f"prmt.b32 x0, ${src}, 0, 0x4140;", f"prmt.b32 x1, ${src}, 0, 0x4342;"]
     for f in range(fields):
-        shift = bits * f - 1  # bits [b·f, b·f + b) -> [1, b + 1)
+        base = (25 - bits * f) << 10  # fp16 bit pattern of 2^(10 - b·f)
+        mask = ((1 << bits) - 1) << (bits * f)
         scale, zero = src + 1 + 4 * f, src + 3 + 4 * f
+        lines.append(f"mov.b32 k, {base * 0x10001:#x};")
         for x in range(2):
-            op = f"shl.b32 t, x{x}, 1;" if shift < 0 else f"shr.u32 t, x{x}, {shift};"
-            lines += [op, f"lop3.b32 t, t, {mask:#x}, 0x64006400, 0xEA;", "sub.f16x2 t, t, k;",
+            lines += [f"lop3.b32 t, x{x}, {mask * 0x10001:#x}, k, 0xEA;", "sub.f16x2 t, t, k;",
                       f"fma.rn.f16x2 ${2 * f + x}, t, ${scale + x}, ${zero + x};"]  # fmt: skip
     return "\n".join(lines + ["}"])
 
@@ -232,34 +232,40 @@ _VALUE_ASM_4 = tl.constexpr(_value_asm(4))
 _VALUE_ASM_2 = tl.constexpr(_value_asm(2))
 
 
-def _byte_tables(values: torch.Tensor) -> tuple[int, int, int, int]:
-    """fp16 bit patterns of up to 8 values as prmt tables: (low bytes 0-3, low 4-7, high 0-3, high 4-7)."""
-    bits = [int(b) & 0xFFFF for b in values.detach().to("cpu", torch.float16).view(torch.int16)]
-    bits += [0] * (8 - len(bits))
+def key_lookup_tables(codebook: torch.Tensor) -> torch.Tensor:
+    """prmt byte tables of the key centroid lookup: int32 [4] on the codebook's device (no host transfer).
 
-    def word(b):
-        return b[0] | b[1] << 8 | b[2] << 16 | b[3] << 24
+    codebook: [2^b] (b = 2, 3, 4) ascending centroids divided by √d, antisymmetric for b = 4. The tables hold
+    the fp16 bit patterns of c[8..15] (4 bits: the magnitudes) or of c[0..2^b - 1] (2, 3 bits, padded with
+    zeros to 8): low bytes of entries 0-3, low bytes of 4-7, high bytes of 0-3, high bytes of 4-7."""
+    n = codebook.numel()
+    if n not in (4, 8, 16):
+        raise ValueError(f"the key lookup takes codebooks of 4, 8 or 16 centroids, got {n}")
+    entries = codebook[8:] if n == 16 else codebook
+    bits = entries.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    bits = torch.cat((bits, bits.new_zeros(8 - bits.numel())))
+    shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=bits.device)
+    planes = torch.stack((bits & 0xFF, bits >> 8)).reshape(4, 4)  # [low 0-3, low 4-7, high 0-3, high 4-7]
+    words = (planes << shifts).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
-    lo, hi = [b & 0xFF for b in bits], [b >> 8 for b in bits]
-    return word(lo[:4]), word(lo[4:]), word(hi[:4]), word(hi[4:])
 
-
-def _key4_asm(codebook: torch.Tensor) -> str:
+def _key4_asm() -> str:
     """4-bit centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 (elementwise: output k from byte k).
 
-    The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables.
-    Per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear), the low and
-    high bytes of |c| looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the sign of
-    negative codes or-ed in: 22 instructions."""
-    tl0, tl1, th0, th1 = _byte_tables(codebook[8:])
+    The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables
+    (key_lookup_tables, passed as operands so that they stay in registers across the loop). Per register of 8
+    codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear), the low and high bytes of |c|
+    looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the sign of negative codes or-ed
+    in: 18 instructions. Operands: outputs $0-$3, the codes $4, the four tables $5, $9, $13, $17 (pack=4
+    gives each 32-bit input four registers)."""
     return (
-        "{ .reg .b32 neg, r, sb, la, ha, lb, hb, u, v, t, l0, l1, h0, h1;\n"
-        f"mov.b32 l0, {tl0:#x};\n mov.b32 l1, {tl1:#x};\n mov.b32 h0, {th0:#x};\n mov.b32 h1, {th1:#x};\n"
+        "{ .reg .b32 neg, r, sb, la, ha, lb, hb, u, v, t;\n"
         "lop3.b32 neg, $4, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
         "shr.u32 t, neg, 3;\n mul.lo.u32 t, t, 7;\n"
         "lop3.b32 r, $4, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
         "shr.u32 sb, r, 16;\n"
-        "prmt.b32 la, l0, l1, r;\n prmt.b32 ha, h0, h1, r;\n prmt.b32 lb, l0, l1, sb;\n prmt.b32 hb, h0, h1, sb;\n"
+        "prmt.b32 la, $5, $9, r;\n prmt.b32 ha, $13, $17, r;\n prmt.b32 lb, $5, $9, sb;\n prmt.b32 hb, $13, $17, sb;\n"
         "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $2, la, ha, 0x7351;\n"
         "prmt.b32 $1, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
         "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3)
@@ -268,83 +274,83 @@ def _key4_asm(codebook: torch.Tensor) -> str:
     )
 
 
-def _key_plane_asm(codebook: torch.Tensor, high_shift: int | None) -> str:
-    """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, the matching
-    4 bytes of the 1-bit plane shifted right by high_shift (field f's high bit at bit 2f) -> 4 fields × 4
+def _key_plane_asm(high: bool) -> str:
+    """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, 4 bytes holding
+    each field f's high bit at bit 2f (the 1-bit plane, shifted per column by the caller) -> 4 fields × 4
     fp16, elementwise. Nibble selectors A = fields 0, 2 and B = fields 1, 3 of every byte (low 2 bits from
-    the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 25 instructions per 16 codes.
-    Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8, the 1-bit plane $9."""
-    tl0, tl1, th0, th1 = _byte_tables(codebook)
-    lines = ["{ .reg .b32 a, b, s, h, t, la, ha, l0, l1, h0, h1;",
-             f"mov.b32 l0, {tl0:#x};", f"mov.b32 l1, {tl1:#x};", f"mov.b32 h0, {th0:#x};", f"mov.b32 h1, {th1:#x};",
-             "shr.u32 b, $8, 2;"]  # fmt: skip
-    if high_shift is None:
-        lines += ["and.b32 a, $8, 0x33333333;", "and.b32 b, b, 0x33333333;"]
+    the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 20 instructions per 16 codes.
+    Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8, the high bits $9 (3 bits
+    only), then the four tables (key_lookup_tables), four registers apart."""
+    t = 10 if high else 9
+    l0, l1, h0, h1 = (f"${t + 4 * i}" for i in range(4))
+    lines = ["{ .reg .b32 a, b, s, t, la, ha;", "shr.u32 b, $8, 2;"]
+    if high:
+        lines += ["shl.b32 t, $9, 2;", "and.b32 t, t, 0x44444444;", "lop3.b32 a, $8, 0x33333333, t, 0xEA;",
+                  "and.b32 t, $9, 0x44444444;", "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
     else:
-        lines += [f"shr.u32 h, $9, {high_shift};", "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;",
-                  "lop3.b32 a, $8, 0x33333333, t, 0xEA;", "and.b32 t, h, 0x44444444;",
-                  "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
+        lines += ["and.b32 a, $8, 0x33333333;", "and.b32 b, b, 0x33333333;"]
     for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
         for x in range(2):  # bytes (0, 1), then (2, 3)
             if x:
                 lines.append(f"shr.u32 s, {sel}, 16;")
             src = "s" if x else sel
-            lines += [f"prmt.b32 la, l0, l1, {src};", f"prmt.b32 ha, h0, h1, {src};",
+            lines += [f"prmt.b32 la, {l0}, {l1}, {src};", f"prmt.b32 ha, {h0}, {h1}, {src};",
                       f"prmt.b32 ${2 * fa + x}, la, ha, 0x6240;",
                       f"prmt.b32 ${2 * fb + x}, la, ha, 0x7351;"]  # fmt: skip
     return "\n".join(lines + ["}"])
 
 
-def key_asm_code(codebook: torch.Tensor) -> tuple[str, str]:
-    """Inline assembly of the key centroid lookup for _decode_split_kernel_2d, built once per codebook.
-
-    codebook: [2^b] (b = 2, 3, 4) ascending centroids divided by √d, antisymmetric for b = 4; rounded to fp16
-    they are baked into the code as byte tables. Returns (lookup, lookup of the second half of the 2-bit
-    plane for 3-bit keys, else ""); ("", "") for codebooks the kernel does not take."""
-    n = codebook.numel()
-    if n == 16:
-        return _key4_asm(codebook), ""
-    if n == 8:
-        return _key_plane_asm(codebook, 0), _key_plane_asm(codebook, 1)
-    if n == 4:
-        return _key_plane_asm(codebook, None), ""
-    return "", ""
+def key_asm_code(key_bits: int) -> str:
+    """Inline assembly of the key centroid lookup of _decode_split_kernel_2d for 2-, 3- or 4-bit codebook
+    indices; the centroids come in as operands (key_lookup_tables)."""
+    if key_bits == 4:
+        return _key4_asm()
+    if key_bits in (2, 3):
+        return _key_plane_asm(high=key_bits == 3)
+    raise ValueError(f"the key lookup takes 2-, 3- or 4-bit indices, got {key_bits}")
 
 
 @triton.jit
-def _key_fields(KC, row, m_n, b_cb, s: tl.constexpr, KEY_BITS: tl.constexpr, D: tl.constexpr,
+def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, D: tl.constexpr,
                 DP_K: tl.constexpr, KEY_ASM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """Centroids (√d units, fp16) of BN keys as field tiles [BN, DP_K]. 2 and 4 bits: all fields, tile f =
-    key columns f·DP_K + e. 3 bits: the half s of the 2-bit plane, tile f = key columns f·D/4 + s·D/8 + e
-    (DP_K = D/8). b_cb: the [BN, 2^kb] codebook of the portable lookup (unused with KEY_ASM)."""
+    """Centroids (√d units, fp16) of BN keys as field tiles [BN, DP_K]: tile f = key columns f·DP_K + e (4 bits:
+    two fields; 2 and 3 bits: the four fields of the 2-bit plane, with, for 3 bits, the high bit of column
+    f·D/4 + e from bit 2f + e // (D/8) of byte e mod D/8 of the 1-bit plane). With KEY_ASM: kt0-kt3, the int32
+    tables of key_lookup_tables; else b_cb, the [BN, 2^kb] codebook of the portable lookup."""
     KB: tl.constexpr = D * KEY_BITS // 8  # bytes per key
-    p_k = KC + row[:, None] * KB + tl.arange(0, DP_K)[None, :]
-    if KEY_BITS == 3:
-        p_k += s * DP_K
+    o_k = tl.arange(0, DP_K)
+    p_k = KC + row[:, None] * KB + o_k[None, :]
     if MASKED:
         kb = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
         kb = tl.load(p_k)
-    if KEY_BITS == 3:
-        p_h = KC + row[:, None] * KB + 2 * DP_K + tl.arange(0, DP_K)[None, :]  # the 1-bit plane
+    if KEY_BITS == 3:  # the 1-bit plane (after the D/4 bytes of the 2-bit plane), shifted per column
+        H: tl.constexpr = DP_K // 2
+        p_h = KC + row[:, None] * KB + DP_K + (o_k % H)[None, :]
         if MASKED:
             hb = tl.load(p_h, mask=m_n[:, None], other=0)
         else:
             hb = tl.load(p_h)
+        hb = hb >> (o_k // H).to(tl.uint8)[None, :]
     if KEY_ASM != "":
+        z = tl.zeros(kb.shape, tl.int32)  # the tables as (uniform) operand tensors, four registers each
+        t0 = z + kt0
+        t1 = z + kt1
+        t2 = z + kt2
+        t3 = z + kt3
         if KEY_BITS == 4:
-            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
-                                               is_pure=False, pack=4)  # fmt: skip
+            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r" + ",r" * 16, [kb, t0, t1, t2, t3],
+                                               dtype=(tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
             k2 = k0
             k3 = k0
         elif KEY_BITS == 3:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
-                KEY_ASM, "=r" + ",=r" * 7 + ",r,r", [kb, hb], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                is_pure=False, pack=4)  # fmt: skip
+                KEY_ASM, "=r" + ",=r" * 7 + ",r,r" + ",r" * 16, [kb, hb, t0, t1, t2, t3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
         else:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
-                KEY_ASM, "=r" + ",=r" * 7 + ",r", [kb], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                is_pure=False, pack=4)  # fmt: skip
+                KEY_ASM, "=r" + ",=r" * 7 + ",r" + ",r" * 16, [kb, t0, t1, t2, t3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
     else:
         kb = kb.to(tl.int32)
         if KEY_BITS == 4:
@@ -354,7 +360,7 @@ def _key_fields(KC, row, m_n, b_cb, s: tl.constexpr, KEY_BITS: tl.constexpr, D: 
             k3 = k0
         else:
             if KEY_BITS == 3:
-                hb = hb.to(tl.int32) >> s
+                hb = hb.to(tl.int32)
             else:
                 hb = tl.zeros_like(kb)
             k0 = tl.gather(b_cb, (kb & 3) | ((hb & 1) << 2), axis=1)
@@ -415,24 +421,31 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, DQ: tl.con
 
 
 @triton.jit
-def _group_affine(VS, VZ, row, m_n, g: tl.constexpr, VALUE_BITS: tl.constexpr, NG: tl.constexpr, MASKED: tl.constexpr):
-    """Group g of BN rows: (s/2, z + s·c/2) as fp16 [BN], so that a value is (2x - c)·s/2 + (z + s·c/2)."""
+def _group_affine(VS, VZ, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
+    """Group g of BN rows: its (scale, zero) as stored, fp16, repeated along the rows of a [BN, W] tile.
+
+    Loaded as [BN, W/16] and broadcast over 16 columns, so that the tile matches the code tile's layout
+    (16 bytes per thread) without a layout conversion (a shared-memory round trip)."""
+    R: tl.constexpr = 16 if W >= 16 else W
+    rr = row[:, None] + tl.zeros([1, W // R], tl.int64)
     if MASKED:
-        sc = tl.load(VS + row * NG + g, mask=m_n, other=0.0).to(tl.float32)
-        z = tl.load(VZ + row * NG + g, mask=m_n, other=0.0).to(tl.float32)
+        mm = m_n[:, None] & (rr >= 0)
+        sc = tl.load(VS + rr * NG + g, mask=mm, other=0.0)
+        z = tl.load(VZ + rr * NG + g, mask=mm, other=0.0)
     else:
-        sc = tl.load(VS + row * NG + g).to(tl.float32)
-        z = tl.load(VZ + row * NG + g).to(tl.float32)
-    return (0.5 * sc).to(tl.float16), (z + sc * (0.5 * ((1 << VALUE_BITS) - 1))).to(tl.float16)
+        sc = tl.load(VS + rr * NG + g)
+        z = tl.load(VZ + rr * NG + g)
+    BN: tl.constexpr = row.shape[0]
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, W // R, R)), (BN, W))
+    z = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, W // R, R)), (BN, W))
+    return sc, z
 
 
 @triton.jit
-def _dequant_field(vb, f: tl.constexpr, hs, zz, VALUE_BITS: tl.constexpr):
-    """Portable twin of the inline assembly: field f of value bytes vb [BN, W] -> (2x - c)·hs + zz in fp16."""
-    CODE_MAX: tl.constexpr = (1 << VALUE_BITS) - 1
-    y = ((((vb >> (f * VALUE_BITS)) & CODE_MAX) << 1) | 0x6400).to(tl.float16, bitcast=True)
-    y = (y - (1024.0 + CODE_MAX)).to(tl.float32)  # 2x - c, exact
-    return (y * hs[:, None].to(tl.float32) + zz[:, None].to(tl.float32)).to(tl.float16)
+def _dequant_field(vb, f: tl.constexpr, sc, z, VALUE_BITS: tl.constexpr):
+    """Portable twin of the inline assembly: field f of value bytes vb [BN, W] -> x·s + z in fp16."""
+    x = ((vb >> (f * VALUE_BITS)) & ((1 << VALUE_BITS) - 1)).to(tl.float32)
+    return (x * sc.to(tl.float32) + z.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -448,37 +461,28 @@ def _value_fields(VC, VS, VZ, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexp
         vb = tl.load(p_v, mask=m_n[:, None], other=0)
     else:
         vb = tl.load(p_v)
-    BN: tl.constexpr = vb.shape[0]
-    hs0, zz0 = _group_affine(VS, VZ, row, m_n, (h * W) // GROUP, VALUE_BITS, NG, MASKED)
-    hs1, zz1 = _group_affine(VS, VZ, row, m_n, (DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
+    sc0, z0 = _group_affine(VS, VZ, row, m_n, (h * W) // GROUP, NG, W, MASKED)
+    sc1, z1 = _group_affine(VS, VZ, row, m_n, (DP_V + h * W) // GROUP, NG, W, MASKED)
     if VALUE_BITS == 2:
-        hs2, zz2 = _group_affine(VS, VZ, row, m_n, (2 * DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
-        hs3, zz3 = _group_affine(VS, VZ, row, m_n, (3 * DP_V + h * W) // GROUP, VALUE_BITS, NG, MASKED)
+        sc2, z2 = _group_affine(VS, VZ, row, m_n, (2 * DP_V + h * W) // GROUP, NG, W, MASKED)
+        sc3, z3 = _group_affine(VS, VZ, row, m_n, (3 * DP_V + h * W) // GROUP, NG, W, MASKED)
     if ASM:
-        b0 = tl.broadcast_to(hs0[:, None], (BN, W))
-        c0 = tl.broadcast_to(zz0[:, None], (BN, W))
-        b1 = tl.broadcast_to(hs1[:, None], (BN, W))
-        c1 = tl.broadcast_to(zz1[:, None], (BN, W))
         if VALUE_BITS == 4:
-            v0, v1 = tl.inline_asm_elementwise(_VALUE_ASM_4, "=r,=r,=r,=r" + ",r" * 9, [vb, b0, c0, b1, c1],
+            v0, v1 = tl.inline_asm_elementwise(_VALUE_ASM_4, "=r,=r,=r,=r" + ",r" * 9, [vb, sc0, z0, sc1, z1],
                                                dtype=(tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
             v2 = v0
             v3 = v0
         else:
-            b2 = tl.broadcast_to(hs2[:, None], (BN, W))
-            c2 = tl.broadcast_to(zz2[:, None], (BN, W))
-            b3 = tl.broadcast_to(hs3[:, None], (BN, W))
-            c3 = tl.broadcast_to(zz3[:, None], (BN, W))
             v0, v1, v2, v3 = tl.inline_asm_elementwise(
-                _VALUE_ASM_2, "=r" + ",=r" * 7 + ",r" * 17, [vb, b0, c0, b1, c1, b2, c2, b3, c3],
+                _VALUE_ASM_2, "=r" + ",=r" * 7 + ",r" * 17, [vb, sc0, z0, sc1, z1, sc2, z2, sc3, z3],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
     else:
         vb = vb.to(tl.int16)
-        v0 = _dequant_field(vb, 0, hs0, zz0, VALUE_BITS)
-        v1 = _dequant_field(vb, 1, hs1, zz1, VALUE_BITS)
+        v0 = _dequant_field(vb, 0, sc0, z0, VALUE_BITS)
+        v1 = _dequant_field(vb, 1, sc1, z1, VALUE_BITS)
         if VALUE_BITS == 2:
-            v2 = _dequant_field(vb, 2, hs2, zz2, VALUE_BITS)
-            v3 = _dequant_field(vb, 3, hs3, zz3, VALUE_BITS)
+            v2 = _dequant_field(vb, 2, sc2, z2, VALUE_BITS)
+            v3 = _dequant_field(vb, 3, sc3, z3, VALUE_BITS)
         else:
             v2 = v0
             v3 = v0
@@ -495,30 +499,23 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 @triton.jit
 def _attend_block_2d(
-    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-    b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD: tl.constexpr,
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
-    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
-    MASKED: tl.constexpr,
+    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Tokens [n0, n0 + BN) of one head folded into the online softmax. MASKED: the block may reach past `end`
     or past a query's causal limit (the last block of a split); other blocks load and score without masks."""
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < end
     row = i_bh * C + o_n.to(tl.int64)
-    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, 0, KEY_BITS, D, DP_K, KEY_ASM, MASKED)
+    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS, D, DP_K, KEY_ASM, MASKED)
     s_t = tl.dot(k0, qt0)
     s_t += tl.dot(k1, qt1)
     if P_K > 2:
         s_t += tl.dot(k2, qt2)
         s_t += tl.dot(k3, qt3)
-    if KEY_BITS == 3:  # the second half of the 2-bit plane
-        k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, 1, KEY_BITS, D, DP_K, KEY_ASM_1, MASKED)
-        s_t += tl.dot(k0, qt4)
-        s_t += tl.dot(k1, qt5)
-        s_t += tl.dot(k2, qt6)
-        s_t += tl.dot(k3, qt7)
     if MASKED:
         norm = tl.load(KN + row, mask=m_n, other=0.0)
     else:
@@ -537,8 +534,13 @@ def _attend_block_2d(
         if CAUSAL:
             visible = visible & (o_n[None, :] <= q_pos[:, None])
         b_s = tl.where(visible, b_s, float("-inf"))
-    b_p, alpha, b_m, b_l = _online_softmax_step(b_s, b_m, b_l)
-    p16 = b_p.to(tl.float16)
+    m_new = tl.maximum(b_m, tl.max(b_s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(b_m - m_safe)
+    b_m = m_new
+    p16 = tl.exp2(b_s - m_safe[:, None]).to(tl.float16)
+    # the softmax denominator by the tensor cores (P times a ones tile), as the outputs: no sum across warps
+    l_acc = l_acc * alpha[:, None] + tl.dot(p16, tl.full([BN, 16], 1.0, tl.float16))
     # value chunk ch = f·NH + h: field f of value bytes [h·W, (h+1)·W)
     v0, v1, v2, v3 = _value_fields(VC, VS, VZ, row, m_n, 0, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
     if NH == 2:  # 4-bit values in two byte chunks: fields 0, 1 of each
@@ -553,24 +555,24 @@ def _attend_block_2d(
         if NCH > 2:
             acc2 = acc2 * alpha[:, None] + tl.dot(p16, v2)
             acc3 = acc3 * alpha[:, None] + tl.dot(p16, v3)
-    return b_m, b_l, acc0, acc1, acc2, acc3
+    return b_m, l_acc, acc0, acc1, acc2, acc3
 
 
 @triton.jit
 def _decode_split_kernel_2d(
-    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
+    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KEY_ASM: tl.constexpr, KEY_ASM_1: tl.constexpr, VALUE_ASM: tl.constexpr,
+    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
-    values of 2 or 4 bits in 2-D tiles (at most eight key tiles and four value chunks): scores as
+    values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
     Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed (+ γ · Σ_g sign_g @ (Sq)_gᵀ), values dequantised
     per element. Same inputs and outputs as _decode_split_kernel; KEY_BITS counts the index bits.
 
-    KEY_ASM, KEY_ASM_1 (from key_asm_code) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
+    KEY_ASM (from key_asm_code) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
     Triton (the CPU interpreter) computes the same tiles, the key lookup with a register-table gather. Blocks
     that lie wholly inside the split and before every query's causal limit skip all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
@@ -581,23 +583,13 @@ def _decode_split_kernel_2d(
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
     p_q = Q + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DP_K)[:, None]
-    F: tl.constexpr = D // 4 if KEY_BITS == 3 else DP_K  # column offset of key field f: f·F (+ D/8 in half 1)
     qt0 = tl.load(p_q, mask=m_m[None, :], other=0.0).to(tl.float16)
-    qt1 = tl.load(p_q + F, mask=m_m[None, :], other=0.0).to(tl.float16)
+    qt1 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
     qt2 = qt0
     qt3 = qt0
-    qt4 = qt0
-    qt5 = qt0
-    qt6 = qt0
-    qt7 = qt0
     if P_K > 2:
-        qt2 = tl.load(p_q + 2 * F, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt3 = tl.load(p_q + 3 * F, mask=m_m[None, :], other=0.0).to(tl.float16)
-    if KEY_BITS == 3:
-        qt4 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt5 = tl.load(p_q + F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt6 = tl.load(p_q + 2 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt7 = tl.load(p_q + 3 * F + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt2 = tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt3 = tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
     sq0 = qt0
     sq1 = qt0
     sq2 = qt0
@@ -619,8 +611,12 @@ def _decode_split_kernel_2d(
         sq7 = tl.load(p_sq + 7 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
+    kt0 = tl.load(KT)
+    kt1 = tl.load(KT + 1)
+    kt2 = tl.load(KT + 2)
+    kt3 = tl.load(KT + 3)
     b_m = tl.full([BM], float("-inf"), dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
+    l_acc = tl.zeros([BM, 16], dtype=tl.float32)  # the running sum, in each of 16 equal columns
     acc0 = tl.zeros([BM, W], dtype=tl.float32)
     acc1 = tl.zeros([BM, W], dtype=tl.float32)
     acc2 = tl.zeros([BM, W], dtype=tl.float32)
@@ -631,17 +627,20 @@ def _decode_split_kernel_2d(
         full_end = tl.minimum(full_end, q_start + 1)
     n_full = tl.maximum(full_end - start, 0) // BN
     for n0 in range(start, start + n_full * BN, BN):
-        b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D, KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, KEY_ASM_1, VALUE_ASM, False)  # fmt: skip
+        b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
+            KEY_BITS, VALUE_BITS,
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
-        b_m, b_l, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, b_m, b_l, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D, KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, KEY_ASM_1, VALUE_ASM, True)  # fmt: skip
+        b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
+            KEY_BITS, VALUE_BITS,
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, True)  # fmt: skip
 
     part = (i_bh * NUM_SPLITS + i_s) * BM
+    b_l = tl.max(l_acc, axis=1)
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
     _store_chunk(O_PART, part, o_m, m_m, acc0, l_div, 0, W, NH, DP_V, D)
     _store_chunk(O_PART, part, o_m, m_m, acc1, l_div, 1, W, NH, DP_V, D)
@@ -660,7 +659,7 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     key_bits = key_bits - 1 if prod else key_bits
     if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128) or (prod and d // 8 < 16):
         return None
-    p_k, p_v = 8 if key_bits == 3 else 8 // key_bits, 8 // value_bits
+    p_k, p_v = 4 if key_bits == 3 else 8 // key_bits, 8 // value_bits
     dp_v = d // p_v
     w = min(dp_v, group_size)
     if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
@@ -777,7 +776,7 @@ def decode_attention(
     n_q: int,
     causal: bool = True,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    key_asm: tuple[str, str] | None = None,
+    key_tables: torch.Tensor | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
@@ -793,8 +792,7 @@ def decode_attention(
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
             (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
-        key_asm: key_asm_code(codebook), computed once by the caller (else here, reading the codebook on the
-            host).
+        key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major,
             tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it unpack
@@ -830,17 +828,17 @@ def decode_attention(
     dummy = key_codes
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
-        if use_asm:
-            key_asm = key_asm_code(codebook) if key_asm is None else key_asm
-        else:
-            key_asm = ("", "")
+        key_asm = key_asm_code(layout_2d["KEY_BITS"]) if use_asm else ""
+        if key_tables is None:
+            key_tables = key_lookup_tables(codebook)
         _decode_split_kernel_2d[(b * h_kv, splits)](
             q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
             buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
-            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, seq_lens, kv_start,
+            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables, seq_lens,
+            kv_start,
             q_start, o_part, l_part, h_kv, c, m, n_q, split_size,
             D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-            NUM_SPLITS=splits, KEY_ASM=key_asm[0], KEY_ASM_1=key_asm[1], VALUE_ASM=use_asm,
+            NUM_SPLITS=splits, KEY_ASM=key_asm, VALUE_ASM=use_asm,
             num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
         )  # fmt: skip
     else:
