@@ -106,7 +106,6 @@ def left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded mask: real tokens count from 0 (pads get 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)

@@ -18,10 +18,11 @@ Two split kernels:
 - ``_decode_split_kernel_2d`` (every configuration of 2-4-bit MSE or prod keys with 2/4-bit values at
   head_dim 64/128, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
   on CUDA the unpacking in inline PTX (``key_asm_code``, ``_value_asm``, ``_sign_asm``): centroids looked
-  up with prmt byte permutes from tables held in registers (``key_lookup_tables``), values made fp16 from their bit pattern
-  (0x6400 | code) and scaled with one f16x2 fma. Every routine is elementwise (output k from input byte
-  k), so Triton may lay it out freely; a portable Triton twin computes the same tiles in the CPU
-  interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
+  up with prmt byte permutes from tables held in registers (``key_lookup_tables``), value codes masked
+  into the mantissa of a power of two and scaled with one f16x2 fma. Every routine is elementwise
+  (output k from input byte k), so Triton may lay it out freely; a portable Triton twin computes the same
+  tiles in the CPU interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their
+  instructions.
 - ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (3-bit values, head_dim 256, ...).
 """
 
