@@ -391,22 +391,25 @@ def test_attention_forward_equals_oracle(name: str, backend: str) -> None:
     sink = torch.tensor([[0 <= t - p < s for t in range(total)] for p in pads])  # the first s real tokens: exact
     layer = TurboQuantLayer(full, sliding_window=window)
     layer.backend = backend
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # else the CPU interpreter
     stub = torch.nn.Module().eval()
     start = 0
     for n in chunks:
         past = layer.store.dequantize() if layer.is_initialized and layer.store.total_tokens else None
-        kk, vv = layer.update(k[:, :, start : start + n], v[:, :, start : start + n])
+        past = None if past is None else tuple(t.cpu() for t in past)
+        kk, vv = layer.update(k[:, :, start : start + n].to(dev), v[:, :, start : start + n].to(dev))
         assert isinstance(kk, LayerKeys) and kk.layer is layer
         out, weights = turboquant_attention_forward(
-            stub, q[:, :, start : start + n], kk, vv, real[:, : start + n].long(), scaling=scale, sliding_window=window
-        )
+            stub, q[:, :, start : start + n].to(dev), kk, vv, real[:, : start + n].long().to(dev), scaling=scale,
+            sliding_window=window,
+        )  # fmt: skip
         assert weights is None and out.dtype == q.dtype
-        check_step(out, q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n],
+        check_step(out.cpu(), q[:, :, start : start + n], k[:, :, start : start + n], v[:, :, start : start + n],
                    past, real[:, : start + n], scale, window, (sink, k, v),
                    tol=FP32_RTOL if backend == "reference" else KERNEL_TOL)  # fmt: skip
         start += n
         assert layer.get_seq_length() == start
-    assert torch.equal(layer.store.kv_start, torch.tensor(pads))
+    assert torch.equal(layer.store.kv_start.cpu(), torch.tensor(pads))
 
 
 # ------------------------------------------------------------ teacher-forced decode quality
