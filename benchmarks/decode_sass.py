@@ -37,7 +37,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     names = fn.arg_names
     key_asm = decode.key_asm_code(key_bits) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 NUM_SPLITS=4, VALUE_ASM=asm, KEY_ASM=key_asm,
+                 VALUE_ASM=asm, KEY_ASM=key_asm,
                  **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(

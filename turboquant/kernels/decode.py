@@ -565,8 +565,8 @@ def _decode_split_kernel_2d(
     H_KV, C, M, N_Q, SPLIT_SIZE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
-    NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
+    NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, KEY_ASM: tl.constexpr,
+    VALUE_ASM: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
     values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
@@ -640,7 +640,7 @@ def _decode_split_kernel_2d(
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, True)  # fmt: skip
 
-    part = (i_bh * NUM_SPLITS + i_s) * BM
+    part = (i_bh * tl.num_programs(1) + i_s) * BM
     b_l = tl.max(l_acc, axis=1)
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
     _store_chunk(O_PART, part, o_m, m_m, acc0, l_div, 0, W, NH, DP_V, D)
@@ -721,7 +721,8 @@ def _auto_blocks(batch_heads: int, tiles_2d: bool, prod: bool) -> tuple[int, int
     """(block_n, programs_per_sm) from H200 sweeps (benchmarks/RESULTS.md): from B·H_kv = 32 on, the 2-D kernel
     takes 128-token blocks at 2 programs per SM ((16, 65536) K4/V4: 0.90 ms vs 1.03 with 64-token blocks), 64
     for prod keys, whose 16 query tiles leave fewer registers (1.13 ms vs 1.75); below, 64-token blocks split
-    over 4 programs per SM ((1, 131072): 0.124 ms vs 0.151). The generic kernel: 64 and 2."""
+    over 4 programs per SM ((1, 131072): 0.124 ms vs 0.151). The generic kernel: 64 and 2. On CUDA the 2-D
+    kernel's split count then comes from its occupancy instead (decode_attention: one wave of programs)."""
     if not tiles_2d:
         return 64, 2
     if batch_heads < 32:
@@ -741,11 +742,33 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def num_splits_for(batch_heads: int, capacity: int, block_n: int, device: torch.device, per_sm: int = 2) -> int:
-    """Splits of the token axis so that B·H_kv·splits gives every SM per_sm programs, from the capacity alone."""
+def num_splits_for(
+    batch_heads: int, capacity: int, block_n: int, device: torch.device, per_sm: int = 2, one_wave: bool = False
+) -> int:
+    """Splits of the token axis so that B·H_kv·splits gives every SM per_sm programs, from the capacity alone.
+
+    one_wave: per_sm is how many programs an SM holds at once; round down, so that every program starts in the
+    first wave (a partial second wave would double the time of the programs it holds)."""
     target = per_sm * _sm_count(device) if device.type == "cuda" else 4
     blocks = max(1, -(-capacity // block_n))
-    return max(1, min(blocks, -(-target // batch_heads), 128))
+    per_head = target // batch_heads if one_wave else -(-target // batch_heads)
+    return max(1, min(blocks, per_head, 128))
+
+
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _resident_programs(kernel, device: torch.device, num_warps: int) -> int:
+    """Programs of a compiled kernel one SM holds at once: the least of its register, shared-memory and
+    warp limits (registers are allocated per warp in units of 256)."""
+    kernel._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    regs = -(-kernel.n_regs * 32 // 256) * 256 * num_warps
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // max(regs, 1)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    by_smem = smem // (kernel.metadata.shared + 1024) if kernel.metadata.shared else 32
+    by_warps = props.max_threads_per_multi_processor // (32 * num_warps)
+    return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
 _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -823,26 +846,36 @@ def decode_attention(
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
     block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None, prod)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
-    splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
-    split_size = -(-max(c, 1) // (splits * block_n)) * block_n
-    o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
     dummy = key_codes
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
         key_asm = key_asm_code(layout_2d["KEY_BITS"]) if use_asm else ""
         if key_tables is None:
             key_tables = key_lookup_tables(codebook)
-        _decode_split_kernel_2d[(b * h_kv, splits)](
-            q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
-            buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
-            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables, seq_lens,
-            kv_start,
-            q_start, o_part, l_part, h_kv, c, m, n_q, split_size,
-            D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-            NUM_SPLITS=splits, KEY_ASM=key_asm, VALUE_ASM=use_asm,
-            num_warps=launch["num_warps"], num_stages=launch["num_stages"], **layout_2d,
-        )  # fmt: skip
+        args = (q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
+                buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
+                buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables,
+                seq_lens, kv_start, q_start)  # fmt: skip
+        consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
+                      VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                      **layout_2d)  # fmt: skip
+        one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
+        if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
+            key = (q_rot.device, *sorted(consts.items()))
+            if key not in _RESIDENT:
+                o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
+                compiled = _decode_split_kernel_2d.warmup(*args, o_part, l_part, h_kv, c, m, n_q, c, grid=(1, 1),
+                                                          **consts)  # fmt: skip
+                _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
+            per_sm = _RESIDENT[key]
+        splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm, one_wave=one_wave)
+        split_size = -(-max(c, 1) // (splits * block_n)) * block_n
+        o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
+        _decode_split_kernel_2d[(b * h_kv, splits)](*args, o_part, l_part, h_kv, c, m, n_q, split_size, **consts)
     else:
+        splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
+        split_size = -(-max(c, 1) // (splits * block_n)) * block_n
+        o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
         _decode_split_kernel[(b * h_kv, splits)](
             q_rot, sq if prod else q_rot,
             key_codes, buffers["key_norms"],
