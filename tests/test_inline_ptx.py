@@ -187,11 +187,11 @@ def test_value_dequantisation_matches_the_portable_path(bits):
 
 def test_qjl_signs_are_plus_minus_one():
     w = _words(4)
-    regs = run_ptx(decode._sign_asm(), {16: w})
-    for g in range(8):
-        got = _field(regs, 2 * g)
+    regs = run_ptx(decode._sign_asm(), {8: w})
+    for t in range(4):  # field t: bit 2t of every byte
+        got = _field(regs, 2 * t)
         for k, byte in enumerate(_bytes(w)):
-            want = np.where((byte >> g) & 1, 1.0, -1.0).astype(np.float16)
+            want = np.where((byte >> (2 * t)) & 1, 1.0, -1.0).astype(np.float16)
             np.testing.assert_array_equal(got[k], want)
 
 

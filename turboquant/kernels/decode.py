@@ -372,15 +372,16 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
 
 
 def _sign_asm() -> str:
-    """QJL signs as ±1 fp16: 4 bytes of the 1-bit plane (8 fields per byte) -> 8 fields × 4 values, elementwise.
+    """QJL signs as ±1 fp16: 4 bytes holding field t's bit at bit 2t (the 1-bit plane, shifted per column by the
+    caller) -> 4 fields × 4 values, elementwise.
 
-    Bytes (0, 1) and (2, 3) spread to register halves with prmt; field g's bit shifted to bit 15 of each half
-    and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0 (0x3C00), bit 0 gives -1.0. Outputs $0-$15 (field g in
-    registers 2g, 2g+1), the bytes $16."""
-    lines = ["{ .reg .b32 x0, x1, t;", "prmt.b32 x0, $16, 0, 0x4140;", "prmt.b32 x1, $16, 0, 0x4342;"]
-    for g in range(8):
+    Bytes (0, 1) and (2, 3) spread to register halves with prmt; field t's bit shifted to bit 15 of each half
+    and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0 (0x3C00), bit 0 gives -1.0. Outputs $0-$7 (field t in
+    registers 2t, 2t+1), the bytes $8."""
+    lines = ["{ .reg .b32 x0, x1, t;", "prmt.b32 x0, $8, 0, 0x4140;", "prmt.b32 x1, $8, 0, 0x4342;"]
+    for f in range(4):
         for x in range(2):
-            lines += [f"shl.b32 t, x{x}, {15 - g};", f"lop3.b32 ${2 * g + x}, t, 0x80008000, 0xBC00BC00, 0x6A;"]
+            lines += [f"shl.b32 t, x{x}, {15 - 2 * f};", f"lop3.b32 ${2 * f + x}, t, 0x80008000, 0xBC00BC00, 0x6A;"]
     return "\n".join(lines + ["}"])
 
 
@@ -388,36 +389,31 @@ _SIGN_ASM = tl.constexpr(_sign_asm())
 
 
 @triton.jit
-def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, DQ: tl.constexpr, ASM: tl.constexpr,
-                MASKED: tl.constexpr):  # fmt: skip
-    """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32: the 1-bit plane [BN, D/8] as 8 ±1 tiles (field g =
-    key columns g·D/8 + e), each dotted with its query tile sq_g [D/8, BM]."""
-    p_s = KS + row[:, None] * DQ + tl.arange(0, DQ)[None, :]
+def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
+    """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32: the 1-bit plane [BN, D/8] (bit g of byte j: column
+    g·D/8 + j) read as 4 ±1 tiles [BN, D/4], tile t = columns t·D/4 + e from bit 2t + e // (D/8) of byte
+    e mod D/8, each dotted with its query tile sq_t [D/4, BM]."""
+    H: tl.constexpr = D // 8
+    o_e = tl.arange(0, 2 * H)
+    p_s = KS + row[:, None] * H + (o_e % H)[None, :]
     if MASKED:
         sb = tl.load(p_s, mask=m_n[:, None], other=0)
     else:
         sb = tl.load(p_s)
+    sb = sb >> (o_e // H).to(tl.uint8)[None, :]
     if ASM:
-        g0, g1, g2, g3, g4, g5, g6, g7 = tl.inline_asm_elementwise(
-            _SIGN_ASM, "=r" + ",=r" * 15 + ",r", [sb], dtype=(tl.float16,) * 8, is_pure=False, pack=4)  # fmt: skip
+        g0, g1, g2, g3 = tl.inline_asm_elementwise(
+            _SIGN_ASM, "=r" + ",=r" * 7 + ",r", [sb], dtype=(tl.float16,) * 4, is_pure=False, pack=4)  # fmt: skip
     else:
         sb = sb.to(tl.int32)
         g0 = ((sb & 1) * 2 - 1).to(tl.float16)
-        g1 = (((sb >> 1) & 1) * 2 - 1).to(tl.float16)
-        g2 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
-        g3 = (((sb >> 3) & 1) * 2 - 1).to(tl.float16)
-        g4 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
-        g5 = (((sb >> 5) & 1) * 2 - 1).to(tl.float16)
-        g6 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
-        g7 = (((sb >> 7) & 1) * 2 - 1).to(tl.float16)
+        g1 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
+        g2 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
+        g3 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
     acc = tl.dot(g0, sq0)
     acc += tl.dot(g1, sq1)
     acc += tl.dot(g2, sq2)
     acc += tl.dot(g3, sq3)
-    acc += tl.dot(g4, sq4)
-    acc += tl.dot(g5, sq5)
-    acc += tl.dot(g6, sq6)
-    acc += tl.dot(g7, sq7)
     return acc
 
 
@@ -500,7 +496,7 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 @triton.jit
 def _attend_block_2d(
-    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
     b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
@@ -527,7 +523,7 @@ def _attend_block_2d(
             gamma = tl.load(KR + row, mask=m_n, other=0.0)
         else:
             gamma = tl.load(KR + row)
-        s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D // 8, VALUE_ASM, MASKED)
+        s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D, VALUE_ASM, MASKED)
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
     if MASKED:
@@ -595,21 +591,13 @@ def _decode_split_kernel_2d(
     sq1 = qt0
     sq2 = qt0
     sq3 = qt0
-    sq4 = qt0
-    sq5 = qt0
-    sq6 = qt0
-    sq7 = qt0
-    if PROD:  # S q as 8 tiles [D/8, BM]
-        DQ: tl.constexpr = D // 8
+    if PROD:  # S q as 4 tiles [D/4, BM]
+        DQ: tl.constexpr = D // 4
         p_sq = SQ + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DQ)[:, None]
         sq0 = tl.load(p_sq, mask=m_m[None, :], other=0.0).to(tl.float16)
         sq1 = tl.load(p_sq + DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
         sq2 = tl.load(p_sq + 2 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
         sq3 = tl.load(p_sq + 3 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq4 = tl.load(p_sq + 4 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq5 = tl.load(p_sq + 5 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq6 = tl.load(p_sq + 6 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq7 = tl.load(p_sq + 7 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     kt0 = tl.load(KT)
@@ -629,13 +617,13 @@ def _decode_split_kernel_2d(
     n_full = tl.maximum(full_end - start, 0) // BN
     for n0 in range(start, start + n_full * BN, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, True)  # fmt: skip
@@ -658,7 +646,7 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     key_bits counts the QJL bit of prod keys (their codebook index has key_bits - 1)."""
     prod = key_mode == "prod"
     key_bits = key_bits - 1 if prod else key_bits
-    if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128) or (prod and d // 8 < 16):
+    if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
         return None
     p_k, p_v = 4 if key_bits == 3 else 8 // key_bits, 8 // value_bits
     dp_v = d // p_v
