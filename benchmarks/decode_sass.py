@@ -1,7 +1,8 @@
 """Instruction count of the decode kernel's main loop, compiled offline for the H200 (sm_90; no GPU needed).
 
 Compiles ``_decode_split_kernel_2d`` with Triton's bundled ptxas, disassembles it with nvdisasm and counts
-the SASS instructions of its longest loop (one block of block_n tokens): warp-instructions per token is the
+the SASS instructions of its main loop over full blocks (one block of block_n tokens, no masks; the masked loop
+over a split's last block is reported beside it): warp-instructions per token is the
 figure to compare with the budget (an SM issues at most 4 warp-instructions per cycle; at the H200's memory
 rate a K4/V4 token of one KV head leaves about 43). Pointers and the capacity are assumed 16-aligned, as
 Triton specialises them at launch.
@@ -57,8 +58,9 @@ def sass(kernel) -> str:
         os.unlink(f.name)
 
 
-def longest_loop(text: str) -> collections.Counter:
-    """Opcode counts of the longest span between a label and a backward branch to it."""
+def main_loops(text: str) -> list[collections.Counter]:
+    """Opcode counts of the kernel's two longest loops (spans between a label and a backward branch to it),
+    shortest first: the loop over full blocks (no masks), then the one over a split's last block (masked)."""
     labels, ins = {}, []
     for line in text.splitlines():
         m = re.match(r"\s*(\.L_x_\d+):", line)
@@ -67,13 +69,14 @@ def longest_loop(text: str) -> collections.Counter:
         m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
         if m:
             ins.append(m.group(1))
-    best = (0, 0, -1)
+    loops = []
     for j, t in enumerate(ins):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", t)
-        if m and labels.get(m.group(1), j + 1) <= j and j - labels[m.group(1)] + 1 > best[0]:
-            best = (j - labels[m.group(1)] + 1, labels[m.group(1)], j)
-    _, a, b = best
-    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a : b + 1])
+        if m and labels.get(m.group(1), j + 1) <= j:
+            loops.append((j - labels[m.group(1)] + 1, labels[m.group(1)], j))
+    spans = sorted(sorted(loops)[-2:])
+    return [collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in ins[a : b + 1])
+            for _, a, b in spans]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,15 +93,16 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    ops = longest_loop(sass(compile_kernel(kb, vb, asm, warps, bn, prod=args.prod)))
-                    n = sum(ops.values())
-                    if n == 0:
+                    loops = main_loops(sass(compile_kernel(kb, vb, asm, warps, bn, prod=args.prod)))
+                    if not loops:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")
                         continue
-                    top = " ".join(f"{k}:{v}" for k, v in ops.most_common(12))
+                    n = [sum(ops.values()) for ops in loops]
+                    top = " ".join(f"{k}:{v}" for k, v in loops[0].most_common(12))
                     print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "
-                          f"{n} instructions per thread per block, {n * warps / bn:.1f} warp-instructions per "
-                          f"token | {top}", flush=True)  # fmt: skip
+                          f"{n[0] * warps / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
+                          f"per block), {n[-1] * warps / bn:.1f} in the masked last block | {top}",
+                          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
