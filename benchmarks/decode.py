@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
-        launches = [
+        launches = [  # programs_per_sm None: one wave, from the compiled kernel's occupancy
             dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st, programs_per_sm=per_sm)
             for bn in (64, 128)
-            for w in (4,)
-            for st in (3,)
-            for per_sm in (1, 2, 4)
+            for w in (4, 8)
+            for st in (2, 3)
+            for per_sm in (None,)
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [
