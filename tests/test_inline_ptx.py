@@ -74,7 +74,7 @@ def run_ptx(code: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]
         elif op == "and.b32":
             out = val(src[0]) & val(src[1])
         elif op == "shr.u32":
-            out = val(src[0]) >> int(src[1])
+            out = val(src[0]) >> val(src[1])
         elif op == "shl.b32":
             out = (val(src[0]) << int(src[1])) & M32
         elif op == "mul.lo.u32":
@@ -147,14 +147,17 @@ def test_plane_key_lookup_matches_the_codebook(bits):
     cb = _kernel_codebook(bits)
     table = cb.half().numpy()
     codes, high = _words(1), _words(2)
-    tables = _table_operands(cb, 10 if bits == 3 else 9, len(codes))
-    regs = run_ptx(decode.key_asm_code(bits), {8: codes, 9: high, **tables} if bits == 3 else {8: codes, **tables})
+    n = len(codes)
+    half = np.arange(n, dtype=np.uint64) % 2 * 0x01010101  # which bit of the byte, the same for its 4 bytes
+    tables = _table_operands(cb, 11 if bits == 3 else 9, n)
+    operands = {8: codes, 9: high, 10: half, **tables} if bits == 3 else {8: codes, **tables}
+    regs = run_ptx(decode.key_asm_code(bits), operands)
     for f in range(4):
         got = _field(regs, 2 * f)
         for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):
             idx = (byte >> (2 * f)) & 3
-            if bits == 3:  # the high bit of field f: bit 2f of the (per-column shifted) 1-bit plane byte
-                idx = idx | (((hb >> (2 * f)) & 1) << 2)
+            if bits == 3:  # the high bit of field f: bit 2f + h of the 1-bit plane byte
+                idx = idx | (((hb >> (2 * f + (half & 1))) & 1) << 2)
             want = table[idx.astype(np.int64)]
             np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
 
@@ -187,11 +190,12 @@ def test_value_dequantisation_matches_the_portable_path(bits):
 
 def test_qjl_signs_are_plus_minus_one():
     w = _words(4)
-    regs = run_ptx(decode._sign_asm(), {8: w})
-    for t in range(4):  # field t: bit 2t of every byte
+    half = np.arange(len(w), dtype=np.uint64) % 2 * 0x01010101  # which bit of the byte, the same for its 4 bytes
+    regs = run_ptx(decode._sign_asm(), {8: w, 9: half})
+    for t in range(4):  # field t: bit 2t + h of every byte
         got = _field(regs, 2 * t)
         for k, byte in enumerate(_bytes(w)):
-            want = np.where((byte >> (2 * t)) & 1, 1.0, -1.0).astype(np.float16)
+            want = np.where((byte >> (2 * t + (half & 1))) & 1, 1.0, -1.0).astype(np.float16)
             np.testing.assert_array_equal(got[k], want)
 
 

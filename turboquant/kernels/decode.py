@@ -276,18 +276,20 @@ def _key4_asm() -> str:
 
 
 def _key_plane_asm(high: bool) -> str:
-    """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, 4 bytes holding
-    each field f's high bit at bit 2f (the 1-bit plane, shifted per column by the caller) -> 4 fields × 4
-    fp16, elementwise. Nibble selectors A = fields 0, 2 and B = fields 1, 3 of every byte (low 2 bits from
-    the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 20 instructions per 16 codes.
-    Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8, the high bits $9 (3 bits
-    only), then the four tables (key_lookup_tables), four registers apart."""
-    t = 10 if high else 9
+    """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, 4 bytes of the
+    1-bit plane that hold field f's high bit at bit 2f + h, with h (0 or 1, the same for the 4 bytes) in a third
+    register -> 4 fields × 4 fp16, elementwise. Nibble selectors A = fields 0, 2 and B = fields 1, 3 of every
+    byte (low 2 bits from the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 22
+    instructions per 16 codes. Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8,
+    then (3 bits only) the 1-bit plane $9 and h $10, then the four tables (key_lookup_tables), four registers
+    apart."""
+    t = 11 if high else 9
     l0, l1, h0, h1 = (f"${t + 4 * i}" for i in range(4))
-    lines = ["{ .reg .b32 a, b, s, t, la, ha;", "shr.u32 b, $8, 2;"]
+    lines = ["{ .reg .b32 a, b, s, t, h, la, ha;", "shr.u32 b, $8, 2;"]
     if high:
-        lines += ["shl.b32 t, $9, 2;", "and.b32 t, t, 0x44444444;", "lop3.b32 a, $8, 0x33333333, t, 0xEA;",
-                  "and.b32 t, $9, 0x44444444;", "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
+        lines += ["and.b32 h, $10, 1;", "shr.u32 h, $9, h;",  # bit 2f + h -> bit 2f (other bits are not read)
+                  "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;", "lop3.b32 a, $8, 0x33333333, t, 0xEA;",
+                  "and.b32 t, h, 0x44444444;", "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
     else:
         lines += ["and.b32 a, $8, 0x33333333;", "and.b32 b, b, 0x33333333;"]
     for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
@@ -332,7 +334,7 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
             hb = tl.load(p_h, mask=m_n[:, None], other=0)
         else:
             hb = tl.load(p_h)
-        hb = hb >> (o_k // H).to(tl.uint8)[None, :]
+        hh = tl.broadcast_to((o_k // H).to(tl.uint8)[None, :], hb.shape)  # which bit of the byte: 0 or 1
     if KEY_ASM != "":
         z = tl.zeros(kb.shape, tl.int32)  # the tables as (uniform) operand tensors, four registers each
         t0 = z + kt0
@@ -346,7 +348,7 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
             k3 = k0
         elif KEY_BITS == 3:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
-                KEY_ASM, "=r" + ",=r" * 7 + ",r,r" + ",r" * 16, [kb, hb, t0, t1, t2, t3],
+                KEY_ASM, "=r" + ",=r" * 7 + ",r,r,r" + ",r" * 16, [kb, hb, hh, t0, t1, t2, t3],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
         else:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
@@ -361,7 +363,7 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
             k3 = k0
         else:
             if KEY_BITS == 3:
-                hb = hb.to(tl.int32)
+                hb = hb.to(tl.int32) >> hh.to(tl.int32)
             else:
                 hb = tl.zeros_like(kb)
             k0 = tl.gather(b_cb, (kb & 3) | ((hb & 1) << 2), axis=1)
@@ -372,13 +374,14 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
 
 
 def _sign_asm() -> str:
-    """QJL signs as ±1 fp16: 4 bytes holding field t's bit at bit 2t (the 1-bit plane, shifted per column by the
-    caller) -> 4 fields × 4 values, elementwise.
+    """QJL signs as ±1 fp16: 4 bytes of the 1-bit plane holding field t's bit at bit 2t + h, h (0 or 1, the same
+    for the 4 bytes) in a second register -> 4 fields × 4 values, elementwise.
 
-    Bytes (0, 1) and (2, 3) spread to register halves with prmt; field t's bit shifted to bit 15 of each half
-    and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0 (0x3C00), bit 0 gives -1.0. Outputs $0-$7 (field t in
-    registers 2t, 2t+1), the bytes $8."""
-    lines = ["{ .reg .b32 x0, x1, t;", "prmt.b32 x0, $8, 0, 0x4140;", "prmt.b32 x1, $8, 0, 0x4342;"]
+    The word shifted right by h; bytes (0, 1) and (2, 3) spread to register halves with prmt; field t's bit
+    shifted to bit 15 of each half and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0 (0x3C00), bit 0 gives -1.0.
+    Outputs $0-$7 (field t in registers 2t, 2t+1), the bytes $8, h $9."""
+    lines = ["{ .reg .b32 x0, x1, t, w;", "and.b32 t, $9, 1;", "shr.u32 w, $8, t;", "prmt.b32 x0, w, 0, 0x4140;",
+             "prmt.b32 x1, w, 0, 0x4342;"]  # fmt: skip
     for f in range(4):
         for x in range(2):
             lines += [f"shl.b32 t, x{x}, {15 - 2 * f};", f"lop3.b32 ${2 * f + x}, t, 0x80008000, 0xBC00BC00, 0x6A;"]
@@ -400,12 +403,12 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D: tl.constexpr, ASM: tl.const
         sb = tl.load(p_s, mask=m_n[:, None], other=0)
     else:
         sb = tl.load(p_s)
-    sb = sb >> (o_e // H).to(tl.uint8)[None, :]
+    hh = tl.broadcast_to((o_e // H).to(tl.uint8)[None, :], sb.shape)  # which bit of the byte: 0 or 1
     if ASM:
         g0, g1, g2, g3 = tl.inline_asm_elementwise(
-            _SIGN_ASM, "=r" + ",=r" * 7 + ",r", [sb], dtype=(tl.float16,) * 4, is_pure=False, pack=4)  # fmt: skip
+            _SIGN_ASM, "=r" + ",=r" * 7 + ",r,r", [sb, hh], dtype=(tl.float16,) * 4, is_pure=False, pack=4)  # fmt: skip
     else:
-        sb = sb.to(tl.int32)
+        sb = sb.to(tl.int32) >> hh.to(tl.int32)
         g0 = ((sb & 1) * 2 - 1).to(tl.float16)
         g1 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
         g2 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
