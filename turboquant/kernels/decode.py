@@ -708,17 +708,15 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 
 
-def _auto_blocks(batch_heads: int, tiles_2d: bool, prod: bool) -> tuple[int, int]:
-    """(block_n, programs_per_sm) from H200 sweeps (benchmarks/RESULTS.md): from B·H_kv = 32 on, the 2-D kernel
-    takes 128-token blocks at 2 programs per SM ((16, 65536) K4/V4: 0.90 ms vs 1.03 with 64-token blocks), 64
-    for prod keys, whose 16 query tiles leave fewer registers (1.13 ms vs 1.75); below, 64-token blocks split
-    over 4 programs per SM ((1, 131072): 0.124 ms vs 0.151). The generic kernel: 64 and 2. On CUDA the 2-D
-    kernel's split count then comes from its occupancy instead (decode_attention: one wave of programs)."""
-    if not tiles_2d:
-        return 64, 2
-    if batch_heads < 32:
-        return 64, 4
-    return (64, 2) if prod else (128, 2)
+def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int]:
+    """(block_n, programs_per_sm) from H200 sweeps (benchmarks/RESULTS.md, `decode.py --graphs --sweep`). The 2-D
+    kernel: 128-token blocks for 4-bit key indices ((16, 65536) K4/V4: 0.770 ms vs 0.875 with 64-token blocks;
+    (1, 131072): 0.110 vs 0.123), 64 for 2- and 3-bit indices and prod keys (K3/V2 0.839 vs 0.884, prod 1.019
+    vs 1.060); on CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so
+    programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks at 2 programs per SM."""
+    if tiles_2d:
+        return (128 if key_index_bits == 4 else 64), 2
+    return 64, 2
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -835,7 +833,7 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, per_sm = _auto_blocks(b * h_kv, layout_2d is not None, prod)
+    block_n, per_sm = _auto_blocks(layout_2d is not None, kb)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
     dummy = key_codes
     if layout_2d is not None:
