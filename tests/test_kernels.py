@@ -187,25 +187,28 @@ def test_long_splits(value_bits):
     assert _rel(out, ref) < TOL
 
 
-@pytest.mark.parametrize("key_mode,scale_keys", [("mse", False), ("prod", False), ("mse", True), ("prod", True)])
-def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys):
-    """The fused single-token step with exact sink tokens, centred (and scaled) keys, norm correction and left
-    padding (the transformers cache's options) equals the reference path (store attention, then merges by
-    log-sum-exp)."""
+@pytest.mark.parametrize(
+    "key_mode,scale_keys,prompt,pads",
+    [("mse", False, 40, 9), ("prod", False, 40, 9), ("mse", True, 40, 9), ("prod", True, 40, 9), ("mse", True, 3, 2)],
+)
+def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads):
+    """The fused single-token step with exact sink tokens (merged in the kernel), centred (and scaled) keys, norm
+    correction and left padding (the transformers cache's options) equals the reference path (store attention,
+    then merges by log-sum-exp); a short padded prompt leaves sequence 1 with fewer real tokens than sinks."""
     gen = torch.Generator().manual_seed(7)
     cfg = KVCacheConfig(head_dim=64, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=4, center_keys=True, scale_keys=scale_keys, norm_correction=True)  # fmt: skip
     caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
-    k = (1.5 + torch.randn(2, 2, 40, 64, generator=gen)).to(DEVICE)  # a common offset: centring matters
+    k = (1.5 + torch.randn(2, 2, prompt, 64, generator=gen)).to(DEVICE)  # a common offset: centring matters
     k = k * torch.logspace(-1, 1, 64).to(DEVICE)  # unequal channels: scaling matters
-    v = torch.randn(2, 2, 40, 64, generator=gen).to(DEVICE)
-    q0 = torch.randn(2, 8, 40, 64, generator=gen).to(DEVICE)
-    valid = torch.ones(2, 40, dtype=torch.bool)
-    valid[1, :9] = False  # left padding: sequence 1's sinks start at position 9
+    v = torch.randn(2, 2, prompt, 64, generator=gen).to(DEVICE)
+    q0 = torch.randn(2, 8, prompt, 64, generator=gen).to(DEVICE)
+    valid = torch.ones(2, prompt, dtype=torch.bool)
+    valid[1, :pads] = False  # left padding: sequence 1's sinks start at position `pads`
     for cache in caches:
         cache.append(k, v, valid=valid.to(DEVICE), queries=q0)
         assert (cache.key_scale is not None) == scale_keys
-    for _ in range(2):
+    for _ in range(5 if prompt < 4 else 2):  # short prompt: steps that fill the sinks
         q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
         k_new = (1.5 + torch.randn(2, 2, 1, 64, generator=gen)).to(DEVICE)
         v_new = torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE)

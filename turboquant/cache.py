@@ -607,7 +607,7 @@ class TurboQuantKVCache:
         if self.total_tokens == 0:
             out = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
         elif self._fused_step_applies(q, valid, sliding_window, backend):
-            out = self._fused_step(q, k, v, scale, sliding_window)
+            out = self._fused_step(q, k, v, scale)
         else:
             past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
             chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
@@ -620,13 +620,13 @@ class TurboQuantKVCache:
         wants_kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
         return plain and wants_kernel and self._kernel_applies(self.total_tokens, sliding_window)
 
-    def _fused_step(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int | None
-    ) -> torch.Tensor:
-        """Decode of one token with the fused kernel, its own exact k, v merged in-kernel: q [B, H_q, 1, D].
+    def _fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode of one token with the fused kernel, its own exact k, v and the exact sink tokens merged
+        in-kernel: q [B, H_q, 1, D].
 
-        Centred keys: the token's key is centred too, so all logits in the kernel share the shift -q·μ (its
-        lse is restored after); sink tokens are merged afterwards."""
+        Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
+        shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
+        window: _kernel_applies.)"""
         from .kernels.decode import LOG2E, decode_attention
 
         b, h_q, _, d = q.shape
@@ -635,12 +635,8 @@ class TurboQuantKVCache:
         inputs = self.decode_inputs(qg, 1, scale, first_q=self.total_tokens)
         qx = (qg * (scale * LOG2E)).contiguous()
         k_exact = k if self.key_mean is None else k.float() - self.key_mean[:, :, None, :]
-        out, lse = decode_attention(**inputs, causal=False, exact=(qx, k_exact, v))
-        if self.config.sink_tokens:
-            if self.key_mean is not None:
-                lse = self._restore_key_mean(lse, qg, scale)
-            q_pos = torch.full((1,), self.total_tokens, device=self.device)
-            out, _ = self._merge_sinks(qg, out, lse, q_pos, group, scale, False, sliding_window)
+        sinks = (self.sink_k, self.sink_v, self.key_mean, self.kv_start) if self.config.sink_tokens else None
+        out, _ = decode_attention(**inputs, causal=False, exact=(qx, k_exact, v), sinks=sinks)
         return out.reshape(b, h_q, 1, d).to(q.dtype)
 
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:

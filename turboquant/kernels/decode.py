@@ -663,13 +663,15 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 
 
 @triton.jit
-def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h,
+def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
                          D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
-                         EXACT: tl.constexpr):  # fmt: skip
+                         EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
     """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log.
 
     EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
-    ⟨QX[m], KX⟩ with QX already scaled by scale·log2(e).
+    ⟨QX[m], KX⟩ with QX already scaled by scale·log2(e). SINKS (> 0, with EXACT): also attend the exact sink
+    rows SK, SV [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]; CENTER:
+    minus the key mean KM [B·H_KV, D], as the stored keys and KX are.
     """
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1)
@@ -684,6 +686,16 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d)
         s_x = tl.sum(b_qx * tl.load(KX + row + o_d).to(tl.float32), axis=0)
         l_max = tl.maximum(l_max, s_x)
+    if SINKS > 0:
+        i_b = i_bh // H_KV
+        o_j = tl.arange(0, SP)
+        m_j = (o_j < SINKS) & (o_j < tl.load(Q_START + i_b) - tl.load(SINK_START + i_b))
+        p_sk = (i_bh * (SINKS + 1) + o_j)[:, None] * D + o_d[None, :]
+        b_sk = tl.load(SK + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32)  # [SP, D]
+        if CENTER:
+            b_sk -= tl.load(KM + i_bh * D + o_d)[None, :]
+        s_j = tl.where(m_j, tl.sum(b_sk * b_qx[None, :], axis=1), float("-inf"))
+        l_max = tl.maximum(l_max, tl.max(s_j, axis=0))
     l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
     w = tl.exp2(b_l - l_safe)
     w_sum = tl.sum(w, axis=0)
@@ -693,6 +705,10 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         w_x = tl.exp2(s_x - l_safe)
         acc += w_x * tl.load(VX + row + o_d).to(tl.float32)
         w_sum += w_x
+    if SINKS > 0:
+        w_j = tl.exp2(s_j - l_safe)  # 0 where masked
+        acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
+        w_sum += tl.sum(w_j, axis=0)
     out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
     lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
@@ -789,6 +805,7 @@ def decode_attention(
     n_q: int,
     causal: bool = True,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
     key_tables: torch.Tensor | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -805,6 +822,9 @@ def decode_attention(
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
             (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
             scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
+        sinks: optional (k, v, key_mean, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
+            contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start;
+            key_mean [B, H_kv, D] float32 subtracted from those keys (as from the stored ones), or None.
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major,
@@ -893,8 +913,21 @@ def decode_attention(
     else:
         qx = kx = vx = q_rot
         sx_b = sx_h = 0
+    n_sinks, sk, sv, km, sink_start = 0, q_rot, q_rot, q_rot, q_start
+    if sinks is not None:
+        sk, sv, km, sink_start = sinks
+        n_sinks = sk.shape[2] - 1
+        if exact is None:
+            raise ValueError("sinks are attended in an exact step only (pass exact)")
+        for name, t in (("k", sk), ("v", sv)):
+            if t.shape[:2] != (b, h_kv) or t.shape[3] != d or not t.is_contiguous() or t.device != q_rot.device:
+                raise ValueError(f"sink {name} must be a contiguous [B, H_kv, S + 1, D] = [{b}, {h_kv}, S + 1, {d}] "
+                                 f"tensor on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
+        if km is not None and (km.shape != (b, h_kv, d) or km.dtype != torch.float32 or not km.is_contiguous()):
+            raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
     _merge_splits_kernel[(b * h_kv, m)](
-        o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h,
-        D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact is not None,
+        o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv, q_rot if km is None else km, sink_start,
+        q_start, D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact is not None,
+        SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)), CENTER=km is not None,
     )  # fmt: skip
     return out, lse
