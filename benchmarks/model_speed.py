@@ -31,12 +31,14 @@ from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer
 
 # The paper's quantizers (no sink tokens, no key centring or scaling, no norm correction): a decode step merges the
-# step's own token inside the decode kernel (TurboQuantKVCache._fused_step).
+# step's own token inside the decode kernel (TurboQuantKVCache._fused_step). "defaults": TurboQuantCache as a user
+# gets it (norm correction, centred and scaled keys, 4 exact sink tokens, also merged inside the kernel).
 PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
 CACHES = {
     "bf16 DynamicCache + SDPA": None,
     "TurboQuant K4/V4": dict(key_bits=4, value_bits=4, **PLAIN),
     "TurboQuant K3/V2": dict(key_bits=3, value_bits=2, **PLAIN),
+    "TurboQuant K4/V4 defaults": dict(key_bits=4, value_bits=4),
 }
 FILL_CHUNK = 4096
 
@@ -82,18 +84,22 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
             continue
         layer: TurboQuantLayer = cache.layers[i]
         layer.initialize(batch, h, d, DEVICE, torch.bfloat16, capacity=context + steps)
-        fill_store(layer.store, context, gen)
+        fill_store(layer.store, context, gen, cfg.num_attention_heads)
     return cache
 
 
-def fill_store(store: TurboQuantKVCache, context: int, gen: torch.Generator) -> None:
-    """Append ``context`` random bf16 tokens per sequence to a store, in chunks (bounded temporaries)."""
+def fill_store(store: TurboQuantKVCache, context: int, gen: torch.Generator, num_q_heads: int = 32) -> None:
+    """Append ``context`` random bf16 tokens per sequence to a store, in chunks (bounded temporaries); with
+    scale_keys, random queries for the first chunk (they set the key scales)."""
     shape = (store.batch_size, store.num_kv_heads)
+    d = store.config.head_dim
     for start in range(0, context, FILL_CHUNK):
         n = min(FILL_CHUNK, context - start)
-        k, v = (torch.randn(*shape, n, store.config.head_dim, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-                for _ in range(2))  # fmt: skip
-        store.append(k, v)
+        k, v = (torch.randn(*shape, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        q = None
+        if start == 0 and store.config.scale_keys:
+            q = torch.randn(store.batch_size, num_q_heads, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        store.append(k, v, queries=q)
 
 
 def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[list[float], torch.Tensor]:
