@@ -281,8 +281,8 @@ class TurboQuantKVCache:
         self._check_kv(k, v)
         if valid is not None:
             self._start_sequences(valid, k.shape[2])
-        if self.config.sink_tokens:
-            self._write_sinks(k, v)
+        if self.config.sink_tokens and self.total_tokens < self._max_kv_start + self.config.sink_tokens:
+            self._write_sinks(k, v)  # (once every sequence has its S sinks, no new token can be one)
         if self.config.center_keys and self.key_mean is None and k.shape[2]:
             self.key_mean = self._mean_key(k, valid)
         if self.config.scale_keys and queries is not None and self.total_tokens == 0 and k.shape[2]:

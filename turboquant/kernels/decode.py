@@ -28,6 +28,8 @@ Two split kernels:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -303,6 +305,7 @@ def _key_plane_asm(high: bool) -> str:
     return "\n".join(lines + ["}"])
 
 
+@functools.cache
 def key_asm_code(key_bits: int) -> str:
     """Inline assembly of the key centroid lookup of _decode_split_kernel_2d for 2-, 3- or 4-bit codebook
     indices; the centroids come in as operands (key_lookup_tables)."""
