@@ -83,11 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [  # programs_per_sm None: one wave, from the compiled kernel's occupancy
-            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=w, num_stages=st, programs_per_sm=per_sm)
+            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=3, max_registers=cap)
             for bn in (64, 128)
-            for w in (4, 8)
-            for st in (2, 3)
-            for per_sm in (None,)
+            for cap in (0, None)  # no register cap; the default cap
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [

@@ -719,12 +719,16 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
-# splits aim for (None: chosen per call, see _auto_blocks), codebook lookup (registers or global memory), and
-# the orientation of the score dot (see _fields_scores).
+# splits aim for (None: chosen per call, see _auto_blocks), codebook lookup (registers or global memory), the
+# orientation of the score dot (see _fields_scores), and the 2-D kernel's register cap (None: the cap below on
+# CUDA at 4 warps; 0: none).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=4, num_stages=3, programs_per_sm=None, register_codebook=True, key_major=False,
-    tiles_2d=True, inline_asm=True,
+    tiles_2d=True, inline_asm=True, max_registers=None,
 )  # fmt: skip
+# 2-D kernel, 4 warps: at most 168 registers per thread, so that three programs share an SM's 64K registers
+# (128-token blocks need 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
+THREE_PER_SM_REGISTERS = 168
 
 
 def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int]:
@@ -830,9 +834,8 @@ def decode_attention(
             key_mean [B, H_kv, D] float32 subtracted from those keys (as from the stored ones), or None.
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
-            key_major,
-            tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it unpack
-            with inline PTX, on CUDA only).
+            key_major; tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it
+            unpack with inline PTX, on CUDA only; max_registers: its per-thread register cap, 0 for none).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -868,9 +871,14 @@ def decode_attention(
                 buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
                 buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables,
                 seq_lens, kv_start, q_start)  # fmt: skip
+        max_registers = launch["max_registers"]
+        if max_registers is None and q_rot.is_cuda and launch["num_warps"] == 4:
+            max_registers = THREE_PER_SM_REGISTERS
         consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
                       VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                       **layout_2d)  # fmt: skip
+        if max_registers:
+            consts["maxnreg"] = max_registers
         one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
         if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
             key = (q_rot.device, *sorted(consts.items()))
