@@ -720,26 +720,27 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
 # splits aim for (None: chosen per call, see _auto_blocks), codebook lookup (registers or global memory), the
-# orientation of the score dot (see _fields_scores), and the 2-D kernel's register cap (None: the cap below on
-# CUDA at 4 warps; 0: none).
+# orientation of the score dot (see _fields_scores), and the 2-D kernel's register cap (None: per configuration,
+# see _auto_blocks; 0: none).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=4, num_stages=3, programs_per_sm=None, register_codebook=True, key_major=False,
     tiles_2d=True, inline_asm=True, max_registers=None,
 )  # fmt: skip
-# 2-D kernel, 4 warps: at most 168 registers per thread, so that three programs share an SM's 64K registers
-# (128-token blocks need 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
+# 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
+# blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
 THREE_PER_SM_REGISTERS = 168
 
 
-def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int]:
-    """(block_n, programs_per_sm) from H200 sweeps (benchmarks/RESULTS.md, `decode.py --graphs --sweep`). The 2-D
-    kernel: 128-token blocks for 4-bit key indices ((16, 65536) K4/V4: 0.770 ms vs 0.875 with 64-token blocks;
-    (1, 131072): 0.110 vs 0.123), 64 for 2- and 3-bit indices and prod keys (K3/V2 0.839 vs 0.884, prod 1.019
-    vs 1.060); on CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so
-    programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks at 2 programs per SM."""
+def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int, int]:
+    """(block_n, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py --graphs
+    --sweep`). The 2-D kernel takes 128-token blocks; for 2- and 3-bit key indices (and prod keys) capped at 168
+    registers, so that three programs share an SM instead of two (K3/V2 (16, 65536): 0.745 ms vs 0.873 uncapped
+    and 0.832 with 64-token blocks; prod 0.908 vs 1.050 and 1.010); 4-bit keys uncapped (174 registers, two per
+    SM: 0.770 ms vs 0.780 capped). On CUDA its split count comes from its occupancy (decode_attention: one wave
+    of programs), so programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks at 2 per SM."""
     if tiles_2d:
-        return (128 if key_index_bits == 4 else 64), 2
-    return 64, 2
+        return 128, 2, (0 if key_index_bits == 4 else THREE_PER_SM_REGISTERS)
+    return 64, 2, 0
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -859,7 +860,7 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, per_sm = _auto_blocks(layout_2d is not None, kb)
+    block_n, per_sm, max_registers = _auto_blocks(layout_2d is not None, kb)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
     dummy = key_codes
     if layout_2d is not None:
@@ -871,9 +872,10 @@ def decode_attention(
                 buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
                 buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables,
                 seq_lens, kv_start, q_start)  # fmt: skip
-        max_registers = launch["max_registers"]
-        if max_registers is None and q_rot.is_cuda and launch["num_warps"] == 4:
-            max_registers = THREE_PER_SM_REGISTERS
+        if launch["max_registers"] is not None:
+            max_registers = launch["max_registers"]
+        elif not q_rot.is_cuda or launch["num_warps"] != 4:
+            max_registers = 0
         consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
                       VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                       **layout_2d)  # fmt: skip
