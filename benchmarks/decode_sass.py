@@ -66,7 +66,7 @@ def main_loops(text: str) -> list[collections.Counter]:
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = len(ins)
-        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
         if m:
             ins.append(m.group(1))
     loops = []
