@@ -240,13 +240,17 @@ def _encode_values(
 
 @triton.jit
 def _rows(SLOTS, R, N, H, C, BN: tl.constexpr):
-    """Program i's BN flattened (batch, head, token) rows: (batch, head, token, mask, buffer row), [BN] each."""
-    o_r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    """Program i's BN flattened (batch, head, token) rows: (batch, head, token, mask, buffer row), [BN] each.
+
+    Row numbers in int32 (R < 2^31, checked by encode_kv): int64 division is a long subroutine; the batch,
+    head and token indices come back as int64 for the address arithmetic."""
+    o_r = tl.program_id(0) * BN + tl.arange(0, BN)
     m_r = o_r < R
     i_bh = o_r // N
-    i_n = o_r % N
-    row = i_bh * C + tl.load(SLOTS + i_n, mask=m_r, other=0)  # slot of token n in head (b, h)
-    return i_bh // H, i_bh % H, i_n, m_r, row
+    i_n = o_r - i_bh * N
+    row = i_bh.to(tl.int64) * C + tl.load(SLOTS + i_n, mask=m_r, other=0)  # slot of token n in head (b, h)
+    i_b = i_bh // H
+    return i_b.to(tl.int64), (i_bh - i_b * H).to(tl.int64), i_n.to(tl.int64), m_r, row
 
 
 @triton.jit
@@ -424,6 +428,8 @@ def encode_kv(
         raise ValueError("slots must be contiguous")
     if n == 0 or b * h == 0:
         return
+    if b * h * n >= 2**31:
+        raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {b * h * n}: append in smaller chunks")
     if check_slots:
         lo, hi = int(slots.min()), int(slots.max())
         if lo < 0 or hi >= c:
