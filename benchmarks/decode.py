@@ -65,7 +65,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
-    ap.add_argument("--sweep", action="store_true", help="try block_n / num_warps / num_stages / programs per SM")
+    ap.add_argument("--sweep", action="store_true", help="try block_n × register cap, each at its one-wave split count")
     ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (both ours and SDPA)")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")

@@ -797,6 +797,14 @@ def _workspace(device, bh: int, splits: int, bm: int, d: int) -> tuple[torch.Ten
     return _WORKSPACES[key]
 
 
+def _split_plan(bh: int, capacity: int, block_n: int, device, per_sm: int, bm: int, d: int, one_wave: bool = False):
+    """(splits, split_size, o_part, l_part) of a split-kernel launch: num_splits_for, split_size a multiple of
+    block_n, and the cached workspaces."""
+    splits = num_splits_for(bh, capacity, block_n, device, per_sm, one_wave=one_wave)
+    split_size = -(-max(capacity, 1) // (splits * block_n)) * block_n
+    return (splits, split_size, *_workspace(device, bh, splits, bm, d))
+
+
 def decode_attention(
     q_rot: torch.Tensor,
     sq: torch.Tensor | None,
@@ -890,14 +898,10 @@ def decode_attention(
                                                           **consts)  # fmt: skip
                 _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
             per_sm = _RESIDENT[key]
-        splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm, one_wave=one_wave)
-        split_size = -(-max(c, 1) // (splits * block_n)) * block_n
-        o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
+        splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d, one_wave)
         _decode_split_kernel_2d[(b * h_kv, splits)](*args, o_part, l_part, h_kv, c, m, n_q, split_size, **consts)
     else:
-        splits = num_splits_for(b * h_kv, c, block_n, q_rot.device, per_sm)
-        split_size = -(-max(c, 1) // (splits * block_n)) * block_n
-        o_part, l_part = _workspace(q_rot.device, b * h_kv, splits, bm, d)
+        splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d)
         _decode_split_kernel[(b * h_kv, splits)](
             q_rot, sq if prod else q_rot,
             key_codes, buffers["key_norms"],
