@@ -81,10 +81,14 @@ def check(cache: TurboQuantKVCache, k, v, bufs: dict, slots: torch.Tensor) -> tu
         if far >= 1e-4 or ((idx_ref - idx_got).abs()[bad] != 1).any():
             notes.append(f"key code differs {far:.1e} from a boundary")
     ok_rows = ~bad.any(-1)
-    names = ["key_norms", "value_scales", "value_zeros"] + (["key_rnorms"] if cfg.key_mode == "prod" else [])
-    for name in names:
+    fp16 = {"key_norms": (got["key_norms"], ref["key_norms"]),
+            "value scales": (got["value_affine"][..., 0], ref["value_affine"][..., 0]),
+            "value zeros": (got["value_affine"][..., 1], ref["value_affine"][..., 1])}  # fmt: skip
+    if cfg.key_mode == "prod":
+        fp16["key_rnorms"] = (got["key_rnorms"], ref["key_rnorms"])
+    for name, (g, r) in fp16.items():
         sel = ok_rows if name.startswith("key") else slice(None)
-        ulps = fp16_ulps(got[name][sel], ref[name][sel])
+        ulps = fp16_ulps(g[sel], r[sel])
         if ulps < 0 or ulps > 1:
             notes.append(f"{name}: {ulps} fp16 ulps")
     c_ref = unpack_planar(ref["value_codes"], cfg.value_bits, d).int()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-COMPRESSED = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_scales", "value_zeros")
+COMPRESSED = ("key_codes", "key_norms", "key_signs", "key_rnorms", "value_codes", "value_affine")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -75,11 +75,11 @@ def _check_rows(cache, k, v, bufs, slots, max_mismatch=MAX_MISMATCH):
     # values: exactly the reference's on the CPU (same IEEE divisions and rounding); PyTorch's CUDA
     # division by a Python number multiplies by its reciprocal, which can move a scale by one ulp
     if k.device.type == "cpu":
-        for name in ("value_codes", "value_scales", "value_zeros"):
+        for name in ("value_codes", "value_affine"):
             assert torch.equal(got[name], ref[name]), name
     else:
-        assert torch.equal(got["value_zeros"], ref["value_zeros"])
-        assert _fp16_ulps(got["value_scales"], ref["value_scales"]) <= 1
+        assert torch.equal(got["value_affine"][..., 1], ref["value_affine"][..., 1])  # zeros
+        assert _fp16_ulps(got["value_affine"][..., 0], ref["value_affine"][..., 0]) <= 1  # scales
         c_ref = unpack_planar(ref["value_codes"], cfg.value_bits, d).int()
         c_diff = (unpack_planar(got["value_codes"], cfg.value_bits, d).int() - c_ref).abs()
         assert c_diff.max().item() <= 1 and (c_diff > 0).float().mean().item() <= MAX_MISMATCH
@@ -165,7 +165,7 @@ def test_encode_ring_slots_and_degenerate_rows():
     encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
     _check_rows(cache, k, v, bufs, slots)
     assert bufs["key_norms"][0, 0, slots[3]].item() == 0.0
-    assert bufs["value_scales"][0, 1, slots[5]].eq(0).all()
+    assert bufs["value_affine"][0, 1, slots[5], :, 0].eq(0).all()  # zero scales
 
 
 def test_encode_keys_on_decision_boundaries():
@@ -218,7 +218,7 @@ def _bad_inputs(case):
     elif case == "buffer_dtype":
         bufs = {**bufs, "key_norms": bufs["key_norms"].float()}
     elif case == "buffer_shape":
-        bufs = {**bufs, "value_scales": bufs["value_scales"][:, :1]}
+        bufs = {**bufs, "value_affine": bufs["value_affine"][:, :1]}
     elif case == "buffer_contiguous":
         bufs = {**bufs, "value_codes": bufs["value_codes"].transpose(2, 3).contiguous().transpose(2, 3)}
     elif case == "quantizer":
@@ -243,7 +243,7 @@ BAD = {
     "slots_shape": r"shape \[N=4\]",
     "missing_buffer": "key_signs",
     "buffer_dtype": "buffer key_norms",
-    "buffer_shape": "buffer value_scales",
+    "buffer_shape": "buffer value_affine",
     "buffer_contiguous": "buffer value_codes",
     "quantizer": "TurboQuantMSE or TurboQuantProd",
     "quantizer_head_dim": "head_dim=128",

@@ -89,6 +89,15 @@ def test_decode_kernel_key_major_scores(mode, kb, vb, d, group, n_q, n, monkeypa
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
+@pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[2::3])
+def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    """The 2-D kernel with 64-token blocks (the default is 128)."""
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "block_n", 64)
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
 def _check_decode(mode, kb, vb, d, group, n_q, n):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)

@@ -10,8 +10,7 @@ streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 1
     key_signs      uint8   [B, H, C, D/8]      prod only: planar-packed sign(S r)
     key_rnorms     float16 [B, H, C]           prod only: γ = ‖r‖
     value_codes    uint8   [B, H, C, D·vb/8]   planar-packed affine codes
-    value_scales   float16 [B, H, C, D/g]
-    value_zeros    float16 [B, H, C, D/g]
+    value_affine   float16 [B, H, C, D/g, 2]   per group of g values: (scale, zero), one 32-bit word
     seq_lens       int64   [B]                 compressed tokens per sequence
 
 Keys are stored in the rotated basis: the score of a query q is norm · ⟨Πq, c[idx]⟩ / √d, so
@@ -196,8 +195,7 @@ class TurboQuantKVCache:
             "key_codes": ((planar_size(d, c.key_index_bits),), torch.uint8),
             "key_norms": ((), torch.float16),
             "value_codes": ((planar_size(d, c.value_bits),), torch.uint8),
-            "value_scales": ((d // c.group_size,), torch.float16),
-            "value_zeros": ((d // c.group_size,), torch.float16),
+            "value_affine": ((d // c.group_size, 2), torch.float16),
         }
         if c.key_mode == "prod":
             specs["key_signs"] = ((d // 8,), torch.uint8)
@@ -405,7 +403,7 @@ class TurboQuantKVCache:
         rows["key_codes"] = pack_planar(idx, c.key_index_bits)
         rows["key_norms"] = norms
         codes, scales, zeros = self.value_quantizer.quantize(v)
-        rows.update(value_codes=pack_planar(codes, c.value_bits), value_scales=scales, value_zeros=zeros)
+        rows.update(value_codes=pack_planar(codes, c.value_bits), value_affine=torch.stack((scales, zeros), -1))
         return rows
 
     # ----------------------------------------------------------------------------- batch editing
@@ -471,9 +469,8 @@ class TurboQuantKVCache:
         idx = unpack_planar(self.key_codes[:, :, start:stop], c.key_index_bits, d)
         k_rot = self.mse_quantizer.dequantize_indices(idx, self.key_norms[:, :, start:stop])
         codes = unpack_planar(self.value_codes[:, :, start:stop], c.value_bits, d)
-        v = self.value_quantizer.dequantize_codes(
-            codes, self.value_scales[:, :, start:stop], self.value_zeros[:, :, start:stop]
-        )
+        affine = self.value_affine[:, :, start:stop]
+        v = self.value_quantizer.dequantize_codes(codes, affine[..., 0], affine[..., 1])
         return k_rot, v
 
     def attend(

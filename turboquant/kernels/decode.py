@@ -113,7 +113,7 @@ def _online_softmax_step(b_s, b_m, b_l):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
+    Q, SQ, KC, KN, KS, KR, VC, VA, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -184,14 +184,14 @@ def _decode_split_kernel(
             o_g = tl.arange(0, DP_V // GROUP)
             p_g = row[None, :, None] * NG + (o_fv * (DP_V // GROUP))[:, None, None] + o_g[None, None, :]
             m_g = m_n[None, :, None]
-            b_sc = tl.load(VS + p_g, mask=m_g, other=0.0).to(tl.float32)  # [P_V, BN, DP_V/GROUP]
-            b_z = tl.load(VZ + p_g, mask=m_g, other=0.0).to(tl.float32)
+            b_sc = tl.load(VA + 2 * p_g, mask=m_g, other=0.0).to(tl.float32)  # [P_V, BN, DP_V/GROUP]
+            b_z = tl.load(VA + 2 * p_g + 1, mask=m_g, other=0.0).to(tl.float32)
             b_sc = tl.reshape(tl.broadcast_to(b_sc[:, :, :, None], (P_V, BN, DP_V // GROUP, GROUP)), (P_V, BN, DP_V))
             b_z = tl.reshape(tl.broadcast_to(b_z[:, :, :, None], (P_V, BN, DP_V // GROUP, GROUP)), (P_V, BN, DP_V))
         else:
             p_g = row[None, :, None] * NG + ((o_fv * DP_V) // GROUP)[:, None, None]  # [P_V, BN, 1]
-            b_sc = tl.load(VS + p_g, mask=m_n[None, :, None], other=0.0).to(tl.float32)
-            b_z = tl.load(VZ + p_g, mask=m_n[None, :, None], other=0.0).to(tl.float32)
+            b_sc = tl.load(VA + 2 * p_g, mask=m_n[None, :, None], other=0.0).to(tl.float32)
+            b_z = tl.load(VA + 2 * p_g + 1, mask=m_n[None, :, None], other=0.0).to(tl.float32)
         b_v = (codes * b_sc + b_z).to(tl.float16)
         b_acc = b_acc * alpha[None, :, None] + _fields_dot_nn(b_p.to(tl.float16), b_v, P_V, BM, BN, DP_V)
         b_m = m_new
@@ -424,20 +424,21 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D: tl.constexpr, ASM: tl.const
 
 
 @triton.jit
-def _group_affine(VS, VZ, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
+def _group_affine(VA, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
     """Group g of BN rows: its (scale, zero) as stored, fp16, repeated along the rows of a [BN, W] tile.
 
-    Loaded as [BN, W/16] and broadcast over 16 columns, so that the tile matches the code tile's layout
-    (16 bytes per thread) without a layout conversion (a shared-memory round trip)."""
+    VA: the (scale, zero) pairs as int32 words. Loaded as [BN, W/16] and broadcast over 16 columns, so that the
+    tile matches the code tile's layout (16 bytes per thread); one 4-byte word per pair lets Triton stage the
+    loads through shared memory with the codes' (cp.async) and read them back in that layout, where two 2-byte
+    loads each needed a layout conversion (a shared-memory round trip with two barriers) on Triton 3.6."""
     R: tl.constexpr = 16 if W >= 16 else W
     rr = row[:, None] + tl.zeros([1, W // R], tl.int64)
     if MASKED:
-        mm = m_n[:, None] & (rr >= 0)
-        sc = tl.load(VS + rr * NG + g, mask=mm, other=0.0)
-        z = tl.load(VZ + rr * NG + g, mask=mm, other=0.0)
+        w = tl.load(VA + rr * NG + g, mask=tl.broadcast_to(m_n[:, None], rr.shape), other=0)
     else:
-        sc = tl.load(VS + rr * NG + g)
-        z = tl.load(VZ + rr * NG + g)
+        w = tl.load(VA + rr * NG + g)
+    sc = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    z = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     BN: tl.constexpr = row.shape[0]
     sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BN, W // R, R)), (BN, W))
     z = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, W // R, R)), (BN, W))
@@ -452,7 +453,7 @@ def _dequant_field(vb, f: tl.constexpr, sc, z, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _value_fields(VC, VS, VZ, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexpr, D: tl.constexpr,
+def _value_fields(VC, VA, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexpr, D: tl.constexpr,
                   GROUP: tl.constexpr, W: tl.constexpr, DP_V: tl.constexpr, ASM: tl.constexpr,
                   MASKED: tl.constexpr):  # fmt: skip
     """Values s·x + z (fp16) of value bytes [h·W, (h+1)·W) of BN rows, one tile [BN, W] per field (2 for 4-bit
@@ -464,11 +465,11 @@ def _value_fields(VC, VS, VZ, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexp
         vb = tl.load(p_v, mask=m_n[:, None], other=0)
     else:
         vb = tl.load(p_v)
-    sc0, z0 = _group_affine(VS, VZ, row, m_n, (h * W) // GROUP, NG, W, MASKED)
-    sc1, z1 = _group_affine(VS, VZ, row, m_n, (DP_V + h * W) // GROUP, NG, W, MASKED)
+    sc0, z0 = _group_affine(VA, row, m_n, (h * W) // GROUP, NG, W, MASKED)
+    sc1, z1 = _group_affine(VA, row, m_n, (DP_V + h * W) // GROUP, NG, W, MASKED)
     if VALUE_BITS == 2:
-        sc2, z2 = _group_affine(VS, VZ, row, m_n, (2 * DP_V + h * W) // GROUP, NG, W, MASKED)
-        sc3, z3 = _group_affine(VS, VZ, row, m_n, (3 * DP_V + h * W) // GROUP, NG, W, MASKED)
+        sc2, z2 = _group_affine(VA, row, m_n, (2 * DP_V + h * W) // GROUP, NG, W, MASKED)
+        sc3, z3 = _group_affine(VA, row, m_n, (3 * DP_V + h * W) // GROUP, NG, W, MASKED)
     if ASM:
         if VALUE_BITS == 4:
             v0, v1 = tl.inline_asm_elementwise(_VALUE_ASM_4, "=r,=r,=r,=r" + ",r" * 9, [vb, sc0, z0, sc1, z1],
@@ -503,7 +504,7 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 @triton.jit
 def _attend_block_2d(
     n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
-    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD: tl.constexpr,
+    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
     DP_V: tl.constexpr, KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, MASKED: tl.constexpr,
@@ -545,11 +546,11 @@ def _attend_block_2d(
     # the softmax denominator by the tensor cores (P times a ones tile), as the outputs: no sum across warps
     l_acc = l_acc * alpha[:, None] + tl.dot(p16, tl.full([BN, 16], 1.0, tl.float16))
     # value chunk ch = f·NH + h: field f of value bytes [h·W, (h+1)·W)
-    v0, v1, v2, v3 = _value_fields(VC, VS, VZ, row, m_n, 0, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
+    v0, v1, v2, v3 = _value_fields(VC, VA, row, m_n, 0, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
     if NH == 2:  # 4-bit values in two byte chunks: fields 0, 1 of each
         acc0 = acc0 * alpha[:, None] + tl.dot(p16, v0)
         acc2 = acc2 * alpha[:, None] + tl.dot(p16, v1)
-        v0, v1, v2, v3 = _value_fields(VC, VS, VZ, row, m_n, 1, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
+        v0, v1, v2, v3 = _value_fields(VC, VA, row, m_n, 1, VALUE_BITS, D, GROUP, W, DP_V, VALUE_ASM, MASKED)
         acc1 = acc1 * alpha[:, None] + tl.dot(p16, v0)
         acc3 = acc3 * alpha[:, None] + tl.dot(p16, v1)
     else:  # one byte chunk holding every field
@@ -563,7 +564,7 @@ def _attend_block_2d(
 
 @triton.jit
 def _decode_split_kernel_2d(
-    Q, SQ, KC, KN, KS, KR, VC, VS, VZ, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
+    Q, SQ, KC, KN, KS, KR, VC, VA, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
@@ -624,13 +625,13 @@ def _decode_split_kernel_2d(
     for n0 in range(start, start + n_full * BN, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VS, VZ, C, PROD, D,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, True)  # fmt: skip
 
@@ -878,7 +879,7 @@ def decode_attention(
             key_tables = key_lookup_tables(codebook)
         args = (q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
                 buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
-                buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"], codebook, key_tables,
+                buffers["value_codes"], buffers["value_affine"].view(torch.int32), codebook, key_tables,
                 seq_lens, kv_start, q_start)  # fmt: skip
         if launch["max_registers"] is not None:
             max_registers = launch["max_registers"]
@@ -906,7 +907,7 @@ def decode_attention(
             q_rot, sq if prod else q_rot,
             key_codes, buffers["key_norms"],
             buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
-            buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
+            buffers["value_codes"], buffers["value_affine"],
             codebook, seq_lens, kv_start, q_start, o_part, l_part,
             h_kv, c, m, n_q, split_size,
             D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,

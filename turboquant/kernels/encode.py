@@ -196,10 +196,11 @@ def _encode_keys(
 
 @triton.jit
 def _encode_values(
-    p_x, row, m_r, VC, VS, VZ,
+    p_x, row, m_r, VC, VA,
     D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """Per-group min/max affine codes of BN value rows p_x [BN, D] -> buffer rows ``row`` [BN]."""
+    """Per-group min/max affine codes of BN value rows p_x [BN, D] -> buffer rows ``row`` [BN]: the codes, and
+    per group the (scale, zero) pair."""
     NG: tl.constexpr = D // GROUP
     LEVELS: tl.constexpr = (1 << VALUE_BITS) - 1
     VB: tl.constexpr = D * VALUE_BITS // 8
@@ -210,8 +211,8 @@ def _encode_values(
     b_z = b_min.to(tl.float16)
     b_sc = tl.div_rn(b_max - b_min, tl.full((BN, NG), LEVELS, tl.float32)).to(tl.float16)
     o_g = row[:, None] * NG + tl.arange(0, NG)[None, :]  # [BN, NG]
-    tl.store(VZ + o_g, b_z, mask=m_w)
-    tl.store(VS + o_g, b_sc, mask=m_w)
+    tl.store(VA + 2 * o_g, b_sc, mask=m_w)
+    tl.store(VA + 2 * o_g + 1, b_z, mask=m_w)
     b_s = b_sc.to(tl.float32)
     b_d = tl.maximum(b_s, 1e-30)[:, :, None]  # the reference's clamp_min
     b_r = tl.div_rn(tl.full((BN, NG), 1.0, tl.float32), tl.maximum(b_s, 1e-30))[:, :, None]  # RN(1 / scale)
@@ -270,12 +271,12 @@ def _encode_keys_kernel(
 
 @triton.jit
 def _encode_values_kernel(
-    V, SLOTS, VC, VS, VZ, R, N, H, C, s_b, s_h, s_n,
+    V, SLOTS, VC, VA, R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
     p_v = V + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
-    _encode_values(p_v, row, m_r, VC, VS, VZ, D, VALUE_BITS, GROUP, BN)
+    _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
 
 
 # Launch configuration (defaults from an H200 sweep at D = 128): key rows per program (block_n; 16 rows
@@ -322,8 +323,7 @@ def _buffer_specs(d: int, key_bits: int, prod: bool, value_bits: int, group: int
         "key_codes": ((d * key_bits // 8,), torch.uint8),
         "key_norms": ((), torch.float16),
         "value_codes": ((d * value_bits // 8,), torch.uint8),
-        "value_scales": ((d // group,), torch.float16),
-        "value_zeros": ((d // group,), torch.float16),
+        "value_affine": ((d // group, 2), torch.float16),
     }
     if prod:
         specs["key_signs"] = ((d // 8,), torch.uint8)
@@ -353,7 +353,7 @@ def encode_kv(
         buffers: the cache buffers, each contiguous on k's device, with C the capacity:
             ``key_codes`` uint8 [B, H_kv, C, D·kb/8] (kb = key bits, minus 1 for prod keys),
             ``key_norms`` float16 [B, H_kv, C], ``value_codes`` uint8 [B, H_kv, C, D·vb/8],
-            ``value_scales``, ``value_zeros`` float16 [B, H_kv, C, D/g]; prod keys also
+            ``value_affine`` float16 [B, H_kv, C, D/g, 2] (scale, zero per group); prod keys also
             ``key_signs`` uint8 [B, H_kv, C, D/8] and ``key_rnorms`` float16 [B, H_kv, C].
             Other entries (window, seq_lens) are ignored.
         slots: [N] int64 on k's device, distinct slot indices in [0, C), the same for every
@@ -454,7 +454,7 @@ def encode_kv(
     )  # fmt: skip
     value_block_n = 16 if small else launch["value_block_n"]
     _encode_values_kernel[(triton.cdiv(rows, value_block_n),)](
-        v, slots, buffers["value_codes"], buffers["value_scales"], buffers["value_zeros"],
+        v, slots, buffers["value_codes"], buffers["value_affine"],
         rows, n, h, c, v.stride(0), v.stride(1), v.stride(2),
         D=d, VALUE_BITS=value_quantizer.bits, GROUP=group, BN=value_block_n,
         num_warps=launch["value_num_warps"],
