@@ -31,6 +31,10 @@ POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8"
             "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
 
 
+# shared-memory stores and loads, and barriers: the cost of the layout conversions Triton routes through shared memory
+SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
+
+
 def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128,
                    prod: bool = False):  # fmt: skip
     """key_bits: codebook index bits (prod adds the QJL bit)."""
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
     args = ap.parse_args(argv)
+    print(f"triton {triton.__version__} (the SASS depends on its version: compare counts from one version)")
     for pair in args.bits:
         kb, vb = (int(x) for x in pair.split(","))
         for asm in (True, False):
@@ -99,10 +104,11 @@ def main(argv: list[str] | None = None) -> None:
                         continue
                     n = [sum(ops.values()) for ops in loops]
                     top = " ".join(f"{k}:{v}" for k, v in loops[0].most_common(12))
+                    smem = " ".join(f"{k}:{loops[0][k]}" for k in SHARED_MEMORY)
                     print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "
                           f"{n[0] * warps / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
-                          f"per block), {n[-1] * warps / bn:.1f} in the masked last block | {top}",
-                          flush=True)  # fmt: skip
+                          f"per block), {n[-1] * warps / bn:.1f} in the masked last block | shared memory and "
+                          f"barriers {smem} | {top}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
