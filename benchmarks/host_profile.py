@@ -4,8 +4,8 @@ At batch 1 and a short context the GPU work of a step is small, so the step's wa
 Python, torch dispatch and kernel launches. Prints ms per step and per layer for each cache, then the
 functions with the most own time over the profiled steps (the cache's layer code and what it calls).
 
-    python benchmarks/host_profile.py                       # 4 layers of the Llama-3-8B shape
-    python benchmarks/host_profile.py --layers 8 --steps 50 --top 40
+    cd benchmarks && python host_profile.py                       # 4 layers of the Llama-3-8B shape
+    cd benchmarks && python host_profile.py --layers 8 --steps 50 --top 40
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--caches", nargs="*", default=["bf16 DynamicCache + SDPA", "TurboQuant K4/V4 defaults"],
-                    choices=list(CACHES))  # fmt: skip
+    ap.add_argument("--caches", nargs="*", default=["TurboQuant K4/V4 defaults"], choices=list(CACHES))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/host_profile.py needs a CUDA GPU")
