@@ -23,7 +23,7 @@ import torch
 from timing import capture, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.kernels.decode import LAUNCH_DEFAULTS, decode_attention, tiles_2d_layout
+from turboquant.kernels.decode import LAUNCH_DEFAULTS, THREE_PER_SM_REGISTERS, decode_attention, tiles_2d_layout
 
 CONFIGS = {
     "K4/V4 mse": dict(key_bits=4, value_bits=4, key_mode="mse"),
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="only (1, 8192) and (8, 32768)")
     ap.add_argument("--sweep", action="store_true", help="try block_n × register cap, each at its one-wave split count")
+    ap.add_argument("--stages", nargs="*", type=int, default=[2, 3], help="pipeline depths the sweep tries")
+    ap.add_argument("--block-n", nargs="*", type=int, default=[64, 128], help="block sizes the sweep tries")
     ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (both ours and SDPA)")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
@@ -83,9 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [  # programs_per_sm None: one wave, from the compiled kernel's occupancy
-            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=3, max_registers=cap)
-            for bn in (64, 128)
-            for cap in (0, None)  # no register cap; the default cap
+            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=stages, max_registers=cap)
+            for bn in args.block_n
+            for cap in (0, THREE_PER_SM_REGISTERS)  # no register cap; three programs per SM by registers
+            for stages in args.stages
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
                 line = (
                     f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
-                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages']}"
+                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages'] or 'auto'}"
                     f" {launch['programs_per_sm'] or 'auto'}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"

@@ -720,11 +720,10 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
-# splits aim for (None: chosen per call, see _auto_blocks), codebook lookup (registers or global memory), the
-# orientation of the score dot (see _fields_scores), and the 2-D kernel's register cap (None: per configuration,
-# see _auto_blocks; 0: none).
+# splits aim for, codebook lookup (registers or global memory), the orientation of the score dot (see
+# _fields_scores), and the 2-D kernel's register cap (0: none). None: per configuration, see _auto_blocks.
 LAUNCH_DEFAULTS = dict(
-    block_n=None, num_warps=4, num_stages=3, programs_per_sm=None, register_codebook=True, key_major=False,
+    block_n=None, num_warps=4, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
     tiles_2d=True, inline_asm=True, max_registers=None,
 )  # fmt: skip
 # 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
@@ -732,16 +731,20 @@ LAUNCH_DEFAULTS = dict(
 THREE_PER_SM_REGISTERS = 168
 
 
-def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int, int]:
-    """(block_n, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py --graphs
-    --sweep`). The 2-D kernel takes 128-token blocks; for 2- and 3-bit key indices (and prod keys) capped at 168
-    registers, so that three programs share an SM instead of two (K3/V2 (16, 65536): 0.745 ms vs 0.873 uncapped
-    and 0.832 with 64-token blocks; prod 0.908 vs 1.050 and 1.010); 4-bit keys uncapped (174 registers, two per
-    SM: 0.770 ms vs 0.780 capped). On CUDA its split count comes from its occupancy (decode_attention: one wave
-    of programs), so programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks at 2 per SM."""
+def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int, int, int]:
+    """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
+    --graphs --sweep`). The 2-D kernel takes 128-token blocks; for 2- and 3-bit key indices (and prod keys) three
+    pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two (K3/V2 (16,
+    65536): 0.745 ms vs 0.873 uncapped and 0.832 with 64-token blocks; prod 0.908 vs 1.050 and 1.010); 4-bit keys
+    two stages, uncapped (174 registers, two programs per SM; 0.749 ms vs 0.784 with three stages since the value
+    (scale, zero) words joined the pipeline). On CUDA its split count comes from its occupancy (decode_attention:
+    one wave of programs), so programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks, three
+    stages, 2 programs per SM."""
     if tiles_2d:
-        return 128, 2, (0 if key_index_bits == 4 else THREE_PER_SM_REGISTERS)
-    return 64, 2, 0
+        if key_index_bits == 4:
+            return 128, 2, 2, 0
+        return 128, 3, 2, THREE_PER_SM_REGISTERS
+    return 64, 3, 2, 0
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -869,8 +872,9 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, per_sm, max_registers = _auto_blocks(layout_2d is not None, kb)
+    block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, kb)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
+    num_stages = launch["num_stages"] or num_stages
     dummy = key_codes
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
@@ -886,7 +890,7 @@ def decode_attention(
         elif not q_rot.is_cuda or launch["num_warps"] != 4:
             max_registers = 0
         consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
-                      VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                      VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=num_stages,
                       **layout_2d)  # fmt: skip
         if max_registers:
             consts["maxnreg"] = max_registers
@@ -913,7 +917,7 @@ def decode_attention(
             D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
             BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
             REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
-            num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+            num_warps=launch["num_warps"], num_stages=num_stages,
         )  # fmt: skip
     out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
     lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
