@@ -9,6 +9,12 @@ Triton specialises them at launch.
 
     python benchmarks/decode_sass.py                       # K4/V4, inline PTX and portable unpacking
     python benchmarks/decode_sass.py --bits 4,2 --warps 4 --block-n 64 128
+
+The counts depend on the Triton version (layout conversions especially). To see what a GPU machine's Triton
+compiles without that machine, install its version beside the project's and put it first on the path:
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    TRITON_DEFAULT_FP_FUSION=1 PYTHONPATH=/tmp/triton36:. python benchmarks/decode_sass.py --bits 4,4 3,2
 """
 
 from __future__ import annotations
