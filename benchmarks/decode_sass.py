@@ -30,6 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
@@ -42,20 +43,26 @@ SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 
 def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128,
-                   prod: bool = False):  # fmt: skip
-    """key_bits: codebook index bits (prod adds the QJL bit)."""
+                   prod: bool = False, key_tables: str = "operands", num_stages: int = 3):  # fmt: skip
+    """key_bits: codebook index bits (prod adds the QJL bit); key_tables: the launch option of that name."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
-    key_asm = decode.key_asm_code(key_bits) if asm else ""
+    in_asm = asm and key_tables == "immediates"
+    words = None
+    if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
+        cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
+        words = tuple(decode.key_lookup_tables(((cb - cb.flip(0)) / 2).float()).tolist())
+    key_asm = decode.key_asm_code(key_bits, words) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 VALUE_ASM=asm, KEY_ASM=key_asm,
+                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm,
                  **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
     )  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=3))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def sass(kernel) -> str:
@@ -97,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prod", action="store_true", help="prod keys: the index bits plus the QJL plane")
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--key-tables", choices=decode.KEY_TABLES, default="operands")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__} (the SASS depends on its version: compare counts from one version)")
     for pair in args.bits:
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    loops = main_loops(sass(compile_kernel(kb, vb, asm, warps, bn, prod=args.prod)))
+                    kernel = compile_kernel(kb, vb, asm, warps, bn, prod=args.prod, key_tables=args.key_tables,
+                                            num_stages=args.stages)  # fmt: skip
+                    loops = main_loops(sass(kernel))
                     if not loops:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")
                         continue
@@ -114,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "
                           f"{n[0] * warps / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
                           f"per block), {n[-1] * warps / bn:.1f} in the masked last block | shared memory and "
-                          f"barriers {smem} | {top}", flush=True)  # fmt: skip
+                          f"barriers {smem}, {kernel.metadata.shared // 1024} KB | {top}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -130,11 +130,19 @@ def test_lookup_tables_hold_the_fp16_centroids():
         assert lo | hi << 8 == b
 
 
-def test_key4_lookup_matches_the_codebook():
+def _table_words(cb: torch.Tensor) -> tuple[int, ...]:
+    return tuple(decode.key_lookup_tables(cb).tolist())
+
+
+@pytest.mark.parametrize("tables", ["operands", "immediates"])
+def test_key4_lookup_matches_the_codebook(tables):
     cb = _kernel_codebook(4)
     table = cb.half().numpy()
     w = _words(0)
-    regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w))})
+    if tables == "operands":
+        regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w))})
+    else:  # the tables written into the assembly: the codes are its only input
+        regs = run_ptx(decode.key_asm_code(4, _table_words(cb)), {4: w})
     for f in range(2):  # field 0: low nibbles, field 1: high nibbles
         got = _field(regs, 2 * f)
         for k, byte in enumerate(_bytes(w)):
@@ -142,16 +150,20 @@ def test_key4_lookup_matches_the_codebook():
             np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("tables", ["operands", "immediates"])
 @pytest.mark.parametrize("bits", [2, 3])
-def test_plane_key_lookup_matches_the_codebook(bits):
+def test_plane_key_lookup_matches_the_codebook(bits, tables):
     cb = _kernel_codebook(bits)
     table = cb.half().numpy()
     codes, high = _words(1), _words(2)
     n = len(codes)
     half = np.arange(n, dtype=np.uint64) % 2 * 0x01010101  # which bit of the byte, the same for its 4 bytes
-    tables = _table_operands(cb, 11 if bits == 3 else 9, n)
-    operands = {8: codes, 9: high, 10: half, **tables} if bits == 3 else {8: codes, **tables}
-    regs = run_ptx(decode.key_asm_code(bits), operands)
+    operands = {8: codes, 9: high, 10: half} if bits == 3 else {8: codes}
+    if tables == "operands":
+        operands.update(_table_operands(cb, 11 if bits == 3 else 9, n))
+        regs = run_ptx(decode.key_asm_code(bits), operands)
+    else:
+        regs = run_ptx(decode.key_asm_code(bits, _table_words(cb)), operands)
     for f in range(4):
         got = _field(regs, 2 * f)
         for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):

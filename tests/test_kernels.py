@@ -98,6 +98,24 @@ def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypat
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
+@pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::2])
+def test_decode_kernel_tables_in_assembly(mode, kb, vb, d, group, n_q, n, monkeypatch):
+    """Key lookup tables written into the inline assembly (launch option key_tables="immediates"; on the GPU: the
+    interpreter runs the portable lookup either way)."""
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_tables", "immediates")
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
+def test_decode_kernel_rejects_unknown_key_tables(monkeypatch):
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_tables", "registers")
+    with pytest.raises(ValueError, match=r"key_tables must be one of \('operands', 'immediates'\), got 'registers'"):
+        _check_decode("mse", 4, 4, 128, 4, 1, 40)
+
+
 def _check_decode(mode, kb, vb, d, group, n_q, n):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)

@@ -171,6 +171,7 @@ class TurboQuantKVCache:
         cb = self.mse_quantizer.centroids / self.mse_quantizer.scale
         self._kernel_codebook = (cb - cb.flip(0)) / 2  # [2^b]
         self._key_tables = None  # byte tables of the kernel's key lookup, built on the first kernel call
+        self._key_table_words: tuple[int, ...] | None = None  # the same on the host
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
@@ -707,9 +708,10 @@ class TurboQuantKVCache:
             from .kernels.decode import key_lookup_tables
 
             self._key_tables = key_lookup_tables(self._kernel_codebook)
+            self._key_table_words = tuple(self._key_tables.tolist())  # one read, on the first kernel call
         return dict(
             q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, key_tables=self._key_tables,
-            seq_lens=self.seq_lens,
+            key_table_words=self._key_table_words, seq_lens=self.seq_lens,
             kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
             group_size=c.group_size, n_q=n_q,
         )  # fmt: skip

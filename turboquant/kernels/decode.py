@@ -253,22 +253,34 @@ def key_lookup_tables(codebook: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _key4_asm() -> str:
+def _table_registers(words: tuple[int, ...] | None, operands: list[str]) -> tuple[list[str], list[str], str]:
+    """(the four table registers, their declarations, the moves that fill them): the operands as given, or, with
+    the table words, four local registers set from immediates (key_asm_code)."""
+    if words is None:
+        return operands, [], ""
+    names = [f"tab{i}" for i in range(4)]
+    return names, names, "".join(f"mov.b32 {n}, {w & 0xFFFFFFFF:#x};\n" for n, w in zip(names, words, strict=True))
+
+
+def _key4_asm(words: tuple[int, ...] | None = None) -> str:
     """4-bit centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 (elementwise: output k from byte k).
 
     The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables
     (key_lookup_tables, passed as operands so that they stay in registers across the loop). Per register of 8
     codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear), the low and high bytes of |c|
     looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the sign of negative codes or-ed
-    in: 18 instructions. Operands: outputs $0-$3, the codes $4, the four tables $5, $9, $13, $17 (pack=4
-    gives each 32-bit input four registers)."""
+    in: 18 instructions. Operands: outputs $0-$3, the codes $4, then (without ``words``) the four tables $5, $9,
+    $13, $17 (pack=4 gives each 32-bit input four registers)."""
+    (l0, l1, h0, h1), extra, moves = _table_registers(words, ["$5", "$9", "$13", "$17"])
     return (
-        "{ .reg .b32 neg, r, sb, la, ha, lb, hb, u, v, t;\n"
-        "lop3.b32 neg, $4, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
+        f"{{ .reg .b32 {', '.join(['neg', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
+        + moves
+        + "lop3.b32 neg, $4, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
         "shr.u32 t, neg, 3;\n mul.lo.u32 t, t, 7;\n"
         "lop3.b32 r, $4, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
         "shr.u32 sb, r, 16;\n"
-        "prmt.b32 la, $5, $9, r;\n prmt.b32 ha, $13, $17, r;\n prmt.b32 lb, $5, $9, sb;\n prmt.b32 hb, $13, $17, sb;\n"
+        f"prmt.b32 la, {l0}, {l1}, r;\n prmt.b32 ha, {h0}, {h1}, r;\n"
+        f"prmt.b32 lb, {l0}, {l1}, sb;\n prmt.b32 hb, {h0}, {h1}, sb;\n"
         "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $2, la, ha, 0x7351;\n"
         "prmt.b32 $1, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
         "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3)
@@ -277,17 +289,17 @@ def _key4_asm() -> str:
     )
 
 
-def _key_plane_asm(high: bool) -> str:
+def _key_plane_asm(high: bool, words: tuple[int, ...] | None = None) -> str:
     """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, 4 bytes of the
     1-bit plane that hold field f's high bit at bit 2f + h, with h (0 or 1, the same for the 4 bytes) in a third
     register -> 4 fields × 4 fp16, elementwise. Nibble selectors A = fields 0, 2 and B = fields 1, 3 of every
     byte (low 2 bits from the plane, bit 2 from the high plane) index an 8-entry prmt table directly: 22
     instructions per 16 codes. Operands: outputs $0-$7 (field f in registers 2f, 2f+1), the 2-bit plane $8,
-    then (3 bits only) the 1-bit plane $9 and h $10, then the four tables (key_lookup_tables), four registers
-    apart."""
+    then (3 bits only) the 1-bit plane $9 and h $10, then (without ``words``) the four tables
+    (key_lookup_tables), four registers apart."""
     t = 11 if high else 9
-    l0, l1, h0, h1 = (f"${t + 4 * i}" for i in range(4))
-    lines = ["{ .reg .b32 a, b, s, t, h, la, ha;", "shr.u32 b, $8, 2;"]
+    (l0, l1, h0, h1), extra, moves = _table_registers(words, [f"${t + 4 * i}" for i in range(4)])
+    lines = [f"{{ .reg .b32 {', '.join(['a', 'b', 's', 't', 'h', 'la', 'ha', *extra])};", moves + "shr.u32 b, $8, 2;"]
     if high:
         lines += ["and.b32 h, $10, 1;", "shr.u32 h, $9, h;",  # bit 2f + h -> bit 2f (other bits are not read)
                   "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;", "lop3.b32 a, $8, 0x33333333, t, 0xEA;",
@@ -306,23 +318,27 @@ def _key_plane_asm(high: bool) -> str:
 
 
 @functools.cache
-def key_asm_code(key_bits: int) -> str:
+def key_asm_code(key_bits: int, table_words: tuple[int, ...] | None = None) -> str:
     """Inline assembly of the key centroid lookup of _decode_split_kernel_2d for 2-, 3- or 4-bit codebook
-    indices; the centroids come in as operands (key_lookup_tables)."""
+    indices. The centroids come in as operands (key_lookup_tables), or, given the four table words (the same
+    int32 values on the host), as immediates: the assembly then takes only the codes, which lets Triton read
+    them from shared memory straight into the tensor-core operand layout (launch option key_tables)."""
     if key_bits == 4:
-        return _key4_asm()
+        return _key4_asm(table_words)
     if key_bits in (2, 3):
-        return _key_plane_asm(high=key_bits == 3)
+        return _key_plane_asm(key_bits == 3, table_words)
     raise ValueError(f"the key lookup takes 2-, 3- or 4-bit indices, got {key_bits}")
 
 
 @triton.jit
 def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, D: tl.constexpr,
-                DP_K: tl.constexpr, KEY_ASM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+                DP_K: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
+                MASKED: tl.constexpr):  # fmt: skip
     """Centroids (√d units, fp16) of BN keys as field tiles [BN, DP_K]: tile f = key columns f·DP_K + e (4 bits:
     two fields; 2 and 3 bits: the four fields of the 2-bit plane, with, for 3 bits, the high bit of column
     f·D/4 + e from bit 2f + e // (D/8) of byte e mod D/8 of the 1-bit plane). With KEY_ASM: kt0-kt3, the int32
-    tables of key_lookup_tables; else b_cb, the [BN, 2^kb] codebook of the portable lookup."""
+    tables of key_lookup_tables (TABLES_IN_ASM: none, the assembly holds them); else b_cb, the [BN, 2^kb]
+    codebook of the portable lookup."""
     KB: tl.constexpr = D * KEY_BITS // 8  # bytes per key
     o_k = tl.arange(0, DP_K)
     p_k = KC + row[:, None] * KB + o_k[None, :]
@@ -338,7 +354,21 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
         else:
             hb = tl.load(p_h)
         hh = tl.broadcast_to((o_k // H).to(tl.uint8)[None, :], hb.shape)  # which bit of the byte: 0 or 1
-    if KEY_ASM != "":
+    if KEY_ASM != "" and TABLES_IN_ASM:  # only the codes as operands (pure: Triton may move it past a conversion)
+        if KEY_BITS == 4:
+            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)  # fmt: skip
+            k2 = k0
+            k3 = k0
+        elif KEY_BITS == 3:
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 7 + ",r,r,r", [kb, hb, hh], dtype=(tl.float16,) * 4, is_pure=True, pack=4
+            )
+        else:
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 7 + ",r", [kb], dtype=(tl.float16,) * 4, is_pure=True, pack=4
+            )
+    elif KEY_ASM != "":
         z = tl.zeros(kb.shape, tl.int32)  # the tables as (uniform) operand tensors, four registers each
         t0 = z + kt0
         t1 = z + kt1
@@ -507,14 +537,16 @@ def _attend_block_2d(
     b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
-    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, MASKED: tl.constexpr,
+    DP_V: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
+    MASKED: tl.constexpr,
 ):  # fmt: skip
     """Tokens [n0, n0 + BN) of one head folded into the online softmax. MASKED: the block may reach past `end`
     or past a query's causal limit (the last block of a split); other blocks load and score without masks."""
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < end
     row = i_bh * C + o_n.to(tl.int64)
-    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS, D, DP_K, KEY_ASM, MASKED)
+    k0, k1, k2, k3 = _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS, D, DP_K, KEY_ASM, TABLES_IN_ASM,
+                                 MASKED)  # fmt: skip
     s_t = tl.dot(k0, qt0)
     s_t += tl.dot(k1, qt1)
     if P_K > 2:
@@ -569,15 +601,16 @@ def _decode_split_kernel_2d(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, KEY_ASM: tl.constexpr,
-    VALUE_ASM: tl.constexpr,
+    VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
     values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
     Σ_f c[idx_f] @ (Πq)_fᵀ with the key tile never transposed (+ γ · Σ_g sign_g @ (Sq)_gᵀ), values dequantised
     per element. Same inputs and outputs as _decode_split_kernel; KEY_BITS counts the index bits.
 
-    KEY_ASM (from key_asm_code) and VALUE_ASM unpack with inline PTX (CUDA only); otherwise portable
-    Triton (the CPU interpreter) computes the same tiles, the key lookup with a register-table gather. Blocks
+    KEY_ASM (from key_asm_code; TABLES_IN_ASM: built with the table words) and VALUE_ASM unpack with inline PTX
+    (CUDA only); otherwise portable Triton (the CPU interpreter) computes the same tiles, the key lookup with a
+    register-table gather. Blocks
     that lie wholly inside the split and before every query's causal limit skip all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
@@ -627,13 +660,13 @@ def _decode_split_kernel_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, False)  # fmt: skip
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, sq0, sq1, sq2, sq3,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, VALUE_ASM, True)  # fmt: skip
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
 
     part = (i_bh * tl.num_programs(1) + i_s) * BM
     b_l = tl.max(l_acc, axis=1)
@@ -721,11 +754,14 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
 # splits aim for, codebook lookup (registers or global memory), the orientation of the score dot (see
-# _fields_scores), and the 2-D kernel's register cap (0: none). None: per configuration, see _auto_blocks.
+# _fields_scores), the 2-D kernel's register cap (0: none; None: per configuration, see _auto_blocks) and where
+# its key lookup tables live: "operands" (registers loaded once per program) or "immediates" (written into the
+# assembly, see key_asm_code; compiled offline, not yet run or timed on a GPU).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=4, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
-    tiles_2d=True, inline_asm=True, max_registers=None,
+    tiles_2d=True, inline_asm=True, max_registers=None, key_tables="operands",
 )  # fmt: skip
+KEY_TABLES = ("operands", "immediates")
 # 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
 # blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
 THREE_PER_SM_REGISTERS = 168
@@ -827,6 +863,7 @@ def decode_attention(
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
     key_tables: torch.Tensor | None = None,
+    key_table_words: tuple[int, ...] | None = None,
     **launch,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of prepared queries over a compressed cache.
@@ -846,9 +883,12 @@ def decode_attention(
             contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start;
             key_mean [B, H_kv, D] float32 subtracted from those keys (as from the stored ones), or None.
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
+        key_table_words: the same four int32 values on the host, for the launch option key_tables="immediates"
+            (else read from the device on every call, which synchronises).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major; tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it
-            unpack with inline PTX, on CUDA only; max_registers: its per-thread register cap, 0 for none).
+            unpack with inline PTX, on CUDA only; max_registers: its per-thread register cap, 0 for none;
+            key_tables: "operands" or "immediates", where its key lookup tables live).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -856,6 +896,8 @@ def decode_attention(
     if unknown:
         raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
     launch = {**LAUNCH_DEFAULTS, **launch}
+    if launch["key_tables"] not in KEY_TABLES:
+        raise ValueError(f"key_tables must be one of {KEY_TABLES}, got {launch['key_tables']!r}")
     b, h_kv, m, d = q_rot.shape
     key_codes = buffers["key_codes"]
     c = key_codes.shape[2]
@@ -878,9 +920,12 @@ def decode_attention(
     dummy = key_codes
     if layout_2d is not None:
         use_asm = launch["inline_asm"] and q_rot.is_cuda
-        key_asm = key_asm_code(layout_2d["KEY_BITS"]) if use_asm else ""
         if key_tables is None:
             key_tables = key_lookup_tables(codebook)
+        tables_in_asm = use_asm and launch["key_tables"] == "immediates"
+        if tables_in_asm and key_table_words is None:
+            key_table_words = tuple(key_tables.tolist())
+        key_asm = key_asm_code(layout_2d["KEY_BITS"], key_table_words if tables_in_asm else None) if use_asm else ""
         args = (q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
                 buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
                 buffers["value_codes"], buffers["value_affine"].view(torch.int32), codebook, key_tables,
@@ -890,8 +935,8 @@ def decode_attention(
         elif not q_rot.is_cuda or launch["num_warps"] != 4:
             max_registers = 0
         consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
-                      VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=num_stages,
-                      **layout_2d)  # fmt: skip
+                      TABLES_IN_ASM=tables_in_asm, VALUE_ASM=use_asm, num_warps=launch["num_warps"],
+                      num_stages=num_stages, **layout_2d)  # fmt: skip
         if max_registers:
             consts["maxnreg"] = max_registers
         one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
