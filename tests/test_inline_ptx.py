@@ -211,6 +211,11 @@ def test_qjl_signs_are_plus_minus_one():
             np.testing.assert_array_equal(got[k], want)
 
 
+def test_table_words_are_checked():
+    with pytest.raises(ValueError, match="four int32 words"):
+        decode.key_asm_code(4, (1, 2, 3))
+
+
 def test_interpreter_models_prmt_sign_mode():
     a = np.array([0x80_7F_01_FF], dtype=np.uint64)
     # selectors: byte 0 as is, byte 1 as is, byte 2 sign-replicated (0x7F -> 0x00), byte 3 sign (0x80 -> 0xFF)

@@ -258,6 +258,8 @@ def _table_registers(words: tuple[int, ...] | None, operands: list[str]) -> tupl
     the table words, four local registers set from immediates (key_asm_code)."""
     if words is None:
         return operands, [], ""
+    if len(words) != 4 or not all(isinstance(w, int) for w in words):
+        raise ValueError(f"the key lookup takes the four int32 words of key_lookup_tables, got {words!r}")
     names = [f"tab{i}" for i in range(4)]
     return names, names, "".join(f"mov.b32 {n}, {w & 0xFFFFFFFF:#x};\n" for n, w in zip(names, words, strict=True))
 
