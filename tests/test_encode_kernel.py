@@ -131,6 +131,12 @@ CASES = [
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0}),
     ("prod", 2, 3, 64, "hadamard", False, 63, (3, 1), {}),
     ("prod", 4, 4, 256, "haar", False, 15, (1, 1), {}),
+    # the codebook searched by magnitude (search="symmetric"): the same indices
+    ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {"search": "symmetric"}),
+    ("mse", 4, 4, 128, "hadamard", True, 300, (2, 1), {"small_rows": 0, "search": "symmetric"}),
+    ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
+    ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
+    ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
 ]
 
 
@@ -229,6 +235,8 @@ def _bad_inputs(case):
         kw["value_quantizer"] = ValueQuantizer(4, 3)
     elif case == "launch":
         kw["block_size"] = 32
+    elif case == "search":
+        kw["search"] = "binary"
     return (k, v, bufs, slots), kw
 
 
@@ -249,6 +257,7 @@ BAD = {
     "quantizer_head_dim": "head_dim=128",
     "group_size": "group_size=3 must divide D=64",
     "launch": "unknown launch options",
+    "search": r"search must be one of \('full', 'symmetric'\), got 'binary'",
 }
 
 

@@ -90,7 +90,7 @@ def _encode_keys(
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     """Algorithm 1 (and 2 for PROD) on BN key rows p_x [BN, D] -> buffer rows ``row`` [BN].
 
@@ -100,7 +100,8 @@ def _encode_keys(
     s = SPLIT_SCALE, so that x Πᵀ is three 16-bit tensor-core products with fp32 accumulation,
     exact products of the stored x and fp32 accuracy; otherwise u Πᵀ is one fp32 (PRECISION) dot.
     UPCAST: multiply the split parts as fp32 instead (same products; Triton's CPU interpreter
-    mishandles bf16 dot operands).
+    mishandles bf16 dot operands). SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the
+    comparisons, the same indices; encode_kv checks the codebook).
     """
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, DC)
@@ -115,6 +116,7 @@ def _encode_keys(
     if PROD and not NORM_CORRECTION:
         b_f = tl.div_rn(b_n.to(tl.float16).to(tl.float32), tl.full((BN,), SCALE, tl.float32))  # stored ‖x‖ / √d
     KB: tl.constexpr = D * KEY_BITS // 8
+    HALF: tl.constexpr = NC // 2
     if KEY_BITS == 3:
         b_lo = tl.zeros((BN, D // 4), dtype=tl.int32)  # 2-bit plane
         b_hi = tl.zeros((BN, D // 8), dtype=tl.int32)  # 1-bit plane
@@ -143,17 +145,41 @@ def _encode_keys(
             b_px = b_n[:, None] * b_y
         b_s = b_y * SCALE  # √d·y
         b_i = tl.zeros((BN, DC), dtype=tl.int32)
-        if PROD:
-            b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC)  # c[idx]
-        if NORM_CORRECTION:
-            b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC)  # c[idx] / √d
-        for t in tl.static_range(NC - 1):  # ascending boundaries: idx = #{t : √d·y > b_t}
-            m_t = b_s > tl.load(TAB + t)
-            b_i += m_t.to(tl.int32)
+        if SYMMETRIC:
+            # idx = #{t : √d·y > b_t} over the ascending boundaries, which are antisymmetric (b_t = -b_{NC-2-t},
+            # the middle one 0): with a = |√d·y| and m = #{t ≥ NC/2 : a' > b_t}, idx = NC/2 + m where √d·y > 0
+            # (a' = a) and NC/2 - 1 - m elsewhere (a' = the float above a, as a ≥ b ⟺ a' > b): half the compares
+            b_pos = b_s > 0.0
+            b_a = tl.abs(b_s)
+            b_a = tl.where(b_pos, b_a, (b_a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
             if PROD:
-                b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+                b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC + HALF)  # |c[idx]| = c[NC/2 + m]
             if NORM_CORRECTION:
-                b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+                b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC + HALF)  # |c[idx]| / √d
+            for t in tl.static_range(HALF, NC - 1):
+                m_t = b_a > tl.load(TAB + t)
+                b_i += m_t.to(tl.int32)
+                if PROD:
+                    b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+                if NORM_CORRECTION:
+                    b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+            b_i = tl.where(b_pos, HALF + b_i, HALF - 1 - b_i)
+            if PROD:
+                b_c = tl.where(b_pos, b_c, -b_c)
+            if NORM_CORRECTION:
+                b_cs = tl.where(b_pos, b_cs, -b_cs)
+        else:
+            if PROD:
+                b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC)  # c[idx]
+            if NORM_CORRECTION:
+                b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC)  # c[idx] / √d
+            for t in tl.static_range(NC - 1):  # ascending boundaries: idx = #{t : √d·y > b_t}
+                m_t = b_s > tl.load(TAB + t)
+                b_i += m_t.to(tl.int32)
+                if PROD:
+                    b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+                if NORM_CORRECTION:
+                    b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
@@ -261,12 +287,12 @@ def _encode_keys_kernel(
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
-    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
 ):  # fmt: skip
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     _encode_keys(p_k, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD, NORM_CORRECTION,
-                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION)  # fmt: skip
+                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC)  # fmt: skip
 
 
 @triton.jit
@@ -283,11 +309,14 @@ def _encode_values_kernel(
 # and 4 warps when the launch has at most small_rows rows, e.g. a decode step), columns of Πᵀ per
 # rotation chunk (chunk, capped at D), warps, pipeline depth, the precision of the fp32 dots
 # ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs), whether 16-bit keys use the
-# split 16-bit rotation (split), and rows / warps per program of the value kernel.
+# split 16-bit rotation (split), rows / warps per program of the value kernel, and the codebook search
+# ("full": a comparison per decision boundary; "symmetric": by magnitude, half the comparisons and the same
+# indices; compiled offline, not yet timed on a GPU).
 LAUNCH_DEFAULTS = dict(
     block_n=128, small_rows=1024, chunk=64, num_warps=8, num_stages=1, precision="tf32x3", split=True,
-    value_block_n=32, value_num_warps=4,
+    value_block_n=32, value_num_warps=4, search="full",
 )  # fmt: skip
+SEARCHES = ("full", "symmetric")
 
 # Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D],
 # Π Sᵀ [D, D] (prod keys) and, per 16-bit key dtype, the split parts of Πᵀ. Keyed weakly by the quantizer.
@@ -371,6 +400,8 @@ def encode_kv(
     if unknown:
         raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
     launch = {**LAUNCH_DEFAULTS, **launch}
+    if launch["search"] not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {launch['search']!r}")
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -436,6 +467,9 @@ def encode_kv(
             raise ValueError(f"slots must lie in [0, C={c}), got values in [{lo}, {hi}]")
 
     prep = _prepare(key_quantizer, k.dtype)
+    symmetric = launch["search"] == "symmetric"
+    if symmetric and not torch.equal(mse.centroids, -mse.centroids.flip(0)):
+        raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
     split = k.dtype in _SPLIT_SCALES and launch["split"]
     rows = b * h * n
     small = rows <= launch["small_rows"]
@@ -449,7 +483,7 @@ def encode_kv(
         D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
         SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
         UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"],
+        BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
         num_warps=4 if small else launch["num_warps"], num_stages=launch["num_stages"],
     )  # fmt: skip
     value_block_n = 16 if small else launch["value_block_n"]
