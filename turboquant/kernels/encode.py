@@ -85,6 +85,28 @@ def _pack_chunk(idx, j: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr, DC: 
 
 
 @triton.jit
+def _count_boundaries(b_x, TAB, FIRST: tl.constexpr, NC: tl.constexpr, CENTROIDS: tl.constexpr,
+                      SCALED: tl.constexpr):  # fmt: skip
+    """m = #{t ≥ FIRST : x > b_t} over the ascending boundaries of TAB (see _encode_keys), per element of b_x, and
+    (CENTROIDS, SCALED; else zeros) the centroid c[FIRST + m] and c[FIRST + m] / √d."""
+    b_m = tl.zeros(b_x.shape, dtype=tl.int32)
+    b_c = tl.zeros(b_x.shape, dtype=tl.float32)
+    b_cs = tl.zeros(b_x.shape, dtype=tl.float32)
+    if CENTROIDS:
+        b_c += tl.load(TAB + NC + FIRST)
+    if SCALED:
+        b_cs += tl.load(TAB + 2 * NC + FIRST)
+    for t in tl.static_range(FIRST, NC - 1):
+        m_t = b_x > tl.load(TAB + t)
+        b_m += m_t.to(tl.int32)
+        if CENTROIDS:
+            b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+        if SCALED:
+            b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+    return b_m, b_c, b_cs
+
+
+@triton.jit
 def _encode_keys(
     p_x, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
@@ -144,7 +166,6 @@ def _encode_keys(
             b_y = tl.dot(b_u, b_rt, input_precision=PRECISION)  # [BN, DC] y = u Πᵀ
             b_px = b_n[:, None] * b_y
         b_s = b_y * SCALE  # √d·y
-        b_i = tl.zeros((BN, DC), dtype=tl.int32)
         if SYMMETRIC:
             # idx = #{t : √d·y > b_t} over the ascending boundaries, which are antisymmetric (b_t = -b_{NC-2-t},
             # the middle one 0): with a = |√d·y| and m = #{t ≥ NC/2 : a' > b_t}, idx = NC/2 + m where √d·y > 0
@@ -152,34 +173,12 @@ def _encode_keys(
             b_pos = b_s > 0.0
             b_a = tl.abs(b_s)
             b_a = tl.where(b_pos, b_a, (b_a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
-            if PROD:
-                b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC + HALF)  # |c[idx]| = c[NC/2 + m]
-            if NORM_CORRECTION:
-                b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC + HALF)  # |c[idx]| / √d
-            for t in tl.static_range(HALF, NC - 1):
-                m_t = b_a > tl.load(TAB + t)
-                b_i += m_t.to(tl.int32)
-                if PROD:
-                    b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
-                if NORM_CORRECTION:
-                    b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+            b_i, b_c, b_cs = _count_boundaries(b_a, TAB, HALF, NC, PROD, NORM_CORRECTION)  # |c[idx]| = c[NC/2 + m]
             b_i = tl.where(b_pos, HALF + b_i, HALF - 1 - b_i)
-            if PROD:
-                b_c = tl.where(b_pos, b_c, -b_c)
-            if NORM_CORRECTION:
-                b_cs = tl.where(b_pos, b_cs, -b_cs)
-        else:
-            if PROD:
-                b_c = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + NC)  # c[idx]
-            if NORM_CORRECTION:
-                b_cs = tl.zeros((BN, DC), dtype=tl.float32) + tl.load(TAB + 2 * NC)  # c[idx] / √d
-            for t in tl.static_range(NC - 1):  # ascending boundaries: idx = #{t : √d·y > b_t}
-                m_t = b_s > tl.load(TAB + t)
-                b_i += m_t.to(tl.int32)
-                if PROD:
-                    b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
-                if NORM_CORRECTION:
-                    b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+            b_c = tl.where(b_pos, b_c, -b_c)
+            b_cs = tl.where(b_pos, b_cs, -b_cs)
+        else:  # idx = #{t : √d·y > b_t}
+            b_i, b_c, b_cs = _count_boundaries(b_s, TAB, 0, NC, PROD, NORM_CORRECTION)
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
