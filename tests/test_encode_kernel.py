@@ -16,7 +16,7 @@ import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.packing import unpack_planar
-from turboquant.quantizers import ValueQuantizer
+from turboquant.quantizers import TurboQuantMSE, ValueQuantizer
 
 triton = pytest.importorskip("triton")
 
@@ -194,6 +194,16 @@ def test_encode_empty_chunk_writes_nothing():
     bufs = _poisoned_buffers(cache)
     encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
     assert (bufs["key_codes"] == POISON).all() and bufs["key_norms"].isnan().all()
+
+
+def test_symmetric_search_refuses_an_asymmetric_codebook():
+    cache, k, v, slots = _setup("mse", 2, 2, 64, "haar", False, 4, (1, 1), extra=4)
+    own = TurboQuantMSE(64, 2, device=DEVICE)  # not the cache's shared quantizer: its codebook may be changed
+    own.centroids = own.centroids + 0.01
+    kw = dict(key_quantizer=own, value_quantizer=cache.value_quantizer)
+    encode_kv(k, v, _poisoned_buffers(cache), slots, **kw)  # the full search takes any ascending codebook
+    with pytest.raises(ValueError, match="antisymmetric codebook"):
+        encode_kv(k, v, _poisoned_buffers(cache), slots, search="symmetric", **kw)
 
 
 def _bad_inputs(case):

@@ -317,21 +317,23 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 SEARCHES = ("full", "symmetric")
 
-# Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D],
-# Π Sᵀ [D, D] (prod keys) and, per 16-bit key dtype, the split parts of Πᵀ. Keyed weakly by the quantizer.
+# Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D], whether
+# the codebook is antisymmetric (for search="symmetric"; read once, not on every call), Π Sᵀ [D, D] (prod keys)
+# and, per 16-bit key dtype, the split parts of Πᵀ. Keyed weakly by the quantizer.
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # 16-bit dtypes: the scale between the split parts of Πᵀ. bf16 has fp32's exponent range, so its
 # parts need none; fp16 parts are scaled by 2^11 each so that they stay normal numbers.
 _SPLIT_SCALES = {torch.bfloat16: 1.0, torch.float16: 2.0**-11}
 
 
-def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd, dtype: torch.dtype) -> dict[str, torch.Tensor | bool]:
     if key_quantizer not in _PREPARED:
         mse = key_quantizer if isinstance(key_quantizer, TurboQuantMSE) else key_quantizer.mse
         pad = mse.boundaries.new_zeros(1)
         # centroids / √d as the reference divides them (tensor / Python float on this device)
         table = torch.cat((mse.boundaries, pad, mse.centroids, mse.centroids / mse.scale)).float().contiguous()
-        prep = {"table": table, "rot_t": mse.rotation.T.contiguous().float()}
+        prep = {"table": table, "rot_t": mse.rotation.T.contiguous().float(),
+                "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0))}  # fmt: skip
         if isinstance(key_quantizer, TurboQuantProd):
             prep["m_t"] = (mse.rotation.double() @ key_quantizer.qjl.double().T).float().contiguous()
         _PREPARED[key_quantizer] = prep
@@ -467,7 +469,7 @@ def encode_kv(
 
     prep = _prepare(key_quantizer, k.dtype)
     symmetric = launch["search"] == "symmetric"
-    if symmetric and not torch.equal(mse.centroids, -mse.centroids.flip(0)):
+    if symmetric and not prep["antisymmetric"]:
         raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
     split = k.dtype in _SPLIT_SCALES and launch["split"]
     rows = b * h * n
