@@ -612,8 +612,8 @@ def _decode_split_kernel_2d(
 
     KEY_ASM (from key_asm_code; TABLES_IN_ASM: built with the table words) and VALUE_ASM unpack with inline PTX
     (CUDA only); otherwise portable Triton (the CPU interpreter) computes the same tiles, the key lookup with a
-    register-table gather. Blocks
-    that lie wholly inside the split and before every query's causal limit skip all masks."""
+    register-table gather. Blocks that lie wholly inside the split and before every query's causal limit skip
+    all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
