@@ -24,7 +24,7 @@ from timing import capture, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.decode import (
-    KEY_TABLES,
+    KEY_TABLE_SOURCES,
     LAUNCH_DEFAULTS,
     THREE_PER_SM_REGISTERS,
     decode_attention,
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="try block_n × register cap, each at its one-wave split count")
     ap.add_argument("--stages", nargs="*", type=int, default=[2, 3], help="pipeline depths the sweep tries")
     ap.add_argument("--block-n", nargs="*", type=int, default=[64, 128], help="block sizes the sweep tries")
-    ap.add_argument("--key-tables", nargs="*", default=["operands"], choices=KEY_TABLES,
+    ap.add_argument("--key-table-source", nargs="*", default=[LAUNCH_DEFAULTS["key_table_source"]],
+                    choices=KEY_TABLE_SOURCES,
                     help="where the sweep's kernels keep the key lookup tables")  # fmt: skip
     ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (both ours and SDPA)")
@@ -93,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     launches = [dict(LAUNCH_DEFAULTS)]
     if args.sweep:
         launches = [  # programs_per_sm None: one wave, from the compiled kernel's occupancy
-            dict(LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=stages, max_registers=cap, key_tables=tables)
-            for tables in args.key_tables
+            dict(
+                LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=stages, max_registers=cap, key_table_source=tables
+            )
+            for tables in args.key_table_source
             for bn in args.block_n
             for cap in (0, THREE_PER_SM_REGISTERS)  # no register cap; three programs per SM by registers
             for stages in args.stages
@@ -172,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
                     f"{' asm' if launch['inline_asm'] else ''}"
-                    f"{' tables-in-asm' if launch['key_tables'] == 'immediates' else ''} |"
+                    f"{' tables-in-asm' if launch['key_table_source'] == 'immediates' else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

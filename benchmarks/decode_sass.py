@@ -43,11 +43,11 @@ SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 
 def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128,
-                   prod: bool = False, key_tables: str = "operands", num_stages: int = 3):  # fmt: skip
-    """key_bits: codebook index bits (prod adds the QJL bit); key_tables: the launch option of that name."""
+                   prod: bool = False, key_table_source: str = "operands", num_stages: int = 3):  # fmt: skip
+    """key_bits: codebook index bits (prod adds the QJL bit); key_table_source: the launch option of that name."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
-    in_asm = asm and key_tables == "immediates"
+    in_asm = asm and key_table_source == "immediates"
     words = None
     if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
         cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
     ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--key-tables", choices=decode.KEY_TABLES, default="operands")
+    ap.add_argument(
+        "--key-table-source", choices=decode.KEY_TABLE_SOURCES, default=decode.LAUNCH_DEFAULTS["key_table_source"]
+    )
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__} (the SASS depends on its version: compare counts from one version)")
     for pair in args.bits:
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    kernel = compile_kernel(kb, vb, asm, warps, bn, prod=args.prod, key_tables=args.key_tables,
-                                            num_stages=args.stages)  # fmt: skip
+                    kernel = compile_kernel(kb, vb, asm, warps, bn, prod=args.prod,
+                                            key_table_source=args.key_table_source, num_stages=args.stages)  # fmt: skip
                     loops = main_loops(sass(kernel))
                     if not loops:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")

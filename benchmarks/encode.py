@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the prefill chunk and the B = 16 decode step, shorter timing")
     ap.add_argument("--sweep", action="store_true", help="try block_n / chunk / num_warps per shape")
-    ap.add_argument("--searches", nargs="*", default=["full"], choices=SEARCHES,
-                    help="codebook searches to time (each its own row in the sweep output)")  # fmt: skip
+    ap.add_argument("--searches", nargs="*", default=[], choices=SEARCHES,
+                    help="codebook searches to time (default: encode_kv's per-configuration choice)")  # fmt: skip
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", type=Path, default=Path("results/encode.md"))
     args = ap.parse_args(argv)
@@ -132,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
 
     shapes = {name: SHAPES[name] for name in list(SHAPES)[:2]} if args.quick else SHAPES
     rep_ms = 50 if args.quick else 200
-    launches = [{"search": s} for s in args.searches]
+    launches = [{"search": s} for s in args.searches] or [{}]
     if args.sweep:
         launches = [
             dict(block_n=bn, small_rows=sr, chunk=ch, num_warps=w, search=s)
-            for s in args.searches
+            for s in args.searches or [None]
             for bn in (32, 64, 128)
             for sr in (0, 1024)
             for ch in (32, 64, 128)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {shape_name} | {name} | {t:.4f} | {t_graph:.4f} | {moved / t / 1e6:.0f} | {floor_ms:.4f} | "
                     f"{t_copy:.4f} | "
                     f"{copy_bytes / t_copy / 1e6:.0f} | {t / t_copy:.2f}x | ok ({detail}) | "
-                    f"bn{shown['block_n']} ch{shown['chunk']} w{shown['num_warps']} {shown['search']} |"
+                    f"bn{shown['block_n']} ch{shown['chunk']} w{shown['num_warps']} {shown['search'] or 'auto'} |"
                 )
             print(line, flush=True)
             rows.append(line)

@@ -131,9 +131,11 @@ CASES = [
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0}),
     ("prod", 2, 3, 64, "hadamard", False, 63, (3, 1), {}),
     ("prod", 4, 4, 256, "haar", False, 15, (1, 1), {}),
-    # the codebook searched by magnitude (search="symmetric"): the same indices
+    # the default searches 4-bit key indices by magnitude (symmetric), the rest by every boundary (full): each
+    # search on the other widths, the same indices
     ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {"search": "symmetric"}),
-    ("mse", 4, 4, 128, "hadamard", True, 300, (2, 1), {"small_rows": 0, "search": "symmetric"}),
+    ("mse", 4, 4, 128, "hadamard", True, 300, (2, 1), {"small_rows": 0, "search": "full"}),
+    ("mse", 4, 2, 64, "haar", False, 15, (1, 2), {"search": "full"}),
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
@@ -197,11 +199,14 @@ def test_encode_empty_chunk_writes_nothing():
 
 
 def test_symmetric_search_refuses_an_asymmetric_codebook():
-    cache, k, v, slots = _setup("mse", 2, 2, 64, "haar", False, 4, (1, 1), extra=4)
-    own = TurboQuantMSE(64, 2, device=DEVICE)  # not the cache's shared quantizer: its codebook may be changed
+    cache, k, v, slots = _setup("mse", 4, 2, 64, "haar", False, 4, (1, 1), extra=4)
+    own = TurboQuantMSE(64, 4, device=DEVICE)  # not the cache's shared quantizer: its codebook may be changed
     own.centroids = own.centroids + 0.01
     kw = dict(key_quantizer=own, value_quantizer=cache.value_quantizer)
-    encode_kv(k, v, _poisoned_buffers(cache), slots, **kw)  # the full search takes any ascending codebook
+    by_default, full = _poisoned_buffers(cache), {n: t.clone() for n, t in _poisoned_buffers(cache).items()}
+    encode_kv(k, v, by_default, slots, **kw)  # 4-bit indices: by default symmetric where it applies, else full,
+    encode_kv(k, v, full, slots, search="full", **kw)  # which takes any ascending codebook
+    assert torch.equal(by_default["key_codes"], full["key_codes"])
     with pytest.raises(ValueError, match="antisymmetric codebook"):
         encode_kv(k, v, _poisoned_buffers(cache), slots, search="symmetric", **kw)
 
@@ -267,7 +272,7 @@ BAD = {
     "quantizer_head_dim": "head_dim=128",
     "group_size": "group_size=3 must divide D=64",
     "launch": "unknown launch options",
-    "search": r"search must be one of \('full', 'symmetric'\), got 'binary'",
+    "search": r"search must be None or one of \('full', 'symmetric'\), got 'binary'",
 }
 
 

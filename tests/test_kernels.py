@@ -100,20 +100,39 @@ def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypat
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::2])
 def test_decode_kernel_tables_in_assembly(mode, kb, vb, d, group, n_q, n, monkeypatch):
-    """Key lookup tables written into the inline assembly (launch option key_tables="immediates"; on the GPU: the
+    """Key lookup tables written into the inline assembly (launch option key_table_source="immediates"; on the GPU: the
     interpreter runs the portable lookup either way)."""
     from turboquant.kernels import decode
 
-    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_tables", "immediates")
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_table_source", "immediates")
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
-def test_decode_kernel_rejects_unknown_key_tables(monkeypatch):
-    from turboquant.kernels import decode
+@pytest.mark.parametrize("source", ["operands", "immediates"])
+def test_decode_kernel_launch_options_beside_cache_inputs(source):
+    """Launch options passed as keywords next to the cache's decode_inputs (what benchmarks/decode.py does)."""
+    from turboquant.kernels.decode import decode_attention
 
-    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "key_tables", "registers")
-    with pytest.raises(ValueError, match=r"key_tables must be one of \('operands', 'immediates'\), got 'registers'"):
-        _check_decode("mse", 4, 4, 128, 4, 1, 40)
+    gen = torch.Generator().manual_seed(11)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, chunk_size=64)
+    cache = _filled_cache(cfg, 2, 2, 40, gen)
+    q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
+    ref, _ = cache.attend_with_lse(q, backend="reference")
+    inputs = cache.decode_inputs(q.reshape(2, 2, 4, 64), 1, 64**-0.5)
+    out, _ = decode_attention(**inputs, key_table_source=source, num_stages=2)
+    assert _rel(out.reshape(ref.shape), ref) < TOL
+
+
+def test_decode_kernel_rejects_unknown_key_table_source():
+    from turboquant.kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(12)
+    cache = _filled_cache(KVCacheConfig(head_dim=64, key_bits=4, value_bits=4), 1, 1, 8, gen)
+    inputs = cache.decode_inputs(torch.randn(1, 1, 1, 64, generator=gen).to(DEVICE), 1, 0.125)
+    with pytest.raises(
+        ValueError, match=r"key_table_source must be one of \('operands', 'immediates'\), got 'registers'"
+    ):
+        decode_attention(**inputs, key_table_source="registers")
 
 
 def _check_decode(mode, kb, vb, d, group, n_q, n):

@@ -324,7 +324,7 @@ def key_asm_code(key_bits: int, table_words: tuple[int, ...] | None = None) -> s
     """Inline assembly of the key centroid lookup of _decode_split_kernel_2d for 2-, 3- or 4-bit codebook
     indices. The centroids come in as operands (key_lookup_tables), or, given the four table words (the same
     int32 values on the host), as immediates: the assembly then takes only the codes, which lets Triton read
-    them from shared memory straight into the tensor-core operand layout (launch option key_tables)."""
+    them from shared memory straight into the tensor-core operand layout (launch option key_table_source)."""
     if key_bits == 4:
         return _key4_asm(table_words)
     if key_bits in (2, 3):
@@ -757,30 +757,27 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
 # splits aim for, codebook lookup (registers or global memory), the orientation of the score dot (see
 # _fields_scores), the 2-D kernel's register cap (0: none; None: per configuration, see _auto_blocks) and where
-# its key lookup tables live: "operands" (registers loaded once per program) or "immediates" (written into the
-# assembly, see key_asm_code; compiled offline, not yet run or timed on a GPU).
+# its key lookup tables live: "immediates" (written into the assembly, see key_asm_code; the codes are then read
+# from shared memory straight into the tensor-core operand layout) or "operands" (registers loaded once per
+# program; the centroids then pass through shared memory as an fp16 tile).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=4, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
-    tiles_2d=True, inline_asm=True, max_registers=None, key_tables="operands",
+    tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates",
 )  # fmt: skip
-KEY_TABLES = ("operands", "immediates")
+KEY_TABLE_SOURCES = ("operands", "immediates")
 # 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
 # blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
 THREE_PER_SM_REGISTERS = 168
 
 
-def _auto_blocks(tiles_2d: bool, key_index_bits: int) -> tuple[int, int, int, int]:
+def _auto_blocks(tiles_2d: bool) -> tuple[int, int, int, int]:
     """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
-    --graphs --sweep`). The 2-D kernel takes 128-token blocks; for 2- and 3-bit key indices (and prod keys) three
-    pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two (K3/V2 (16,
-    65536): 0.745 ms vs 0.873 uncapped and 0.832 with 64-token blocks; prod 0.908 vs 1.050 and 1.010); 4-bit keys
-    two stages, uncapped (174 registers, two programs per SM; 0.749 ms vs 0.784 with three stages since the value
-    (scale, zero) words joined the pipeline). On CUDA its split count comes from its occupancy (decode_attention:
-    one wave of programs), so programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks, three
-    stages, 2 programs per SM."""
+    --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source): 128-token
+    blocks, three pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two
+    (K4/V4 (16, 65536): 0.722 ms vs 0.758 with two stages and 0.766 uncapped; K3/V2 prod 0.778 vs 0.805 and 0.853).
+    On CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so programs_per_sm
+    applies only elsewhere. The generic kernel: 64-token blocks, three stages, 2 programs per SM."""
     if tiles_2d:
-        if key_index_bits == 4:
-            return 128, 2, 2, 0
         return 128, 3, 2, THREE_PER_SM_REGISTERS
     return 64, 3, 2, 0
 
@@ -885,12 +882,12 @@ def decode_attention(
             contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start;
             key_mean [B, H_kv, D] float32 subtracted from those keys (as from the stored ones), or None.
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
-        key_table_words: the same four int32 values on the host, for the launch option key_tables="immediates"
+        key_table_words: the same four int32 values on the host, for the launch option key_table_source="immediates"
             (else read from the device on every call, which synchronises).
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major; tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it
             unpack with inline PTX, on CUDA only; max_registers: its per-thread register cap, 0 for none;
-            key_tables: "operands" or "immediates", where its key lookup tables live).
+            key_table_source: "operands" or "immediates", where its key lookup tables live).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -898,8 +895,8 @@ def decode_attention(
     if unknown:
         raise ValueError(f"unknown launch options {sorted(unknown)}; allowed: {sorted(LAUNCH_DEFAULTS)}")
     launch = {**LAUNCH_DEFAULTS, **launch}
-    if launch["key_tables"] not in KEY_TABLES:
-        raise ValueError(f"key_tables must be one of {KEY_TABLES}, got {launch['key_tables']!r}")
+    if launch["key_table_source"] not in KEY_TABLE_SOURCES:
+        raise ValueError(f"key_table_source must be one of {KEY_TABLE_SOURCES}, got {launch['key_table_source']!r}")
     b, h_kv, m, d = q_rot.shape
     key_codes = buffers["key_codes"]
     c = key_codes.shape[2]
@@ -916,7 +913,7 @@ def decode_attention(
     p_v = 8 if value_bits == 3 else 8 // value_bits
     bm = max(16, triton.next_power_of_2(m))
     layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, kb)
+    block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
     block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
     num_stages = launch["num_stages"] or num_stages
     dummy = key_codes
@@ -924,7 +921,7 @@ def decode_attention(
         use_asm = launch["inline_asm"] and q_rot.is_cuda
         if key_tables is None:
             key_tables = key_lookup_tables(codebook)
-        tables_in_asm = use_asm and launch["key_tables"] == "immediates"
+        tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
         if tables_in_asm and key_table_words is None:
             key_table_words = tuple(key_tables.tolist())
         key_asm = key_asm_code(layout_2d["KEY_BITS"], key_table_words if tables_in_asm else None) if use_asm else ""
