@@ -148,6 +148,28 @@ def _check_decode(mode, kb, vb, d, group, n_q, n):
     assert (lse - ref_lse).abs().max().item() < 1e-2
 
 
+def test_decode_plans_follow_the_buffers():
+    """The cache's launch plans, kept across steps, are rebuilt when the buffers grow or the batch is selected,
+    and never hold replaced buffers (which would keep their memory alive)."""
+    gen = torch.Generator().manual_seed(13)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=2, chunk_size=16)
+    cache = _filled_cache(cfg, 3, 2, 10, gen)
+    k = torch.randn(3, 2, 40, 64, generator=gen).to(DEVICE)
+    v = torch.randn(3, 2, 40, 64, generator=gen).to(DEVICE)
+    for step in range(3):  # attends at 10, 11 and 27 tokens, the last after the buffers grew from 16 slots to 32
+        q = torch.randn(3, 8, 1, 64, generator=gen).to(DEVICE)
+        assert _rel(cache.attend(q, backend="triton"), cache.attend(q, backend="reference")) < TOL
+        n = 16 if step == 1 else 1
+        cache.append(k[:, :, :n], v[:, :, :n])
+        k, v = k[:, :, n:], v[:, :, n:]
+    cache.select_batch(torch.tensor([2, 0], device=DEVICE))
+    assert not cache._decode_plans
+    q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
+    assert _rel(cache.attend(q, backend="triton"), cache.attend(q, backend="reference")) < TOL
+    (plan,) = cache._decode_plans.values()
+    assert all(t is getattr(cache, name) for name, t in plan.buffers.items())
+
+
 @pytest.mark.parametrize("window", [0, 16])
 def test_decode_kernel_with_window_and_steps(window):
     """Appended in steps, with a full-precision window merged after the kernel."""

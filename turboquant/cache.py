@@ -172,6 +172,11 @@ class TurboQuantKVCache:
         self._kernel_codebook = (cb - cb.flip(0)) / 2  # [2^b]
         self._key_tables = None  # byte tables of the kernel's key lookup, built on the first kernel call
         self._key_table_words: tuple[int, ...] | None = None  # the same on the host
+        self._store_names = tuple(self._buffer_specs())
+        # launch plans of the fused kernels, kept across steps while the store's buffers stay the same tensors
+        self._decode_plans: dict[tuple, object] = {}
+        self._encode_plans: dict[tuple, object] = {}
+        self._kv_start_memo: tuple[torch.Tensor, bool, torch.Tensor] | None = None  # see _kernel_kv_start
         self.seq_lens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self.kv_start = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
         self._max_kv_start = 0  # host copy of kv_start.max(), refreshed by multi-token appends
@@ -212,6 +217,7 @@ class TurboQuantKVCache:
                 new[:, :, : self.capacity] = getattr(self, name)
             setattr(self, name, new)
         self.capacity = capacity
+        self._drop_plans()
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, by name."""
@@ -378,18 +384,50 @@ class TurboQuantKVCache:
         if ring is not None:
             slots = slots % ring
         if self.key_mean is not None:
-            k = k.float() - self.key_mean[:, :, None, :]
+            k = k - self.key_mean[:, :, None, :]  # float32
         if self.key_scale is not None:
-            k = k.float() / self.key_scale[:, :, None, :]
+            k = k / self.key_scale[:, :, None, :]
         if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):
-            from .kernels.encode import encode_kv  # fused quantize-on-write
-
-            encode_kv(k, v, self.buffers(), slots, key_quantizer=self.key_quantizer,
-                      value_quantizer=self.value_quantizer, check_slots=False)  # fmt: skip
+            self._encode_plan(k, v)(k, v if v.stride(-1) == 1 else v.contiguous(), slots)  # fused quantize-on-write
         else:
             for name, value in self._encode(k, v).items():
                 getattr(self, name)[:, :, slots] = value
         self.seq_lens.fill_(min(start + n, ring) if ring is not None else start + n)
+
+    def _store_buffers(self) -> dict[str, torch.Tensor]:
+        """The compressed store's buffers by name (what the fused kernels read and write)."""
+        return {name: getattr(self, name) for name in self._store_names}
+
+    def _plan_is_current(self, plan) -> bool:
+        return all(t is getattr(self, name) for name, t in plan.buffers.items())
+
+    def _drop_plans(self) -> None:
+        """Forget the kernels' launch plans (after the buffers were replaced: they hold the old ones)."""
+        self._decode_plans, self._encode_plans = {}, {}
+
+    def _encode_plan(self, k: torch.Tensor, v: torch.Tensor):
+        """The fused encode's launch plan for chunks shaped like k, v (kernels.encode.EncodePlan), kept across
+        appends of that shape while the buffers stay the same tensors."""
+        from .kernels import encode
+
+        key = (tuple(k.shape), k.dtype, v.dtype)
+        plan = self._encode_plans.get(key)
+        if plan is not None and not self._plan_is_current(plan):
+            self._drop_plans()
+            plan = None
+        if plan is None:
+            if len(self._encode_plans) >= 8:  # prefill chunks of many lengths: keep the table small
+                self._encode_plans.clear()
+            plan = encode.EncodePlan(
+                k,
+                v,
+                self._store_buffers(),
+                key_quantizer=self.key_quantizer,
+                value_quantizer=self.value_quantizer,
+                launch=dict(encode.LAUNCH_DEFAULTS),
+            )
+            self._encode_plans[key] = plan
+        return plan
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantize and planar-pack k, v [B, H, N, D] (keys already centred where configured) into buffer rows."""
@@ -422,6 +460,7 @@ class TurboQuantKVCache:
         if self.key_scale is not None:
             self.key_scale = self.key_scale.index_select(0, indices)
         self.batch_size = indices.numel()
+        self._drop_plans()
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` positions of every sequence (a negative value removes that many)."""
@@ -625,17 +664,18 @@ class TurboQuantKVCache:
         Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
         shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
         window: _kernel_applies.)"""
-        from .kernels.decode import LOG2E, decode_attention
+        from .kernels.decode import LOG2E
 
         b, h_q, _, d = q.shape
-        group = h_q // self.num_kv_heads
-        qg = q.float().reshape(b, self.num_kv_heads, group, d)
-        inputs = self.decode_inputs(qg, 1, scale, first_q=self.total_tokens)
+        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
+        q_rot, sq = self._kernel_queries(qg, scale)
+        q_start = torch.full((b,), self.total_tokens, dtype=torch.int64, device=self.device)
         qx = (qg * (scale * LOG2E)).contiguous()
-        k_exact = k if self.key_mean is None else k.float() - self.key_mean[:, :, None, :]
+        k_exact = k if self.key_mean is None else k - self.key_mean[:, :, None, :]
         sinks = (self.sink_k, self.sink_v, self.key_mean, self.kv_start) if self.config.sink_tokens else None
-        out, _ = decode_attention(**inputs, causal=False, exact=(qx, k_exact, v), sinks=sinks)
-        return out.reshape(b, h_q, 1, d).to(q.dtype)
+        out, _ = self._run_decode(q_rot, sq, q_start, 1, causal=False, exact=(qx, k_exact, v), sinks=sinks,
+                                  out_dtype=q.dtype)  # fmt: skip
+        return out.reshape(b, h_q, 1, d)
 
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
         """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
@@ -678,9 +718,9 @@ class TurboQuantKVCache:
         self, qg: torch.Tensor, n_q: int, first_q: int, scale: float, causal: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
-        from .kernels.decode import decode_attention
-
-        return decode_attention(**self.decode_inputs(qg, n_q, scale, first_q), causal=causal)
+        q_rot, sq = self._kernel_queries(qg, scale)
+        q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
+        return self._run_decode(q_rot, sq, q_start, n_q, causal=causal)
 
     def decode_inputs(self, qg: torch.Tensor, n_q: int, scale: float, first_q: int | None = None) -> dict:
         """Arguments of kernels.decode.decode_attention for queries qg [B, H_kv, G·N_q, D] (float32).
@@ -688,33 +728,76 @@ class TurboQuantKVCache:
         Rotates the queries once (Πq, and S q for prod keys) with the softmax scale and log2(e) folded in.
         first_q: position of query 0 (default: the newest n_q cached tokens).
         """
+        c = self.config
+        q_rot, sq = self._kernel_queries(qg, scale)
+        first_q = self.total_tokens - n_q if first_q is None else first_q
+        q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
+        return dict(
+            q_rot=q_rot, sq=sq, buffers=self._store_buffers(), codebook=self._kernel_codebook,
+            key_tables=self._kernel_key_tables(), key_table_words=self._key_table_words, seq_lens=self.seq_lens,
+            kv_start=self._kernel_kv_start(), q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode,
+            value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
+        )  # fmt: skip
+
+    def _kernel_queries(self, qg: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Πq, S q or None) of queries qg [B, H_kv, M, D] float32 as the kernel takes them: [B, H_kv, M, D]
+        float32 contiguous, with the key scales, the softmax scale and log2(e) (and √(π/2)/d for S q) folded in."""
         from .kernels.decode import LOG2E
 
-        c, kq, mse = self.config, self.key_quantizer, self.mse_quantizer
+        kq = self.key_quantizer
         qg = self._store_queries(qg)
-        q_rot = (mse.rotate(qg) * (scale * LOG2E)).contiguous()
-        sq = (qg @ kq.qjl.T) * (scale * LOG2E * kq.qjl_coef) if c.key_mode == "prod" else None
-        first_q = self.total_tokens - n_q if first_q is None else first_q
-        # ring mode after a wrap: every stored slot precedes the queries, so the causal limit is the total;
-        # slots then are not positions, and _kernel_applies has checked that no pad is among them
-        q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
-        if self._ring_wrapped:
-            kv_start = torch.zeros_like(self.kv_start)
-        elif c.sink_tokens:  # the sinks are attended from their exact copies
-            kv_start = self.kv_start + c.sink_tokens
-        else:
-            kv_start = self.kv_start
+        q_rot = self.mse_quantizer.rotate(qg).mul_(scale * LOG2E)
+        sq = (qg @ kq.qjl.T).mul_(scale * LOG2E * kq.qjl_coef) if self.config.key_mode == "prod" else None
+        return q_rot, sq
+
+    def _kernel_kv_start(self) -> torch.Tensor:
+        """First slot the kernel attends per sequence, [B] int64: past the left pads and the sinks (attended from
+        their exact copies); every stored slot once the ring has wrapped (_kernel_applies has checked that no pad
+        is among them). Recomputed only when kv_start or the wrap changes."""
+        wrapped = self._ring_wrapped
+        memo = self._kv_start_memo
+        if memo is None or memo[0] is not self.kv_start or memo[1] != wrapped:
+            if wrapped:
+                start = torch.zeros_like(self.kv_start)
+            else:
+                start = self.kv_start + self.config.sink_tokens if self.config.sink_tokens else self.kv_start
+            memo = self._kv_start_memo = (self.kv_start, wrapped, start)
+        return memo[2]
+
+    def _kernel_key_tables(self) -> torch.Tensor:
+        """The kernel's key lookup tables (kernels.decode.key_lookup_tables) and their host copy, built once."""
         if self._key_tables is None:
             from .kernels.decode import key_lookup_tables
 
             self._key_tables = key_lookup_tables(self._kernel_codebook)
             self._key_table_words = tuple(self._key_tables.tolist())  # one read, on the first kernel call
-        return dict(
-            q_rot=q_rot, sq=sq, buffers=self.buffers(), codebook=self._kernel_codebook, key_tables=self._key_tables,
-            key_table_words=self._key_table_words, seq_lens=self.seq_lens,
-            kv_start=kv_start, q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits,
-            group_size=c.group_size, n_q=n_q,
-        )  # fmt: skip
+        return self._key_tables
+
+    def _run_decode(
+        self, q_rot: torch.Tensor, sq: torch.Tensor | None, q_start: torch.Tensor, n_q: int, *, causal: bool,
+        exact: tuple | None = None, sinks: tuple | None = None, out_dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """kernels.decode over the store with a launch plan (DecodePlan) kept across steps while the buffers stay
+        the same tensors: the inputs are the cache's own, so the plan's launch skips decode_attention's checks."""
+        from .kernels import decode
+
+        n_sinks = 0 if sinks is None else sinks[0].shape[2] - 1
+        key = (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks)
+        plan = self._decode_plans.get(key)
+        kv_start = self._kernel_kv_start()
+        if plan is not None and not self._plan_is_current(plan):
+            self._drop_plans()
+            plan = None
+        if plan is None:
+            c = self.config
+            plan = decode.DecodePlan(
+                q_rot, sq, self._store_buffers(), self._kernel_codebook, self.seq_lens, kv_start, q_start,
+                key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
+                causal=causal, exact=exact is not None, n_sinks=n_sinks, key_tables=self._kernel_key_tables(),
+                key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS),
+            )  # fmt: skip
+            self._decode_plans[key] = plan
+        return plan(q_rot, sq, self.seq_lens, kv_start, q_start, exact=exact, sinks=sinks, out_dtype=out_dtype)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.

@@ -898,8 +898,6 @@ def decode_attention(
     if launch["key_table_source"] not in KEY_TABLE_SOURCES:
         raise ValueError(f"key_table_source must be one of {KEY_TABLE_SOURCES}, got {launch['key_table_source']!r}")
     b, h_kv, m, d = q_rot.shape
-    key_codes = buffers["key_codes"]
-    c = key_codes.shape[2]
     if d not in (64, 128, 256):
         raise ValueError(f"the fused decode kernel supports head_dim 64, 128 or 256, got {d}")
     if not (q_rot.is_contiguous() and q_rot.dtype == torch.float32):
@@ -907,64 +905,6 @@ def decode_attention(
     for name, t in buffers.items():
         if t.device != q_rot.device or not t.is_contiguous():
             raise ValueError(f"buffer {name} must be contiguous and on {q_rot.device}")
-    prod = key_mode == "prod"
-    kb = key_bits - 1 if prod else key_bits
-    p_k = 8 if kb == 3 else 8 // kb
-    p_v = 8 if value_bits == 3 else 8 // value_bits
-    bm = max(16, triton.next_power_of_2(m))
-    layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-    block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
-    block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
-    num_stages = launch["num_stages"] or num_stages
-    dummy = key_codes
-    if layout_2d is not None:
-        use_asm = launch["inline_asm"] and q_rot.is_cuda
-        if key_tables is None:
-            key_tables = key_lookup_tables(codebook)
-        tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
-        if tables_in_asm and key_table_words is None:
-            key_table_words = tuple(key_tables.tolist())
-        key_asm = key_asm_code(layout_2d["KEY_BITS"], key_table_words if tables_in_asm else None) if use_asm else ""
-        args = (q_rot, sq if prod else q_rot, key_codes, buffers["key_norms"],
-                buffers["key_signs"] if prod else key_codes, buffers["key_rnorms"] if prod else key_codes,
-                buffers["value_codes"], buffers["value_affine"].view(torch.int32), codebook, key_tables,
-                seq_lens, kv_start, q_start)  # fmt: skip
-        if launch["max_registers"] is not None:
-            max_registers = launch["max_registers"]
-        elif not q_rot.is_cuda or launch["num_warps"] != 4:
-            max_registers = 0
-        consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n, KEY_ASM=key_asm,
-                      TABLES_IN_ASM=tables_in_asm, VALUE_ASM=use_asm, num_warps=launch["num_warps"],
-                      num_stages=num_stages, **layout_2d)  # fmt: skip
-        if max_registers:
-            consts["maxnreg"] = max_registers
-        one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
-        if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
-            key = (q_rot.device, *sorted(consts.items()))
-            if key not in _RESIDENT:
-                o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
-                compiled = _decode_split_kernel_2d.warmup(*args, o_part, l_part, h_kv, c, m, n_q, c, grid=(1, 1),
-                                                          **consts)  # fmt: skip
-                _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
-            per_sm = _RESIDENT[key]
-        splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d, one_wave)
-        _decode_split_kernel_2d[(b * h_kv, splits)](*args, o_part, l_part, h_kv, c, m, n_q, split_size, **consts)
-    else:
-        splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d)
-        _decode_split_kernel[(b * h_kv, splits)](
-            q_rot, sq if prod else q_rot,
-            key_codes, buffers["key_norms"],
-            buffers["key_signs"] if prod else dummy, buffers["key_rnorms"] if prod else dummy,
-            buffers["value_codes"], buffers["value_affine"],
-            codebook, seq_lens, kv_start, q_start, o_part, l_part,
-            h_kv, c, m, n_q, split_size,
-            D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
-            BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
-            REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
-            num_warps=launch["num_warps"], num_stages=num_stages,
-        )  # fmt: skip
-    out = torch.empty(b, h_kv, m, d, dtype=torch.float32, device=q_rot.device)
-    lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
     if exact is not None:
         qx, kx, vx = exact
         if not (qx.shape == q_rot.shape and qx.dtype == torch.float32 and qx.is_contiguous()):
@@ -973,15 +913,9 @@ def decode_attention(
             if t.shape != (b, h_kv, 1, d) or t.stride(-1) != 1 or t.device != q_rot.device:
                 raise ValueError(f"exact {name} must be [B, H_kv, 1, D] = {(b, h_kv, 1, d)} with a contiguous last "
                                  f"dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
-        if kx.stride()[:2] != vx.stride()[:2]:
-            kx, vx = kx.contiguous(), vx.contiguous()
-        sx_b, sx_h = kx.stride(0), kx.stride(1)
-    else:
-        qx = kx = vx = q_rot
-        sx_b = sx_h = 0
-    n_sinks, sk, sv, km, sink_start = 0, q_rot, q_rot, q_rot, q_start
+    n_sinks = 0
     if sinks is not None:
-        sk, sv, km, sink_start = sinks
+        sk, sv, km, _ = sinks
         n_sinks = sk.shape[2] - 1
         if exact is None:
             raise ValueError("sinks are attended in an exact step only (pass exact)")
@@ -991,9 +925,114 @@ def decode_attention(
                                  f"tensor on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
         if km is not None and (km.shape != (b, h_kv, d) or km.dtype != torch.float32 or not km.is_contiguous()):
             raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
-    _merge_splits_kernel[(b * h_kv, m)](
-        o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv, q_rot if km is None else km, sink_start,
-        q_start, D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact is not None,
-        SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)), CENTER=km is not None,
+    plan = DecodePlan(
+        q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, key_bits=key_bits, key_mode=key_mode,
+        value_bits=value_bits, group_size=group_size, n_q=n_q, causal=causal, exact=exact is not None,
+        n_sinks=n_sinks, key_tables=key_tables, key_table_words=key_table_words, launch=launch,
     )  # fmt: skip
-    return out, lse
+    return plan(q_rot, sq, seq_lens, kv_start, q_start, exact=exact, sinks=sinks)
+
+
+class DecodePlan:
+    """A decode launch over fixed cache buffers, decided once: kernel, layouts, block size, pipeline depth, split
+    count (from the compiled kernel's occupancy), workspaces and compile-time constants. Calling it launches the
+    split kernel and the merge with one step's queries, without re-checking them: decode_attention builds one per
+    call after validating its inputs; a cache keeps one across steps (its buffers must stay the same tensors).
+
+    The constructor takes example inputs of the shapes and dtypes every call will pass (see decode_attention for
+    their meaning) and ``exact`` / ``n_sinks``: whether calls add the exact row, and how many sink rows."""
+
+    def __init__(self, q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, *, key_bits: int, key_mode: str,
+                 value_bits: int, group_size: int, n_q: int, causal: bool, exact: bool, n_sinks: int,
+                 key_tables: torch.Tensor | None, key_table_words: tuple[int, ...] | None, launch: dict):  # fmt: skip
+        b, h_kv, m, d = q_rot.shape
+        key_codes = buffers["key_codes"]
+        c = key_codes.shape[2]
+        prod = key_mode == "prod"
+        kb = key_bits - 1 if prod else key_bits
+        bm = max(16, triton.next_power_of_2(m))
+        layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
+        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
+        block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
+        num_stages = launch["num_stages"] or num_stages
+        signs = buffers["key_signs"] if prod else key_codes
+        rnorms = buffers["key_rnorms"] if prod else key_codes
+        if layout_2d is not None:
+            use_asm = launch["inline_asm"] and q_rot.is_cuda
+            if key_tables is None:
+                key_tables = key_lookup_tables(codebook)
+            tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
+            if tables_in_asm and key_table_words is None:
+                key_table_words = tuple(key_tables.tolist())
+            key_asm = key_asm_code(layout_2d["KEY_BITS"], key_table_words if tables_in_asm else None) if use_asm else ""
+            self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
+                                 buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
+            if launch["max_registers"] is not None:
+                max_registers = launch["max_registers"]
+            elif not q_rot.is_cuda or launch["num_warps"] != 4:
+                max_registers = 0
+            consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
+                          KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm, VALUE_ASM=use_asm,
+                          num_warps=launch["num_warps"], num_stages=num_stages, **layout_2d)  # fmt: skip
+            if max_registers:
+                consts["maxnreg"] = max_registers
+            one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
+            if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
+                key = (q_rot.device, *sorted(consts.items()))
+                if key not in _RESIDENT:
+                    o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
+                    compiled = _decode_split_kernel_2d.warmup(
+                        q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part, l_part,
+                        h_kv, c, m, n_q, c, grid=(1, 1), **consts,
+                    )  # fmt: skip
+                    _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
+                per_sm = _RESIDENT[key]
+            splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d,
+                                                             one_wave)  # fmt: skip
+            self._kernel = _decode_split_kernel_2d
+        else:
+            splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d)
+            p_k = 8 if kb == 3 else 8 // kb
+            p_v = 8 if value_bits == 3 else 8 // value_bits
+            self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
+                                 buffers["value_affine"], codebook)  # fmt: skip
+            consts = dict(
+                D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
+                BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
+                REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
+                num_warps=launch["num_warps"], num_stages=num_stages,
+            )  # fmt: skip
+            self._kernel = _decode_split_kernel
+        self.buffers = buffers
+        self._prod, self._shape = prod, (b, h_kv, m, d)
+        self._grid, self._consts = (b * h_kv, splits), consts
+        self._workspaces = (o_part, l_part)
+        self._ints = (h_kv, c, m, n_q, split_size)
+        self._exact, self._n_sinks = exact, n_sinks
+        self._merge_consts = dict(D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
+                                  SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)))  # fmt: skip
+
+    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, exact=None, sinks=None, out_dtype=torch.float32):
+        """Launch: q_rot, sq, seq_lens, kv_start, q_start as in decode_attention, ``exact`` and ``sinks`` given
+        exactly when the plan was built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M]
+        float32)."""
+        b, h_kv, m, d = self._shape
+        o_part, l_part = self._workspaces
+        self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start,
+                                 o_part, l_part, *self._ints, **self._consts)  # fmt: skip
+        out = torch.empty(b, h_kv, m, d, dtype=out_dtype, device=q_rot.device)
+        lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
+        if self._exact:
+            qx, kx, vx = exact
+            if kx.stride()[:2] != vx.stride()[:2]:
+                kx, vx = kx.contiguous(), vx.contiguous()
+            sx_b, sx_h = kx.stride(0), kx.stride(1)
+        else:
+            qx = kx = vx = q_rot
+            sx_b = sx_h = 0
+        sk, sv, km, sink_start = sinks if sinks is not None else (q_rot, q_rot, None, q_start)
+        _merge_splits_kernel[(b * h_kv, m)](
+            o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv, q_rot if km is None else km,
+            sink_start, q_start, CENTER=km is not None, **self._merge_consts,
+        )  # fmt: skip
+        return out, lse

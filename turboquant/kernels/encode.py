@@ -461,38 +461,63 @@ def encode_kv(
         raise ValueError("slots must be contiguous")
     if n == 0 or b * h == 0:
         return
-    if b * h * n >= 2**31:
-        raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {b * h * n}: append in smaller chunks")
     if check_slots:
         lo, hi = int(slots.min()), int(slots.max())
         if lo < 0 or hi >= c:
             raise ValueError(f"slots must lie in [0, C={c}), got values in [{lo}, {hi}]")
 
-    prep = _prepare(key_quantizer, k.dtype)
-    search = launch["search"] or ("symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full")
-    symmetric = search == "symmetric"
-    if symmetric and not prep["antisymmetric"]:
-        raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
-    split = k.dtype in _SPLIT_SCALES and launch["split"]
-    rows = b * h * n
-    small = rows <= launch["small_rows"]
-    block_n = 16 if small else launch["block_n"]
-    _encode_keys_kernel[(triton.cdiv(rows, block_n),)](
-        k, slots, prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
-        prep["m_t"] if prod else prep["rot_t"],
-        buffers["key_codes"], buffers["key_norms"],
-        buffers["key_signs"] if prod else buffers["key_codes"], buffers["key_rnorms"] if prod else buffers["key_norms"],
-        rows, n, h, c, k.stride(0), k.stride(1), k.stride(2),
-        D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
-        SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
-        UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
-        num_warps=4 if small else launch["num_warps"], num_stages=launch["num_stages"],
-    )  # fmt: skip
-    value_block_n = 16 if small else launch["value_block_n"]
-    _encode_values_kernel[(triton.cdiv(rows, value_block_n),)](
-        v, slots, buffers["value_codes"], buffers["value_affine"],
-        rows, n, h, c, v.stride(0), v.stride(1), v.stride(2),
-        D=d, VALUE_BITS=value_quantizer.bits, GROUP=group, BN=value_block_n,
-        num_warps=launch["value_num_warps"],
-    )  # fmt: skip
+    EncodePlan(k, v, buffers, key_quantizer=key_quantizer, value_quantizer=value_quantizer, launch=launch)(k, v, slots)
+
+
+class EncodePlan:
+    """The two launches of encode_kv for fixed cache buffers and quantizers, decided once (prepared tables, codebook
+    search, block sizes, compile-time constants) for chunks of one shape and dtype. Calling it launches them for a
+    chunk without re-checking it: encode_kv builds one per call after validating its inputs; a cache keeps one
+    across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass."""
+
+    def __init__(
+        self, k: torch.Tensor, v: torch.Tensor, buffers: dict[str, torch.Tensor], *,
+        key_quantizer: TurboQuantMSE | TurboQuantProd, value_quantizer: ValueQuantizer, launch: dict,
+    ):  # fmt: skip
+        prod = isinstance(key_quantizer, TurboQuantProd)
+        mse = key_quantizer.mse if prod else key_quantizer
+        b, h, n, d = k.shape
+        c = buffers["key_codes"].shape[2]
+        prep = _prepare(key_quantizer, k.dtype)
+        search = launch["search"] or ("symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full")
+        symmetric = search == "symmetric"
+        if symmetric and not prep["antisymmetric"]:
+            raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
+        split = k.dtype in _SPLIT_SCALES and launch["split"]
+        rows = b * h * n
+        if rows >= 2**31:
+            raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
+        small = rows <= launch["small_rows"]
+        block_n = 16 if small else launch["block_n"]
+        self.buffers = buffers
+        self._key_args = (
+            prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
+            prep["m_t"] if prod else prep["rot_t"],
+            buffers["key_codes"], buffers["key_norms"], buffers["key_signs"] if prod else buffers["key_codes"],
+            buffers["key_rnorms"] if prod else buffers["key_norms"],
+        )  # fmt: skip
+        self._key_consts = dict(
+            D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
+            SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
+            UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
+            num_warps=4 if small else launch["num_warps"], num_stages=launch["num_stages"],
+        )  # fmt: skip
+        value_block_n = 16 if small else launch["value_block_n"]
+        self._value_args = (buffers["value_codes"], buffers["value_affine"])
+        self._value_consts = dict(D=d, VALUE_BITS=value_quantizer.bits, GROUP=value_quantizer.group_size,
+                                  BN=value_block_n, num_warps=launch["value_num_warps"])  # fmt: skip
+        self._rows = (rows, n, h, c)
+        self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N] (see encode_kv)."""
+        _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, *self._rows, k.stride(0), k.stride(1),
+                                            k.stride(2), **self._key_consts)  # fmt: skip
+        _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
+                                              v.stride(2), **self._value_consts)  # fmt: skip
