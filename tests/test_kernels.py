@@ -256,16 +256,18 @@ def test_long_splits(value_bits):
 
 
 @pytest.mark.parametrize(
-    "key_mode,scale_keys,prompt,pads",
-    [("mse", False, 40, 9), ("prod", False, 40, 9), ("mse", True, 40, 9), ("prod", True, 40, 9), ("mse", True, 3, 2)],
-)
-def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads):
+    "key_mode,scale_keys,prompt,pads,sinks",
+    [("mse", False, 40, 9, 4), ("prod", False, 40, 9, 4), ("mse", True, 40, 9, 4), ("prod", True, 40, 9, 4),
+     ("mse", True, 3, 2, 4), ("prod", True, 40, 9, 0)],
+)  # fmt: skip
+def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads, sinks):
     """The fused single-token step with exact sink tokens (merged in the kernel), centred (and scaled) keys, norm
     correction and left padding (the transformers cache's options) equals the reference path (store attention,
-    then merges by log-sum-exp); a short padded prompt leaves sequence 1 with fewer real tokens than sinks."""
+    then merges by log-sum-exp); a short padded prompt leaves sequence 1 with fewer real tokens than sinks. The
+    merge centres the step's own key (and the sinks') in the kernel, with or without sinks."""
     gen = torch.Generator().manual_seed(7)
     cfg = KVCacheConfig(head_dim=64, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
-                        sink_tokens=4, center_keys=True, scale_keys=scale_keys, norm_correction=True)  # fmt: skip
+                        sink_tokens=sinks, center_keys=True, scale_keys=scale_keys, norm_correction=True)  # fmt: skip
     caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
     k = (1.5 + torch.randn(2, 2, prompt, 64, generator=gen)).to(DEVICE)  # a common offset: centring matters
     k = k * torch.logspace(-1, 1, 64).to(DEVICE)  # unequal channels: scaling matters

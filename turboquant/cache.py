@@ -664,16 +664,12 @@ class TurboQuantKVCache:
         Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
         shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
         window: _kernel_applies.)"""
-        from .kernels.decode import LOG2E
-
         b, h_q, _, d = q.shape
-        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d)
-        q_rot, sq = self._kernel_queries(qg, scale)
+        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d).contiguous()
+        q_rot, sq = self._kernel_queries(qg)
         q_start = torch.full((b,), self.total_tokens, dtype=torch.int64, device=self.device)
-        qx = (qg * (scale * LOG2E)).contiguous()
-        k_exact = k if self.key_mean is None else k - self.key_mean[:, :, None, :]
-        sinks = (self.sink_k, self.sink_v, self.key_mean, self.kv_start) if self.config.sink_tokens else None
-        out, _ = self._run_decode(q_rot, sq, q_start, 1, causal=False, exact=(qx, k_exact, v), sinks=sinks,
+        sinks = (self.sink_k, self.sink_v, self.kv_start) if self.config.sink_tokens else None
+        out, _ = self._run_decode(q_rot, sq, q_start, 1, scale, causal=False, exact=(qg, k, v), sinks=sinks,
                                   out_dtype=q.dtype)  # fmt: skip
         return out.reshape(b, h_q, 1, d)
 
@@ -718,36 +714,37 @@ class TurboQuantKVCache:
         self, qg: torch.Tensor, n_q: int, first_q: int, scale: float, causal: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused decode kernel over the store (kernels.decode): qg [B, H_kv, G·N_q, D] -> (out, lse)."""
-        q_rot, sq = self._kernel_queries(qg, scale)
+        q_rot, sq = self._kernel_queries(qg)
         q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
-        return self._run_decode(q_rot, sq, q_start, n_q, causal=causal)
+        return self._run_decode(q_rot, sq, q_start, n_q, scale, causal=causal)
 
     def decode_inputs(self, qg: torch.Tensor, n_q: int, scale: float, first_q: int | None = None) -> dict:
         """Arguments of kernels.decode.decode_attention for queries qg [B, H_kv, G·N_q, D] (float32).
 
-        Rotates the queries once (Πq, and S q for prod keys) with the softmax scale and log2(e) folded in.
-        first_q: position of query 0 (default: the newest n_q cached tokens).
+        Rotates the queries once (Πq, and S q for prod keys); the kernel multiplies them by q_scale, the softmax
+        scale times log2(e). first_q: position of query 0 (default: the newest n_q cached tokens).
         """
+        from .kernels.decode import LOG2E
+
         c = self.config
-        q_rot, sq = self._kernel_queries(qg, scale)
+        q_rot, sq = self._kernel_queries(qg)
         first_q = self.total_tokens - n_q if first_q is None else first_q
         q_start = torch.full((self.batch_size,), first_q, dtype=torch.int64, device=self.device)
         return dict(
             q_rot=q_rot, sq=sq, buffers=self._store_buffers(), codebook=self._kernel_codebook,
             key_tables=self._kernel_key_tables(), key_table_words=self._key_table_words, seq_lens=self.seq_lens,
             kv_start=self._kernel_kv_start(), q_start=q_start, key_bits=c.key_bits, key_mode=c.key_mode,
-            value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
+            value_bits=c.value_bits, group_size=c.group_size, n_q=n_q, q_scale=scale * LOG2E,
         )  # fmt: skip
 
-    def _kernel_queries(self, qg: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _kernel_queries(self, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(Πq, S q or None) of queries qg [B, H_kv, M, D] float32 as the kernel takes them: [B, H_kv, M, D]
-        float32 contiguous, with the key scales, the softmax scale and log2(e) (and √(π/2)/d for S q) folded in."""
-        from .kernels.decode import LOG2E
-
+        float32 contiguous, with the key scales (and √(π/2)/d for S q) folded in; the kernel applies the softmax
+        scale."""
         kq = self.key_quantizer
         qg = self._store_queries(qg)
-        q_rot = self.mse_quantizer.rotate(qg).mul_(scale * LOG2E)
-        sq = (qg @ kq.qjl.T).mul_(scale * LOG2E * kq.qjl_coef) if self.config.key_mode == "prod" else None
+        q_rot = self.mse_quantizer.rotate(qg)
+        sq = (qg @ kq.qjl.T).mul_(kq.qjl_coef) if self.config.key_mode == "prod" else None
         return q_rot, sq
 
     def _kernel_kv_start(self) -> torch.Tensor:
@@ -774,8 +771,8 @@ class TurboQuantKVCache:
         return self._key_tables
 
     def _run_decode(
-        self, q_rot: torch.Tensor, sq: torch.Tensor | None, q_start: torch.Tensor, n_q: int, *, causal: bool,
-        exact: tuple | None = None, sinks: tuple | None = None, out_dtype: torch.dtype = torch.float32,
+        self, q_rot: torch.Tensor, sq: torch.Tensor | None, q_start: torch.Tensor, n_q: int, scale: float, *,
+        causal: bool, exact: tuple | None = None, sinks: tuple | None = None, out_dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """kernels.decode over the store with a launch plan (DecodePlan) kept across steps while the buffers stay
         the same tensors: the inputs are the cache's own, so the plan's launch skips decode_attention's checks."""
@@ -797,7 +794,9 @@ class TurboQuantKVCache:
                 key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS),
             )  # fmt: skip
             self._decode_plans[key] = plan
-        return plan(q_rot, sq, self.seq_lens, kv_start, q_start, exact=exact, sinks=sinks, out_dtype=out_dtype)
+        key_mean = self.key_mean if exact is not None else None
+        return plan(q_rot, sq, self.seq_lens, kv_start, q_start, q_scale=scale * decode.LOG2E, exact=exact,
+                    sinks=sinks, key_mean=key_mean, out_dtype=out_dtype)  # fmt: skip
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.

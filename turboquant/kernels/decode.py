@@ -114,7 +114,7 @@ def _online_softmax_step(b_s, b_m, b_l):
 @triton.jit
 def _decode_split_kernel(
     Q, SQ, KC, KN, KS, KR, VC, VA, CB, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
-    H_KV, C, M, N_Q, SPLIT_SIZE,
+    H_KV, C, M, N_Q, SPLIT_SIZE, Q_SCALE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
     PROD: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     P_K: tl.constexpr, DP_K: tl.constexpr, P_V: tl.constexpr, DP_V: tl.constexpr,
@@ -131,13 +131,13 @@ def _decode_split_kernel(
     o_fk = tl.arange(0, P_K)
     o_ck = tl.arange(0, DP_K)
     p_q = Q + i_bh * M * D + o_m[None, :, None] * D + (o_fk * DP_K)[:, None, None] + o_ck[None, None, :]
-    b_q = tl.load(p_q, mask=m_m[None, :, None], other=0.0).to(tl.float16)
+    b_q = (tl.load(p_q, mask=m_m[None, :, None], other=0.0) * Q_SCALE).to(tl.float16)
     b_qt = tl.permute(b_q, (0, 2, 1))  # [P_K, DP_K, BM]
     if PROD:
         o_fs = tl.arange(0, 8)
         o_cs = tl.arange(0, D // 8)
         p_sq = SQ + i_bh * M * D + o_m[None, :, None] * D + (o_fs * (D // 8))[:, None, None] + o_cs[None, None, :]
-        b_sq = tl.load(p_sq, mask=m_m[None, :, None], other=0.0).to(tl.float16)  # [8, BM, D/8]
+        b_sq = (tl.load(p_sq, mask=m_m[None, :, None], other=0.0) * Q_SCALE).to(tl.float16)  # [8, BM, D/8]
         b_sqt = tl.permute(b_sq, (0, 2, 1))
 
     KB: tl.constexpr = D * (KEY_BITS if not PROD else KEY_BITS - 1) // 8
@@ -599,7 +599,7 @@ def _attend_block_2d(
 @triton.jit
 def _decode_split_kernel_2d(
     Q, SQ, KC, KN, KS, KR, VC, VA, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
-    H_KV, C, M, N_Q, SPLIT_SIZE,
+    H_KV, C, M, N_Q, SPLIT_SIZE, Q_SCALE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, KEY_ASM: tl.constexpr,
@@ -622,13 +622,13 @@ def _decode_split_kernel_2d(
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
     p_q = Q + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DP_K)[:, None]
-    qt0 = tl.load(p_q, mask=m_m[None, :], other=0.0).to(tl.float16)
-    qt1 = tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+    qt0 = (tl.load(p_q, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+    qt1 = (tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
     qt2 = qt0
     qt3 = qt0
     if P_K > 2:
-        qt2 = tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
-        qt3 = tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0).to(tl.float16)
+        qt2 = (tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+        qt3 = (tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
     sq0 = qt0
     sq1 = qt0
     sq2 = qt0
@@ -636,10 +636,10 @@ def _decode_split_kernel_2d(
     if PROD:  # S q as 4 tiles [D/4, BM]
         DQ: tl.constexpr = D // 4
         p_sq = SQ + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DQ)[:, None]
-        sq0 = tl.load(p_sq, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq1 = tl.load(p_sq + DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq2 = tl.load(p_sq + 2 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
-        sq3 = tl.load(p_sq + 3 * DQ, mask=m_m[None, :], other=0.0).to(tl.float16)
+        sq0 = (tl.load(p_sq, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+        sq1 = (tl.load(p_sq + DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+        sq2 = (tl.load(p_sq + 2 * DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+        sq3 = (tl.load(p_sq + 3 * DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     kt0 = tl.load(KT)
@@ -703,14 +703,15 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 
 @triton.jit
 def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
+                         Q_SCALE,
                          D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
                          EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
     """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log.
 
     EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
-    ⟨QX[m], KX⟩ with QX already scaled by scale·log2(e). SINKS (> 0, with EXACT): also attend the exact sink
-    rows SK, SV [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]; CENTER:
-    minus the key mean KM [B·H_KV, D], as the stored keys and KX are.
+    Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
+    [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
+    sink keys minus the key mean KM [B·H_KV, D], as the stored keys are.
     """
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1)
@@ -722,8 +723,11 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     l_max = tl.max(b_l, axis=0)
     if EXACT:
         row = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h
-        b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d)
-        s_x = tl.sum(b_qx * tl.load(KX + row + o_d).to(tl.float32), axis=0)
+        b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d) * Q_SCALE
+        b_kx = tl.load(KX + row + o_d).to(tl.float32)
+        if CENTER:
+            b_kx -= tl.load(KM + i_bh * D + o_d)
+        s_x = tl.sum(b_qx * b_kx, axis=0)
         l_max = tl.maximum(l_max, s_x)
     if SINKS > 0:
         i_b = i_bh // H_KV
@@ -859,8 +863,10 @@ def decode_attention(
     group_size: int,
     n_q: int,
     causal: bool = True,
+    q_scale: float = 1.0,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    key_mean: torch.Tensor | None = None,
     key_tables: torch.Tensor | None = None,
     key_table_words: tuple[int, ...] | None = None,
     **launch,
@@ -869,18 +875,21 @@ def decode_attention(
 
     Args:
         q_rot: [B, H_kv, M, D] float32, M = G·N_q rows (query heads of one KV head, then queries),
-            already rotated (Πq) and multiplied by scale·log2(e).
-        sq: [B, H_kv, M, D] float32, S q times scale·log2(e)·√(π/2)/d (prod keys), else None.
+            already rotated (Πq); times q_scale it holds the logits' factor scale·log2(e).
+        sq: [B, H_kv, M, D] float32, S q times √(π/2)/d (prod keys; also times q_scale in the kernel), else None.
+        q_scale: multiplies q_rot, sq and the exact queries in the kernels (a caller passes scale·log2(e) here
+            instead of scaling its query tensors).
         buffers: the cache buffers (``key_codes`` [B, H_kv, C, D·kb/8], ``key_norms`` [B, H_kv, C], ...).
         codebook: [2^kb] float32 centroids divided by √d.
         seq_lens: [B] int, stored slots per sequence.  kv_start: [B] int, first slot to attend (slots
             before it hold left padding).  q_start: [B] int, position of query 0.
         exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
-            (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries times
-            scale·log2(e); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
-        sinks: optional (k, v, key_mean, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
-            contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start;
-            key_mean [B, H_kv, D] float32 subtracted from those keys (as from the stored ones), or None.
+            (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries (times q_scale
+            in the kernel); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
+        sinks: optional (k, v, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
+            contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start.
+        key_mean: optional [B, H_kv, D] float32 subtracted from the exact and sink keys (as it was from the
+            stored ones).
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
         key_table_words: the same four int32 values on the host, for the launch option key_table_source="immediates"
             (else read from the device on every call, which synchronises).
@@ -915,7 +924,7 @@ def decode_attention(
                                  f"dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
     n_sinks = 0
     if sinks is not None:
-        sk, sv, km, _ = sinks
+        sk, sv, _ = sinks
         n_sinks = sk.shape[2] - 1
         if exact is None:
             raise ValueError("sinks are attended in an exact step only (pass exact)")
@@ -923,14 +932,15 @@ def decode_attention(
             if t.shape[:2] != (b, h_kv) or t.shape[3] != d or not t.is_contiguous() or t.device != q_rot.device:
                 raise ValueError(f"sink {name} must be a contiguous [B, H_kv, S + 1, D] = [{b}, {h_kv}, S + 1, {d}] "
                                  f"tensor on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
-        if km is not None and (km.shape != (b, h_kv, d) or km.dtype != torch.float32 or not km.is_contiguous()):
-            raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
+    km = key_mean
+    if km is not None and (km.shape != (b, h_kv, d) or km.dtype != torch.float32 or not km.is_contiguous()):
+        raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
     plan = DecodePlan(
         q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, key_bits=key_bits, key_mode=key_mode,
         value_bits=value_bits, group_size=group_size, n_q=n_q, causal=causal, exact=exact is not None,
         n_sinks=n_sinks, key_tables=key_tables, key_table_words=key_table_words, launch=launch,
     )  # fmt: skip
-    return plan(q_rot, sq, seq_lens, kv_start, q_start, exact=exact, sinks=sinks)
+    return plan(q_rot, sq, seq_lens, kv_start, q_start, q_scale=q_scale, exact=exact, sinks=sinks, key_mean=km)
 
 
 class DecodePlan:
@@ -983,7 +993,7 @@ class DecodePlan:
                     o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
                     compiled = _decode_split_kernel_2d.warmup(
                         q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part, l_part,
-                        h_kv, c, m, n_q, c, grid=(1, 1), **consts,
+                        h_kv, c, m, n_q, c, 1.0, grid=(1, 1), **consts,
                     )  # fmt: skip
                     _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
                 per_sm = _RESIDENT[key]
@@ -1012,14 +1022,14 @@ class DecodePlan:
         self._merge_consts = dict(D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)))  # fmt: skip
 
-    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, exact=None, sinks=None, out_dtype=torch.float32):
-        """Launch: q_rot, sq, seq_lens, kv_start, q_start as in decode_attention, ``exact`` and ``sinks`` given
-        exactly when the plan was built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M]
-        float32)."""
+    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None,
+                 out_dtype=torch.float32):  # fmt: skip
+        """Launch: the arguments as in decode_attention, ``exact`` and ``sinks`` given exactly when the plan was
+        built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M] float32)."""
         b, h_kv, m, d = self._shape
         o_part, l_part = self._workspaces
         self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start,
-                                 o_part, l_part, *self._ints, **self._consts)  # fmt: skip
+                                 o_part, l_part, *self._ints, q_scale, **self._consts)  # fmt: skip
         out = torch.empty(b, h_kv, m, d, dtype=out_dtype, device=q_rot.device)
         lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
         if self._exact:
@@ -1030,9 +1040,10 @@ class DecodePlan:
         else:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
-        sk, sv, km, sink_start = sinks if sinks is not None else (q_rot, q_rot, None, q_start)
+        sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
         _merge_splits_kernel[(b * h_kv, m)](
-            o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv, q_rot if km is None else km,
-            sink_start, q_start, CENTER=km is not None, **self._merge_consts,
+            o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
+            q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
+            CENTER=key_mean is not None and self._exact, **self._merge_consts,
         )  # fmt: skip
         return out, lse
