@@ -72,7 +72,7 @@ def cache_rows(label: str, extra: dict, context: int, calls: int, gen: torch.Gen
     rows = [
         (f"{label}: decode_inputs (query rotation)", host_us(lambda: cache.decode_inputs(qg, 1, 0.1), calls)),
         (f"{label}: decode_attention (2 launches)", host_us(lambda: decode_attention(**inputs), calls)),
-        (f"{label}: encode_kv, one token (2 launches)",
+        (f"{label}: encode_kv, one token (1 launch)",
          host_us(lambda: encode_kv(k1, v1, bufs, slots, key_quantizer=kq, value_quantizer=vq, check_slots=False),
                  calls)),
         (f"{label}: append one token", host_us(lambda: cache.append(k1, v1), calls)),

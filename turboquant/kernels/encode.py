@@ -304,8 +304,28 @@ def _encode_values_kernel(
     _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
 
 
-# Launch configuration (defaults from an H200 sweep at D = 128): key rows per program (block_n; 16 rows
-# and 4 warps when the launch has at most small_rows rows, e.g. a decode step), columns of Πᵀ per
+@triton.jit
+def _encode_kv_kernel(
+    K, V, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, VC, VA,
+    R, N, H, C, s_b, s_h, s_n, v_b, v_h, v_n,
+    D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
+    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
+):  # fmt: skip
+    """Keys and values of the same BN rows in one program: the single launch of a small chunk (a decode step),
+    where the two kernels would take the same rows and warps and the launches, not the work, cost the time."""
+    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
+    p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
+    _encode_keys(p_k, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD, NORM_CORRECTION,
+                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC)  # fmt: skip
+    p_v = V + (i_b * v_b + i_h * v_h + i_n * v_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
+    _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
+
+
+# Launch configuration (defaults from an H200 sweep at D = 128): key rows per program (block_n; 16 rows,
+# 4 warps and keys and values in one launch when it has at most small_rows rows, e.g. a decode step), columns of Πᵀ per
 # rotation chunk (chunk, capped at D), warps, pipeline depth, the precision of the fp32 dots
 # ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs), whether 16-bit keys use the
 # split 16-bit rotation (split), rows / warps per program of the value kernel, and the codebook search
@@ -373,7 +393,8 @@ def encode_kv(
     check_slots: bool = True,
     **launch,
 ) -> None:
-    """Quantize k, v and write their packed rows into the cache buffers at ``slots`` (two launches: keys, values).
+    """Quantize k, v and write their packed rows into the cache buffers at ``slots`` (one launch for a small
+    chunk, else two: keys, values).
 
     Writes exactly the rows ``TurboQuantKVCache._encode`` produces (TurboQuant, arXiv:2504.19874,
     Algorithm 1 for MSE keys, Algorithm 2 for prod keys; per-group affine values), in place.
@@ -470,7 +491,7 @@ def encode_kv(
 
 
 class EncodePlan:
-    """The two launches of encode_kv for fixed cache buffers and quantizers, decided once (prepared tables, codebook
+    """The launches of encode_kv for fixed cache buffers and quantizers, decided once (prepared tables, codebook
     search, block sizes, compile-time constants) for chunks of one shape and dtype. Calling it launches them for a
     chunk without re-checking it: encode_kv builds one per call after validating its inputs; a cache keeps one
     across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass."""
@@ -514,9 +535,17 @@ class EncodePlan:
                                   BN=value_block_n, num_warps=launch["value_num_warps"])  # fmt: skip
         self._rows = (rows, n, h, c)
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
+        self._one_launch = small  # same rows (16) and warps (4) for keys and values
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N] (see encode_kv)."""
+        if self._one_launch:
+            _encode_kv_kernel[self._grids[0]](
+                k, v, slots, *self._key_args, *self._value_args, *self._rows, k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
+                GROUP=self._value_consts["GROUP"], **self._key_consts,
+            )  # fmt: skip
+            return
         _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, *self._rows, k.stride(0), k.stride(1),
                                             k.stride(2), **self._key_consts)  # fmt: skip
         _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
