@@ -36,7 +36,6 @@ CONFIGS = {
     "K3/V2 mse": dict(key_bits=3, value_bits=2, key_mode="mse"),
     "K3/V2 prod": dict(key_bits=3, value_bits=2, key_mode="prod"),
 }
-MERGE_LABELS = {None: "", True: " fused-merge", False: " merge-kernel"}  # launch option fused_merge
 SHAPES = [(16, 65536), (8, 32768), (1, 131072), (1, 8192), (64, 8192)]
 H_Q, H_KV, D = 32, 8, 128
 L2_BYTES = 60 * 2**20
@@ -79,9 +78,6 @@ def main(argv: list[str] | None = None) -> None:
                     choices=KEY_TABLE_SOURCES,
                     help="where the sweep's kernels keep the key lookup tables")  # fmt: skip
     ap.add_argument("--ab", action="store_true", help="also time portable unpacking and the generic 3-D-field kernel")
-    ap.add_argument(
-        "--merge-ab", action="store_true", help="time the split kernel's own merge against the merge kernel"
-    )
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (both ours and SDPA)")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -106,8 +102,6 @@ def main(argv: list[str] | None = None) -> None:
             for cap in (0, THREE_PER_SM_REGISTERS)  # no register cap; three programs per SM by registers
             for stages in args.stages
         ]
-    elif args.merge_ab:
-        launches = [dict(LAUNCH_DEFAULTS, fused_merge=True), dict(LAUNCH_DEFAULTS, fused_merge=False)]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [
             dict(LAUNCH_DEFAULTS),
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"  ({batch}, {context}) {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
                         continue
                     t = median_ms(fns, graphs=args.graphs)
-                    if args.sweep or args.ab or args.merge_ab:
+                    if args.sweep or args.ab:
                         print(f"  sweep ({batch}, {context}) {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)
@@ -181,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
                     f"{' asm' if launch['inline_asm'] else ''}"
-                    f"{' tables-in-asm' if launch['key_table_source'] == 'immediates' else ''}"
-                    f"{MERGE_LABELS[launch['fused_merge']]} |"
+                    f"{' tables-in-asm' if launch['key_table_source'] == 'immediates' else ''} |"
                 )
             print(line, flush=True)
             rows.append(line)

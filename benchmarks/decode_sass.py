@@ -35,13 +35,7 @@ from turboquant.kernels import decode
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
-            "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32", "OUT": "*bf16", "LSE": "*fp32", "QX": "*fp32",
-            "KX": "*bf16", "VX": "*bf16", "SK": "*bf16", "SV": "*bf16", "KM": "*fp32", "SINK_START": "*i64",
-            "COUNTER": "*i32"}  # fmt: skip
-SCALARS = {"Q_SCALE": "fp32"}
-MAXNREG = decode.THREE_PER_SM_REGISTERS  # the launch default (_auto_blocks)
-# the merge of a decode step of TurboQuantCache's defaults (the step's own token, 4 sink tokens, centred keys), fused
-MERGE = dict(FUSED_MERGE=True, EXACT=True, SINKS=4, SP=4, CENTER=True)
+            "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
 
 
 # shared-memory stores and loads, and barriers: the cost of the layout conversions Triton routes through shared memory
@@ -60,14 +54,14 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
         words = tuple(decode.key_lookup_tables(((cb - cb.flip(0)) / 2).float()).tolist())
     key_asm = decode.key_asm_code(key_bits, words) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm, **MERGE,
+                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm,
                  **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
     )  # fmt: skip
-    options = dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 

@@ -123,27 +123,6 @@ def test_decode_kernel_launch_options_beside_cache_inputs(source):
     assert _rel(out.reshape(ref.shape), ref) < TOL
 
 
-@pytest.mark.parametrize("n_q,n", [(1, 300), (3, 63)])
-def test_fused_merge_equals_the_merge_kernel(n_q, n):
-    """The split kernel's last program merging the splits gives what the separate merge kernel gives, for every
-    row, and leaves its tickets at zero for the next launch."""
-    from turboquant.kernels import decode
-
-    gen = torch.Generator().manual_seed(17)
-    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, chunk_size=64)
-    cache = _filled_cache(cfg, 2, 2, n, gen)
-    q = torch.randn(2, 8, n_q, 64, generator=gen).to(DEVICE)
-    inputs = cache.decode_inputs(q.reshape(2, 2, 4 * n_q, 64), n_q, 64**-0.5)
-    _poison_workspaces()
-    separate = decode.decode_attention(**inputs, fused_merge=False)
-    for _ in range(2):  # a second launch starts from the reset tickets
-        _poison_workspaces()
-        fused = decode.decode_attention(**inputs, fused_merge=True)
-        for got, want in zip(fused, separate, strict=True):
-            assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
-        assert not decode._COUNTERS[fused[0].device].any()
-
-
 def test_decode_kernel_rejects_unknown_key_table_source():
     from turboquant.kernels.decode import decode_attention
 
@@ -281,17 +260,11 @@ def test_long_splits(value_bits):
     [("mse", False, 40, 9, 4), ("prod", False, 40, 9, 4), ("mse", True, 40, 9, 4), ("prod", True, 40, 9, 4),
      ("mse", True, 3, 2, 4), ("prod", True, 40, 9, 0)],
 )  # fmt: skip
-@pytest.mark.parametrize("fused_merge", [True, False])
-def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads, sinks, fused_merge,
-                                                       monkeypatch):  # fmt: skip
+def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads, sinks):
     """The fused single-token step with exact sink tokens (merged in the kernel), centred (and scaled) keys, norm
     correction and left padding (the transformers cache's options) equals the reference path (store attention,
     then merges by log-sum-exp); a short padded prompt leaves sequence 1 with fewer real tokens than sinks. The
-    merge centres the step's own key (and the sinks') in the kernel, with or without sinks, in the split kernel's
-    last program or in the merge kernel."""
-    from turboquant.kernels import decode
-
-    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "fused_merge", fused_merge)
+    merge centres the step's own key (and the sinks') in the kernel, with or without sinks."""
     gen = torch.Generator().manual_seed(7)
     cfg = KVCacheConfig(head_dim=64, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=scale_keys, norm_correction=True)  # fmt: skip

@@ -779,10 +779,9 @@ class TurboQuantKVCache:
         from .kernels import decode
 
         n_sinks = 0 if sinks is None else sinks[0].shape[2] - 1
-        key = (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks, out_dtype)
+        key = (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks)
         plan = self._decode_plans.get(key)
         kv_start = self._kernel_kv_start()
-        key_mean = self.key_mean if exact is not None else None
         if plan is not None and not self._plan_is_current(plan):
             self._drop_plans()
             plan = None
@@ -791,13 +790,13 @@ class TurboQuantKVCache:
             plan = decode.DecodePlan(
                 q_rot, sq, self._store_buffers(), self._kernel_codebook, self.seq_lens, kv_start, q_start,
                 key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
-                causal=causal, exact=exact, sinks=sinks, key_mean=key_mean, out_dtype=out_dtype,
-                key_tables=self._kernel_key_tables(), key_table_words=self._key_table_words,
-                launch=dict(decode.LAUNCH_DEFAULTS),
+                causal=causal, exact=exact is not None, n_sinks=n_sinks, key_tables=self._kernel_key_tables(),
+                key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS),
             )  # fmt: skip
             self._decode_plans[key] = plan
+        key_mean = self.key_mean if exact is not None else None
         return plan(q_rot, sq, self.seq_lens, kv_start, q_start, q_scale=scale * decode.LOG2E, exact=exact,
-                    sinks=sinks, key_mean=key_mean)  # fmt: skip
+                    sinks=sinks, key_mean=key_mean, out_dtype=out_dtype)  # fmt: skip
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.

@@ -600,12 +600,10 @@ def _attend_block_2d(
 def _decode_split_kernel_2d(
     Q, SQ, KC, KN, KS, KR, VC, VA, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE, Q_SCALE,
-    OUT, LSE, QX, KX, VX, sx_b, sx_h, SK, SV, KM, SINK_START, COUNTER,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
     NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, KEY_ASM: tl.constexpr,
     VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
     values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
@@ -615,11 +613,7 @@ def _decode_split_kernel_2d(
     KEY_ASM (from key_asm_code; TABLES_IN_ASM: built with the table words) and VALUE_ASM unpack with inline PTX
     (CUDA only); otherwise portable Triton (the CPU interpreter) computes the same tiles, the key lookup with a
     register-table gather. Blocks that lie wholly inside the split and before every query's causal limit skip
-    all masks.
-
-    FUSED_MERGE: the last program of a KV head to finish (a ticket from COUNTER [B·H_KV] int32, which it resets
-    to 0) merges the head's splits (_merge_row, with OUT .. SINK_START and EXACT .. CENTER as in
-    _merge_splits_kernel): one launch per decode step instead of two."""
+    all masks."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
@@ -686,17 +680,6 @@ def _decode_split_kernel_2d(
         _store_chunk(O_PART, part, o_m, m_m, acc3, l_div, 3, W, NH, DP_V, D)
     lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log2(l_div))
     tl.store(L_PART + part + o_m, lse, mask=m_m)
-    if FUSED_MERGE:
-        # every thread's stores above precede thread 0's release (the barrier, then an acq_rel atomic at GPU
-        # scope); the program that draws the last ticket acquires them all
-        n_splits = tl.num_programs(1)
-        j_bh = tl.program_id(0).to(tl.int64)  # not i_bh: nothing the merge needs stays live through the loop
-        tl.debug_barrier()
-        ticket = tl.atomic_add(COUNTER + j_bh, 1, sem="acq_rel", scope="gpu")
-        if ticket == n_splits - 1:
-            _merge_rows(j_bh, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV,
-                        KM, SINK_START, Q_START, Q_SCALE, D, BM, EXACT, SINKS, SP, CENTER)  # fmt: skip
-            tl.atomic_xchg(COUNTER + j_bh, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group_size: int) -> dict | None:
@@ -719,27 +702,25 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 
 
 @triton.jit
-def _merge_row(i_bh, i_m, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START,
-               Q_START, Q_SCALE, D: tl.constexpr, BM: tl.constexpr, EXACT: tl.constexpr, SINKS: tl.constexpr,
-               SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
-    """Combine the n_splits partial results of query row i_m of KV head i_bh: out = Σ_s 2^(lse_s - lse) out_s;
-    LSE in natural log. The partials are read 16 splits at a time, from L2 (.cg): in the fused merge other
-    programs wrote them.
+def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
+                         Q_SCALE,
+                         D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
+                         EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
+    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log.
 
     EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
     Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
     sink keys minus the key mean KM [B·H_KV, D], as the stored keys are.
     """
-    SC: tl.constexpr = 16
-    o_c = tl.arange(0, SC)
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1)
+    o_s = tl.arange(0, BS)
+    m_s = o_s < NUM_SPLITS
     o_d = tl.arange(0, D)
-    first = i_bh * n_splits * BM + i_m  # row i_m of split 0
-    l_max = tl.full((), float("-inf"), tl.float32)
-    for s0 in range(0, n_splits, SC):
-        b_l = tl.load(L_PART + first + (s0 + o_c) * BM, mask=s0 + o_c < n_splits, other=float("-inf"),
-                      cache_modifier=".cg")  # fmt: skip
-        l_max = tl.maximum(l_max, tl.max(b_l, axis=0))
+    parts = (i_bh * NUM_SPLITS + o_s) * BM + i_m
+    b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
+    l_max = tl.max(b_l, axis=0)
     if EXACT:
         row = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h
         b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d) * Q_SCALE
@@ -759,15 +740,10 @@ def _merge_row(i_bh, i_m, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_K
         s_j = tl.where(m_j, tl.sum(b_sk * b_qx[None, :], axis=1), float("-inf"))
         l_max = tl.maximum(l_max, tl.max(s_j, axis=0))
     l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
-    acc = tl.zeros((D,), tl.float32)
-    w_sum = tl.full((), 0.0, tl.float32)
-    for s0 in range(0, n_splits, SC):
-        m_c = s0 + o_c < n_splits
-        parts = first + (s0 + o_c) * BM
-        w = tl.exp2(tl.load(L_PART + parts, mask=m_c, other=float("-inf"), cache_modifier=".cg") - l_safe)  # [SC]
-        b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_c[:, None], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(b_o * w[:, None], axis=0)
-        w_sum += tl.sum(w, axis=0)
+    w = tl.exp2(b_l - l_safe)
+    w_sum = tl.sum(w, axis=0)
+    b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
+    acc = tl.sum(b_o * w[:, None], axis=0)
     if EXACT:
         w_x = tl.exp2(s_x - l_safe)
         acc += w_x * tl.load(VX + row + o_d).to(tl.float32)
@@ -782,44 +758,17 @@ def _merge_row(i_bh, i_m, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_K
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
-@triton.jit
-def _merge_rows(i_bh, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START,
-                Q_START, Q_SCALE, D: tl.constexpr, BM: tl.constexpr, EXACT: tl.constexpr, SINKS: tl.constexpr,
-                SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
-    """Every query row of KV head i_bh (_merge_row)."""
-    for i_m in range(0, M):
-        _merge_row(i_bh, i_m, n_splits, O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM,
-                   SINK_START, Q_START, Q_SCALE, D, BM, EXACT, SINKS, SP, CENTER)  # fmt: skip
-
-
-@triton.jit
-def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
-                         Q_SCALE, NUM_SPLITS, D: tl.constexpr, BM: tl.constexpr, EXACT: tl.constexpr,
-                         SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
-    """The merge of the split kernels' partial results (_merge_row), one program per (KV head, query row), for
-    the kernels that do not merge in their last program."""
-    _merge_row(tl.program_id(0).to(tl.int64), tl.program_id(1), NUM_SPLITS, O_PART, L_PART, OUT, LSE, M, QX, KX, VX,
-               H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START, Q_SCALE, D, BM, EXACT, SINKS, SP, CENTER)  # fmt: skip
-
-
 # Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
 # splits aim for, codebook lookup (registers or global memory), the orientation of the score dot (see
 # _fields_scores), the 2-D kernel's register cap (0: none; None: per configuration, see _auto_blocks) and where
 # its key lookup tables live: "immediates" (written into the assembly, see key_asm_code; the codes are then read
 # from shared memory straight into the tensor-core operand layout) or "operands" (registers loaded once per
-# program; the centroids then pass through shared memory as an fp16 tile), and whether the 2-D kernel merges the
-# splits in its last program (True), leaves them to a merge kernel (False) or chooses (None, see FUSED_MERGE_SLOTS).
+# program; the centroids then pass through shared memory as an fp16 tile).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=4, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
-    tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates", fused_merge=None,
+    tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates",
 )  # fmt: skip
 KEY_TABLE_SOURCES = ("operands", "immediates")
-# fused_merge=None: the 2-D kernel merges the splits in its last program (one launch per step instead of two) for
-# 4-bit key indices, and for the others up to this many cached slots (B·H_kv·C): with 2- and 3-bit indices the
-# merge's code costs the main loop ~3% more instructions under the register cap (offline SASS, Triton 3.6:
-# K3/V2 897 -> 920, prod 1205 -> 1238 per block; K4/V4 1181 -> 1179), which a saved launch outweighs only in
-# short kernels
-FUSED_MERGE_SLOTS = 2**21
 # 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
 # blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
 THREE_PER_SM_REGISTERS = 168
@@ -947,8 +896,7 @@ def decode_attention(
         launch: overrides of LAUNCH_DEFAULTS (block_n, num_warps, num_stages, programs_per_sm, register_codebook,
             key_major; tiles_2d: use _decode_split_kernel_2d where the configuration allows; inline_asm: let it
             unpack with inline PTX, on CUDA only; max_registers: its per-thread register cap, 0 for none;
-            key_table_source: "operands" or "immediates", where its key lookup tables live; fused_merge: the 2-D
-            kernel's last program of each KV head merges its splits, True, False or None to choose).
+            key_table_source: "operands" or "immediates", where its key lookup tables live).
     Returns:
         out [B, H_kv, M, D] float32 and lse [B, H_kv, M] float32 (natural log; -inf where no key).
     """
@@ -974,8 +922,10 @@ def decode_attention(
             if t.shape != (b, h_kv, 1, d) or t.stride(-1) != 1 or t.device != q_rot.device:
                 raise ValueError(f"exact {name} must be [B, H_kv, 1, D] = {(b, h_kv, 1, d)} with a contiguous last "
                                  f"dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
+    n_sinks = 0
     if sinks is not None:
         sk, sv, _ = sinks
+        n_sinks = sk.shape[2] - 1
         if exact is None:
             raise ValueError("sinks are attended in an exact step only (pass exact)")
         for name, t in (("k", sk), ("v", sv)):
@@ -987,8 +937,8 @@ def decode_attention(
         raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
     plan = DecodePlan(
         q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, key_bits=key_bits, key_mode=key_mode,
-        value_bits=value_bits, group_size=group_size, n_q=n_q, causal=causal, exact=exact, sinks=sinks,
-        key_mean=km, out_dtype=torch.float32, key_tables=key_tables, key_table_words=key_table_words, launch=launch,
+        value_bits=value_bits, group_size=group_size, n_q=n_q, causal=causal, exact=exact is not None,
+        n_sinks=n_sinks, key_tables=key_tables, key_table_words=key_table_words, launch=launch,
     )  # fmt: skip
     return plan(q_rot, sq, seq_lens, kv_start, q_start, q_scale=q_scale, exact=exact, sinks=sinks, key_mean=km)
 
@@ -996,40 +946,27 @@ def decode_attention(
 class DecodePlan:
     """A decode launch over fixed cache buffers, decided once: kernel, layouts, block size, pipeline depth, split
     count (from the compiled kernel's occupancy), workspaces and compile-time constants. Calling it launches the
-    split kernel and the merge (in the split kernel's last program, or a second kernel) with one step's queries,
-    without re-checking them: decode_attention builds one per call after validating its inputs; a cache keeps one
-    across steps (its buffers must stay the same tensors).
+    split kernel and the merge with one step's queries, without re-checking them: decode_attention builds one per
+    call after validating its inputs; a cache keeps one across steps (its buffers must stay the same tensors).
 
     The constructor takes example inputs of the shapes and dtypes every call will pass (see decode_attention for
-    their meaning; ``exact``, ``sinks`` and ``key_mean`` given or None as in every call) and the output dtype."""
+    their meaning) and ``exact`` / ``n_sinks``: whether calls add the exact row, and how many sink rows."""
 
     def __init__(self, q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, *, key_bits: int, key_mode: str,
-                 value_bits: int, group_size: int, n_q: int, causal: bool, exact: tuple | None, sinks: tuple | None,
-                 key_mean: torch.Tensor | None, out_dtype: torch.dtype, key_tables: torch.Tensor | None,
-                 key_table_words: tuple[int, ...] | None, launch: dict):  # fmt: skip
+                 value_bits: int, group_size: int, n_q: int, causal: bool, exact: bool, n_sinks: int,
+                 key_tables: torch.Tensor | None, key_table_words: tuple[int, ...] | None, launch: dict):  # fmt: skip
         b, h_kv, m, d = q_rot.shape
         key_codes = buffers["key_codes"]
         c = key_codes.shape[2]
         prod = key_mode == "prod"
         kb = key_bits - 1 if prod else key_bits
         bm = max(16, triton.next_power_of_2(m))
-        n_sinks = 0 if sinks is None else sinks[0].shape[2] - 1
-        self.buffers = buffers
-        self._prod, self._shape, self._out_dtype = prod, (b, h_kv, m, d), out_dtype
-        self._merge_consts = dict(D=d, BM=bm, EXACT=exact is not None, SINKS=n_sinks,
-                                  SP=triton.next_power_of_2(max(n_sinks, 1)),
-                                  CENTER=key_mean is not None and exact is not None)  # fmt: skip
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
         block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
         num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes
         rnorms = buffers["key_rnorms"] if prod else key_codes
-        fused = launch["fused_merge"]
-        if fused is None:  # see FUSED_MERGE_SLOTS
-            fused = kb == 4 or b * h_kv * c <= FUSED_MERGE_SLOTS
-        self._fused_merge = layout_2d is not None and fused
-        self._counter = _counters(q_rot.device, b * h_kv) if self._fused_merge else None
         if layout_2d is not None:
             use_asm = launch["inline_asm"] and q_rot.is_cuda
             if key_tables is None:
@@ -1046,9 +983,7 @@ class DecodePlan:
                 max_registers = 0
             consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
                           KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm, VALUE_ASM=use_asm,
-                          num_warps=launch["num_warps"], num_stages=num_stages, FUSED_MERGE=self._fused_merge,
-                          **{k: v for k, v in self._merge_consts.items() if k not in ("D", "BM")},
-                          **layout_2d)  # fmt: skip
+                          num_warps=launch["num_warps"], num_stages=num_stages, **layout_2d)  # fmt: skip
             if max_registers:
                 consts["maxnreg"] = max_registers
             one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
@@ -1056,11 +991,9 @@ class DecodePlan:
                 key = (q_rot.device, *sorted(consts.items()))
                 if key not in _RESIDENT:
                     o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
-                    out, lse = self._outputs(q_rot.device)
                     compiled = _decode_split_kernel_2d.warmup(
                         q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part, l_part,
-                        h_kv, c, m, n_q, c, 1.0, *self._merge_args(q_rot, out, lse, q_start, exact, sinks, key_mean),
-                        grid=(1, 1), **consts,
+                        h_kv, c, m, n_q, c, 1.0, grid=(1, 1), **consts,
                     )  # fmt: skip
                     _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
                 per_sm = _RESIDENT[key]
@@ -1080,19 +1013,26 @@ class DecodePlan:
                 num_warps=launch["num_warps"], num_stages=num_stages,
             )  # fmt: skip
             self._kernel = _decode_split_kernel
+        self.buffers = buffers
+        self._prod, self._shape = prod, (b, h_kv, m, d)
         self._grid, self._consts = (b * h_kv, splits), consts
         self._workspaces = (o_part, l_part)
         self._ints = (h_kv, c, m, n_q, split_size)
-        self._splits = splits
+        self._exact, self._n_sinks = exact, n_sinks
+        self._merge_consts = dict(D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
+                                  SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)))  # fmt: skip
 
-    def _outputs(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None,
+                 out_dtype=torch.float32):  # fmt: skip
+        """Launch: the arguments as in decode_attention, ``exact`` and ``sinks`` given exactly when the plan was
+        built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M] float32)."""
         b, h_kv, m, d = self._shape
-        out = torch.empty(b, h_kv, m, d, dtype=self._out_dtype, device=device)
-        return out, torch.empty(b, h_kv, m, dtype=torch.float32, device=device)
-
-    def _merge_args(self, q_rot, out, lse, q_start, exact, sinks, key_mean) -> tuple:
-        """OUT .. SINK_START, COUNTER of the fused merge (the counter only where the split kernel merges)."""
-        if exact is not None:
+        o_part, l_part = self._workspaces
+        self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start,
+                                 o_part, l_part, *self._ints, q_scale, **self._consts)  # fmt: skip
+        out = torch.empty(b, h_kv, m, d, dtype=out_dtype, device=q_rot.device)
+        lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
+        if self._exact:
             qx, kx, vx = exact
             if kx.stride()[:2] != vx.stride()[:2]:
                 kx, vx = kx.contiguous(), vx.contiguous()
@@ -1101,60 +1041,9 @@ class DecodePlan:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
-        km = q_rot if key_mean is None else key_mean
-        return (
-            out,
-            lse,
-            qx,
-            kx,
-            vx,
-            sx_b,
-            sx_h,
-            sk,
-            sv,
-            km,
-            sink_start,
-            q_start if self._counter is None else self._counter,
-        )
-
-    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None):
-        """Launch: the arguments as in decode_attention (``exact``, ``sinks``, ``key_mean`` given exactly where the
-        plan's examples were). Returns (out [B, H_kv, M, D] in the plan's out_dtype, lse [B, H_kv, M] float32)."""
-        out, lse = self._outputs(q_rot.device)
-        o_part, l_part = self._workspaces
-        merge_args = self._merge_args(q_rot, out, lse, q_start, exact, sinks, key_mean)
-        args = (
-            q_rot,
-            sq if self._prod else q_rot,
-            *self._buffer_args,
-            seq_lens,
-            kv_start,
-            q_start,
-            o_part,
-            l_part,
-            *self._ints,
-            q_scale,
-        )
-        if self._kernel is _decode_split_kernel_2d:
-            self._kernel[self._grid](*args, *merge_args, **self._consts)
-        else:
-            self._kernel[self._grid](*args, **self._consts)
-        if not self._fused_merge:
-            b, h_kv, m, _ = self._shape
-            _, _, qx, kx, vx, sx_b, sx_h, sk, sv, km, sink_start, _ = merge_args
-            _merge_splits_kernel[(b * h_kv, m)](
-                o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv, km, sink_start, q_start, q_scale,
-                self._splits, **self._merge_consts,
-            )  # fmt: skip
+        _merge_splits_kernel[(b * h_kv, m)](
+            o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
+            q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
+            CENTER=key_mean is not None and self._exact, **self._merge_consts,
+        )  # fmt: skip
         return out, lse
-
-
-_COUNTERS: dict = {}
-
-
-def _counters(device, bh: int) -> torch.Tensor:
-    """Zeroed int32 tickets of the fused merge, one per (batch, KV head); the kernels leave them at zero."""
-    t = _COUNTERS.get(device)
-    if t is None or t.numel() < bh:
-        t = _COUNTERS[device] = torch.zeros(max(bh, 1024), dtype=torch.int32, device=device)
-    return t
