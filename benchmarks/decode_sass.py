@@ -5,7 +5,7 @@ the SASS instructions of its main loop over full blocks (one block of block_n to
 over a split's last block is reported beside it): warp-instructions per token is the
 figure to compare with the budget (an SM issues at most 4 warp-instructions per cycle; at the H200's memory
 rate a K4/V4 token of one KV head leaves about 43). Pointers and the capacity are assumed 16-aligned, as
-Triton specialises them at launch.
+Triton specialises them at launch; the register cap is the launch default's (168 per thread).
 
     python benchmarks/decode_sass.py                       # K4/V4, inline PTX and portable unpacking
     python benchmarks/decode_sass.py --bits 4,2 --warps 4 --block-n 64 128
@@ -36,6 +36,8 @@ from turboquant.kernels import decode
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
             "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
+SCALARS = {"Q_SCALE": "fp32"}
+MAXNREG = decode.THREE_PER_SM_REGISTERS  # the launch default (_auto_blocks)
 
 
 # shared-memory stores and loads, and barriers: the cost of the layout conversions Triton routes through shared memory
@@ -56,12 +58,12 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
                  VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm,
                  **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
-    sig = {n: "constexpr" if n in const else POINTERS.get(n, "i32") for n in names}
+    sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
     )  # fmt: skip
-    options = dict(num_warps=num_warps, num_stages=num_stages)
+    options = dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
