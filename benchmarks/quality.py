@@ -70,6 +70,12 @@ KEY_CONFIGS = (("mse", 2), ("mse", 3), ("mse", 4), ("prod", 3), ("prod", 4))
 VALUE_BITS = (2, 4)
 DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768)
 QUICK_CONTEXTS = (1024, 4096)
+# cache options of every configuration (--settings)
+SETTINGS = {
+    "paper": {},
+    "centred": dict(center_keys=True),
+    "defaults": dict(norm_correction=True, center_keys=True, scale_keys=True, sink_tokens=4),
+}
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_QUERIES = 32, 8, 128, 16
 COLUMNS = (
     "data",
@@ -109,26 +115,29 @@ def measure(
     key_bits: int,
     value_bits: int,
     device: torch.device | str = "cpu",
-    center_keys: bool = False,
+    settings: dict | None = None,
+    prompt_q: torch.Tensor | None = None,
 ) -> dict:
-    """Compress k, v in a TurboQuantKVCache (center_keys: minus each head's mean key), attend with q, compare
-    with ``ref``.
+    """Compress k, v in a TurboQuantKVCache (``settings``: more KVCacheConfig options; ``prompt_q`` [1, H_q, L, D]:
+    the prompt's queries, which set the key scales with scale_keys), attend with q, compare with ``ref``.
 
     q: [1, H_q, N_q, D] bf16; k, v: [1, H_kv, L, D] bf16; ref: [1, H_q, N_q, D] float32 exact attention.
-    Returns rel_err, cosine, bytes_per_token_head (from the buffers' nbytes), compression (bf16 / compressed) and,
+    Returns rel_err, cosine, bytes_per_token_head (everything the cache holds but its two per-sequence lengths:
+    nbytes), compression (bf16 / compressed) and,
     as diagnostics, key_cos and value_cos: the mean cosine of each dequantized key / value with the original
     (≈ 1 - D_mse/2 for MSE keys, e.g. 0.9953 at 4 bits).
     """
     b, h_kv, context, d = k.shape
     config = KVCacheConfig(head_dim=d, key_bits=key_bits, value_bits=value_bits, key_mode=key_mode, chunk_size=context,
-                           center_keys=center_keys)  # fmt: skip
+                           **(settings or {}))  # fmt: skip
     cache = TurboQuantKVCache(config, b, h_kv, device=device, dtype=torch.bfloat16)
-    cache.append(k, v)
+    cache.append(k, v, queries=prompt_q)
     if cache.capacity != context:
         raise RuntimeError(f"cache capacity {cache.capacity} != context {context}: the ratio would count padding")
-    out = cache.attend(q.float(), causal=False)  # a float32 query keeps the output in float32 (no bf16 rounding)
+    out = cache.attend(q.float(), after=True)  # a float32 query keeps the output in float32 (no bf16 rounding)
     rel, cos = output_errors(out, ref)
-    per_token = cache.store_nbytes() / (b * h_kv * cache.capacity)
+    lengths = cache.seq_lens.nbytes + cache.kv_start.nbytes
+    per_token = (cache.nbytes() - lengths) / (b * h_kv * cache.capacity)
     k_hat, v_hat = cache.dequantize()  # diagnostics: per-vector reconstruction of what attention reads
     _, key_cos = output_errors(k_hat, k)
     _, value_cos = output_errors(v_hat, v)
@@ -150,10 +159,10 @@ def run(
     device: torch.device | str = "cpu",
     outlier_scales: tuple[float, ...] = OUTLIER_SCALES,
     progress: bool = True,
-    center_keys: bool = False,
+    settings: str = "paper",
 ) -> list[dict]:
-    """Every (dataset, context, key config, value bits): one row dict with the keys in COLUMNS (center_keys: every
-    configuration with centred keys, named "... centred")."""
+    """Every (dataset, context, key config, value bits): one row dict with the keys in COLUMNS; ``settings`` names
+    the cache options of every configuration (SETTINGS; rows named "... centred" or "... defaults")."""
     from tqdm import tqdm
 
     configs = [(mode, kb, vb) for mode, kb in KEY_CONFIGS for vb in VALUE_BITS]
@@ -162,7 +171,8 @@ def run(
         for data in datasets:
             for context in contexts:
                 bar.set_description(f"{data} L={context}: data")
-                q, k, v = synthetic_qkv(
+                extra = SETTINGS[settings]
+                q, k, v, *prompt = synthetic_qkv(
                     data,
                     context,
                     NUM_QUERIES,
@@ -171,17 +181,19 @@ def run(
                     head_dim=HEAD_DIM,
                     seed=seed,
                     outlier_scales=outlier_scales,
+                    prompt_queries=extra.get("scale_keys", False),
                 )
                 q, k, v = q.to(device), k.to(device), v.to(device)
+                prompt_q = prompt[0].to(device) if prompt else None
                 ref = exact_attention(q, k, v)
                 for mode, kb, vb in configs:
                     bar.set_description(f"{data} L={context}: {config_name(mode, kb, vb)}")
                     m = measure(q, k, v, ref, key_mode=mode, key_bits=kb, value_bits=vb, device=device,
-                                center_keys=center_keys)  # fmt: skip
+                                settings=extra, prompt_q=prompt_q)  # fmt: skip
                     rows.append(
                         dict(
                             data=data,
-                            config=config_name(mode, kb, vb) + (" centred" if center_keys else ""),
+                            config=config_name(mode, kb, vb) + ("" if settings == "paper" else f" {settings}"),
                             key_mode=mode,
                             key_bits=kb,
                             value_bits=vb,
@@ -191,7 +203,7 @@ def run(
                         )
                     )
                     bar.update()
-                del q, k, v, ref
+                del q, k, v, ref, prompt_q
     rows.sort(key=lambda r: (DATASETS.index(r["data"]), r["key_mode"], r["key_bits"], r["value_bits"], r["context"]))
     return rows
 
@@ -309,7 +321,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
         help="scales of the four outlier key channels of the llm-like data (default %(default)s)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    parser.add_argument("--center-keys", action="store_true", help="every configuration with centred keys")
+    parser.add_argument("--settings", choices=list(SETTINGS), default="paper",
+                        help="cache options of every configuration: the paper's quantizers, centred keys, or "
+                             "TurboQuantCache's defaults (centred keys scaled from the prompt's queries, 4 exact sink "
+                             "tokens, norm correction)")  # fmt: skip
     args = parser.parse_args(argv)
     contexts = args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
 
@@ -321,7 +336,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
         device=args.device,
         outlier_scales=tuple(args.outlier_scales),
         progress=not args.no_progress,
-        center_keys=args.center_keys,
+        settings=args.settings,
     )
     elapsed = time.perf_counter() - t0
     table = format_table(rows)
