@@ -21,7 +21,9 @@ fixed capacity W and position p lives in slot p mod W (a sliding window of the l
 tokens; with a window, ring + window hold the last W + R tokens when flush_block is 1).
 
 The reference ``attend`` walks the store in fixed-size blocks with an online softmax, so its
-temporaries do not grow with the cache length; the fused kernels follow the same algorithm.
+temporaries do not grow with the cache length; the fused kernels follow the same algorithm. On CUDA the
+cache keeps the kernels' launch plans (kernels.decode.DecodePlan, kernels.encode.EncodePlan) across steps
+while its buffers stay the same tensors, so that a decode step's host work is its few launches.
 """
 
 from __future__ import annotations
