@@ -1018,7 +1018,7 @@ class DecodePlan:
         self._grid, self._consts = (b * h_kv, splits), consts
         self._workspaces = (o_part, l_part)
         self._ints = (h_kv, c, m, n_q, split_size)
-        self._exact, self._n_sinks = exact, n_sinks
+        self._exact = exact
         self._merge_consts = dict(D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)))  # fmt: skip
 
