@@ -86,6 +86,7 @@ PATH_CASES = [
     ("prod", 4, 4, 4, 1, 1, 300, True, 64),
     ("prod", 4, 2, 16, 2, 5, 300, False, 64),
     ("prod", 4, 4, 2, 2, 1, 63, False, 64),
+    ("mse", 4, 4, 4, 2, 1, 63, True, 80),  # head_dim 80: value groups of 20 by default
 ]
 
 

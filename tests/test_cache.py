@@ -380,6 +380,11 @@ def _bad_calls() -> list[tuple[str, object, str]]:
         ("value-bits", lambda: KVCacheConfig(head_dim=64, value_bits=1), "value_bits"),
         ("key-mode", lambda: KVCacheConfig(head_dim=64, key_mode="qjl"), "key_mode"),
         ("group-size", lambda: KVCacheConfig(head_dim=64, group_size=48), "group_size"),
+        (
+            "group-size-80",
+            lambda: KVCacheConfig(head_dim=80, group_size=32),
+            r"head_dim=80 \(e.g. 8, 10, 16, 20, 40, 80\)",
+        ),
         ("group-size-0", lambda: KVCacheConfig(head_dim=64, group_size=0), "group_size"),
         ("head-dim-100", lambda: KVCacheConfig(head_dim=100), "head_dim"),
         ("head-dim-8", lambda: KVCacheConfig(head_dim=8, group_size=8), "head_dim"),
@@ -428,3 +433,10 @@ def test_ring_with_exact_window_covers_the_sliding_window(key_mode: str) -> None
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
         weights = torch.softmax((q[:, :, p : p + 1].double() @ keys.transpose(-1, -2)) / math.sqrt(d), dim=-1)
         assert rel_err(out, weights @ values) < FP32_RTOL, p
+
+
+@pytest.mark.parametrize("head_dim,group", [(64, 32), (128, 32), (256, 32), (96, 32), (80, 20), (48, 24), (112, 28)])
+def test_default_group_size_divides_head_dim(head_dim, group):
+    """By default values are grouped by 32, or by the largest divisor of head_dim below 32 (head_dim 80: 20)."""
+    assert KVCacheConfig(head_dim=head_dim).group_size == group
+    assert KVCacheConfig(head_dim=head_dim, group_size=16).group_size == 16

@@ -895,6 +895,19 @@ def test_valid_settings_construct() -> None:
         assert len(TurboQuantCache(config, **settings).layers) == 3
 
 
+def test_head_dim_80_generates() -> None:
+    """A head_dim that 32 does not divide (80, as in Phi-2) takes value groups of 20 by default and generates."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=320, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=80, num_hidden_layers=2, vocab_size=VOCAB, pad_token_id=PAD)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    cache = TurboQuantCache(model, key_bits=4, value_bits=4)
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(23))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    assert out.shape == (1, 11) and cache.get_seq_length() == 10
+    assert all(layer.store.config.group_size == 20 for layer in cache.layers)
+
+
 def test_right_padding_raises() -> None:
     model = tiny_llama(layers=2)
     ids = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(22))

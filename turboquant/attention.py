@@ -24,6 +24,7 @@ from .quantizers import (
     TurboQuantMSE,
     TurboQuantProd,
     ValueQuantizer,
+    default_group_size,
 )
 from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED
 
@@ -176,7 +177,7 @@ def turboquant_attention(
     key_mode: str = "mse",
     causal: bool = False,
     scale: float | None = None,
-    group_size: int = 32,
+    group_size: int | None = None,
     rotation: str = "haar",
     norm_correction: bool = False,
     seed: int = DEFAULT_ROTATION_SEED,
@@ -188,7 +189,8 @@ def turboquant_attention(
     Args:
         q: [B, H_q, N_q, D]; k, v: [B, H_kv, N_k, D]; fp32/fp16/bf16, H_q % H_kv == 0.
         key_bits, key_mode: keys by TurboQuantMSE ("mse", bits 1-4) or TurboQuantProd ("prod", 2-4).
-        value_bits, group_size: values by ValueQuantizer (bits 2/3/4/8).
+        value_bits, group_size: values by ValueQuantizer (bits 2/3/4/8; group_size dividing D, default
+            quantizers.default_group_size(D): 32 where it divides D).
         causal: mask key j for query i unless j <= N_k - N_q + i.
         scale: softmax scale, default 1/√D.
         path: "score" (rotated-query scores, as the kernels do) or "dequant" (decompress + SDPA).
@@ -203,7 +205,7 @@ def turboquant_attention(
     h_kv, n_k = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kq = _key_quantizer(d, key_bits, key_mode, q.device, rotation, norm_correction, seed, qjl_seed)
-    vq = ValueQuantizer(value_bits, group_size)
+    vq = ValueQuantizer(value_bits, default_group_size(d) if group_size is None else group_size)
     keys, values = kq.compress(k), vq.compress(v)
     mask = causal_mask(n_q, n_k, q.device) if causal else None
 

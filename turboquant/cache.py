@@ -44,6 +44,7 @@ from .quantizers import (
     TurboQuantProd,
     ValueQuantizer,
     check_float_input,
+    default_group_size,
 )
 from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED, ROTATIONS, _device_key
 
@@ -60,7 +61,7 @@ class KVCacheConfig:
     key_bits: int = 4
     value_bits: int = 4
     key_mode: str = "mse"
-    group_size: int = 32
+    group_size: int | None = None  # None: quantizers.default_group_size(head_dim), 32 for power-of-two head_dim
     rotation: str = "haar"
     norm_correction: bool = False
     residual_window: int = 0
@@ -83,8 +84,12 @@ class KVCacheConfig:
             raise ValueError(f"key_bits for key_mode={self.key_mode!r} must be one of {allowed}, got {self.key_bits!r}")
         if self.value_bits not in VALUE_BITS:
             raise ValueError(f"value_bits must be one of {VALUE_BITS}, got {self.value_bits!r}")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", default_group_size(self.head_dim))
         if not isinstance(self.group_size, int) or self.group_size < 1 or self.head_dim % self.group_size:
-            raise ValueError(f"group_size must divide head_dim={self.head_dim}, got {self.group_size!r}")
+            divisors = [g for g in range(8, self.head_dim + 1) if self.head_dim % g == 0]
+            raise ValueError(f"group_size must divide head_dim={self.head_dim} (e.g. {', '.join(map(str, divisors))}), "
+                             f"got {self.group_size!r}")  # fmt: skip
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if self.rotation == "hadamard" and self.head_dim & (self.head_dim - 1):

@@ -26,6 +26,7 @@ __all__ = [
     "VALUE_BITS",
     "ValueQuantizer",
     "compression_ratio",
+    "default_group_size",
     "key_bytes_per_vector",
     "value_bytes_per_vector",
 ]
@@ -302,6 +303,12 @@ class TurboQuantProd:
         mse_part = q_rot @ k_rot.transpose(-1, -2)
         sq = q.float() @ self.qjl.T  # S q, once per query
         return mse_part + self.qjl_score(sq, unpack_indices(c.signs, 1, self.head_dim), c.residual_norms)
+
+
+def default_group_size(head_dim: int) -> int:
+    """Values per (scale, zero) group when none is given: 32, or the largest divisor of head_dim below 32 (20 at
+    head_dim 80), so that every head_dim has a default."""
+    return max(g for g in range(1, 33) if head_dim % g == 0)
 
 
 class ValueQuantizer:

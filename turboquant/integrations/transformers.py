@@ -280,7 +280,7 @@ class TurboQuantCache(Cache):
         key_mode: str = "mse",
         rotation: str = "haar",
         norm_correction: bool = True,
-        group_size: int = 32,
+        group_size: int | None = None,
         residual_window: int = 0,
         flush_block: int = 64,
         center_keys: bool = True,
