@@ -256,7 +256,8 @@ class TurboQuantCache(Cache):
     Args:
         model: the PreTrainedModel (its attention implementation is switched to "turboquant") or its config
             (then call ``model.set_attn_implementation("turboquant")`` yourself).
-        key_bits, value_bits, key_mode, rotation, norm_correction, group_size: the quantizers (KVCacheConfig).
+        key_bits, value_bits, key_mode, rotation, norm_correction, group_size: the quantizers (KVCacheConfig;
+            group_size None: 32 values per (scale, zero), or the largest divisor of head_dim below 32).
         residual_window, flush_block: recent tokens kept in 16 bits, flushed in blocks.
         center_keys: subtract each head's mean prompt key before quantizing (exact for attention).
         scale_keys: divide key channels by scales set from the prompt's keys and queries, and multiply the
