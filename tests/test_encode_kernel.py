@@ -191,6 +191,24 @@ def test_encode_keys_on_decision_boundaries():
     _check_rows(cache, k, v, bufs, slots, max_mismatch=1.0)
 
 
+@pytest.mark.parametrize("mode,kb,dtype,n,launch", [
+    ("mse", 4, torch.bfloat16, 40, {}),  # one launch for keys and values (a small chunk)
+    ("mse", 3, torch.float32, 300, {"small_rows": 0}),
+    ("prod", 3, torch.bfloat16, 63, {"small_rows": 0}),
+])  # fmt: skip
+def test_encode_centres_and_scales_keys(mode, kb, dtype, n, launch):
+    """key_mean and key_scale: the keys written are those of (k - μ) / s in float32, what TurboQuantKVCache stores
+    with center_keys and scale_keys, from the keys as given (16-bit keys are not rounded in between)."""
+    cache, k, v, slots = _setup(mode, kb, 4, 64, "haar", True, n, (2, 2), dtype=dtype, extra=5)
+    gen = torch.Generator().manual_seed(3)
+    mean = (torch.randn(2, 2, 64, generator=gen) * 0.5).to(DEVICE)
+    scale = torch.exp(0.5 * torch.randn(2, 2, 64, generator=gen)).to(DEVICE)
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
+              key_mean=mean, key_scale=scale, **launch)  # fmt: skip
+    _check_rows(cache, (k.float() - mean[:, :, None, :]) / scale[:, :, None, :], v, bufs, slots)
+
+
 def test_encode_empty_chunk_writes_nothing():
     cache, k, v, slots = _setup("mse", 2, 2, 64, "haar", False, 0, (1, 1), extra=4)
     bufs = _poisoned_buffers(cache)
@@ -252,6 +270,10 @@ def _bad_inputs(case):
         kw["block_size"] = 32
     elif case == "search":
         kw["search"] = "binary"
+    elif case == "key_mean":
+        kw["key_mean"] = torch.zeros(1, 2, 32, device=DEVICE)  # [B, H_kv, D] with D = 64 expected
+    elif case == "key_scale_dtype":
+        kw["key_scale"] = torch.ones(1, 2, 64, device=DEVICE, dtype=torch.float16)
     return (k, v, bufs, slots), kw
 
 
@@ -273,6 +295,8 @@ BAD = {
     "group_size": "group_size=3 must divide D=64",
     "launch": "unknown launch options",
     "search": r"search must be None or one of \('full', 'symmetric'\), got 'binary'",
+    "key_mean": r"key_mean must be a contiguous float32 tensor \[B, H_kv, D\] = \(1, 2, 64\)",
+    "key_scale_dtype": r"key_scale must be a contiguous float32 tensor .* got torch.float16",
 }
 
 

@@ -390,13 +390,15 @@ class TurboQuantKVCache:
         slots = torch.arange(start, start + n, device=self.device)
         if ring is not None:
             slots = slots % ring
-        if self.key_mean is not None:
-            k = k - self.key_mean[:, :, None, :]  # float32
-        if self.key_scale is not None:
-            k = k / self.key_scale[:, :, None, :]
-        if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):
-            self._encode_plan(k, v)(k, v if v.stride(-1) == 1 else v.contiguous(), slots)  # fused quantize-on-write
+        if self.device.type == "cuda" and self.config.head_dim in (64, 128, 256):  # fused quantize-on-write
+            k = k if k.stride(-1) == 1 else k.contiguous()  # the kernels centre and scale the keys themselves
+            v = v if v.stride(-1) == 1 else v.contiguous()
+            self._encode_plan(k, v)(k, v, slots, self.key_mean, self.key_scale)
         else:
+            if self.key_mean is not None:
+                k = k - self.key_mean[:, :, None, :]  # float32
+            if self.key_scale is not None:
+                k = k / self.key_scale[:, :, None, :]
             for name, value in self._encode(k, v).items():
                 getattr(self, name)[:, :, slots] = value
         self.seq_lens.fill_(min(start + n, ring) if ring is not None else start + n)
@@ -417,7 +419,8 @@ class TurboQuantKVCache:
         appends of that shape while the buffers stay the same tensors."""
         from .kernels import encode
 
-        key = (tuple(k.shape), k.dtype, v.dtype)
+        centred, scaled = self.key_mean is not None, self.key_scale is not None
+        key = (tuple(k.shape), k.dtype, v.dtype, centred, scaled)
         plan = self._encode_plans.get(key)
         if plan is not None and not self._plan_is_current(plan):
             self._drop_plans()
@@ -432,6 +435,8 @@ class TurboQuantKVCache:
                 key_quantizer=self.key_quantizer,
                 value_quantizer=self.value_quantizer,
                 launch=dict(encode.LAUNCH_DEFAULTS),
+                centred=centred,
+                scaled=scaled,
             )
             self._encode_plans[key] = plan
         return plan

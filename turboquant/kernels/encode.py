@@ -108,13 +108,17 @@ def _count_boundaries(b_x, TAB, FIRST: tl.constexpr, NC: tl.constexpr, CENTROIDS
 
 @triton.jit
 def _encode_keys(
-    p_x, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
+    p_x, p_m, p_s, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Algorithm 1 (and 2 for PROD) on BN key rows p_x [BN, D] -> buffer rows ``row`` [BN].
+
+    CENTER / KEY_SCALE: the rows are first x - μ, then (x - μ) / s in float32, μ and s at p_m, p_s [BN, D] (the
+    row's head's mean key and key scales, as TurboQuantKVCache keeps them), as the cache's reference does.
 
     TAB: [3·NC] float32 = boundaries (NC - 1) and a pad, centroids c (NC), c / √d (NC).
     RT: Πᵀ [D, D] float32.  MT: Π Sᵀ [D, D] float32 (PROD).
@@ -129,6 +133,10 @@ def _encode_keys(
     o_c = tl.arange(0, DC)
     b_xs = tl.load(p_x, mask=m_r[:, None], other=0.0)  # [BN, D] as stored
     b_x = b_xs.to(tl.float32)
+    if CENTER:
+        b_x = b_x - tl.load(p_m, mask=m_r[:, None], other=0.0)
+    if KEY_SCALE:
+        b_x = tl.div_rn(b_x, tl.load(p_s, mask=m_r[:, None], other=1.0))
     b_n = tl.sqrt_rn(tl.sum(b_x * b_x, axis=1))  # [BN] ‖x‖
     if SPLIT:
         b_xd = b_x if UPCAST else b_xs  # the split products' left operand
@@ -281,17 +289,20 @@ def _rows(SLOTS, R, N, H, C, BN: tl.constexpr):
 
 @triton.jit
 def _encode_keys_kernel(
-    K, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR,
+    K, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, KM, KSC,
     R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
-    _encode_keys(p_k, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD, NORM_CORRECTION,
-                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC)  # fmt: skip
+    o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]  # [BN, D] the row's head's μ and s
+    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
+                 NORM_CORRECTION, SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 KEY_SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -306,20 +317,22 @@ def _encode_values_kernel(
 
 @triton.jit
 def _encode_kv_kernel(
-    K, V, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, VC, VA,
+    K, V, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, KM, KSC, VC, VA,
     R, N, H, C, s_b, s_h, s_n, v_b, v_h, v_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
-    VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
+    CENTER: tl.constexpr, KEY_SCALE: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """Keys and values of the same BN rows in one program: the single launch of a small chunk (a decode step),
     where the two kernels would take the same rows and warps and the launches, not the work, cost the time."""
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
-    _encode_keys(p_k, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD, NORM_CORRECTION,
-                 SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC)  # fmt: skip
+    o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]
+    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
+                 NORM_CORRECTION, SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 KEY_SCALE)  # fmt: skip
     p_v = V + (i_b * v_b + i_h * v_h + i_n * v_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
 
@@ -390,6 +403,8 @@ def encode_kv(
     *,
     key_quantizer: TurboQuantMSE | TurboQuantProd,
     value_quantizer: ValueQuantizer,
+    key_mean: torch.Tensor | None = None,
+    key_scale: torch.Tensor | None = None,
     check_slots: bool = True,
     **launch,
 ) -> None:
@@ -412,6 +427,8 @@ def encode_kv(
             (batch, head): token n is written to ``buffers[...][:, :, slots[n]]``.
         key_quantizer: the TurboQuantMSE or TurboQuantProd whose rows the cache stores.
         value_quantizer: the ValueQuantizer (group size g dividing D).
+        key_mean, key_scale: optional [B, H_kv, D] float32 contiguous: the keys are quantized as (k - key_mean) /
+            key_scale (in float32, as TurboQuantKVCache centres and scales them), without a copy of k.
         check_slots: verify 0 <= slots < C on the host (a device sync; pass False inside a
             CUDA graph capture or when the caller guarantees the range).
         launch: overrides of LAUNCH_DEFAULTS (block_n, small_rows, chunk, num_warps, num_stages,
@@ -480,6 +497,12 @@ def encode_kv(
         raise ValueError(f"slots must be on {k.device}, got {slots.device}")
     if not slots.is_contiguous():
         raise ValueError("slots must be contiguous")
+    for name, t in (("key_mean", key_mean), ("key_scale", key_scale)):
+        if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (b, h, d)
+                                  and t.is_contiguous() and t.device == k.device):  # fmt: skip
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a contiguous float32 tensor [B, H_kv, D] = {(b, h, d)} on {k.device}, "
+                             f"got {got}")  # fmt: skip
     if n == 0 or b * h == 0:
         return
     if check_slots:
@@ -487,18 +510,22 @@ def encode_kv(
         if lo < 0 or hi >= c:
             raise ValueError(f"slots must lie in [0, C={c}), got values in [{lo}, {hi}]")
 
-    EncodePlan(k, v, buffers, key_quantizer=key_quantizer, value_quantizer=value_quantizer, launch=launch)(k, v, slots)
+    plan = EncodePlan(k, v, buffers, key_quantizer=key_quantizer, value_quantizer=value_quantizer, launch=launch,
+                      centred=key_mean is not None, scaled=key_scale is not None)  # fmt: skip
+    plan(k, v, slots, key_mean, key_scale)
 
 
 class EncodePlan:
     """The launches of encode_kv for fixed cache buffers and quantizers, decided once (prepared tables, codebook
     search, block sizes, compile-time constants) for chunks of one shape and dtype. Calling it launches them for a
     chunk without re-checking it: encode_kv builds one per call after validating its inputs; a cache keeps one
-    across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass."""
+    across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass;
+    centred, scaled: whether calls pass a key mean, key scales (encode_kv's key_mean, key_scale)."""
 
     def __init__(
         self, k: torch.Tensor, v: torch.Tensor, buffers: dict[str, torch.Tensor], *,
         key_quantizer: TurboQuantMSE | TurboQuantProd, value_quantizer: ValueQuantizer, launch: dict,
+        centred: bool = False, scaled: bool = False,
     ):  # fmt: skip
         prod = isinstance(key_quantizer, TurboQuantProd)
         mse = key_quantizer.mse if prod else key_quantizer
@@ -509,7 +536,8 @@ class EncodePlan:
         symmetric = search == "symmetric"
         if symmetric and not prep["antisymmetric"]:
             raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
-        split = k.dtype in _SPLIT_SCALES and launch["split"]
+        # the split rotation multiplies the stored 16-bit keys exactly; centred or scaled keys are float32 values
+        split = k.dtype in _SPLIT_SCALES and launch["split"] and not (centred or scaled)
         rows = b * h * n
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
@@ -527,7 +555,8 @@ class EncodePlan:
             SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
             UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
             BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
-            num_warps=4 if small else launch["num_warps"], num_stages=launch["num_stages"],
+            CENTER=centred, KEY_SCALE=scaled, num_warps=4 if small else launch["num_warps"],
+            num_stages=launch["num_stages"],
         )  # fmt: skip
         value_block_n = 16 if small else launch["value_block_n"]
         self._value_args = (buffers["value_codes"], buffers["value_affine"])
@@ -537,16 +566,21 @@ class EncodePlan:
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
         self._one_launch = small  # same rows (16) and warps (4) for keys and values
 
-    def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N] (see encode_kv)."""
+    def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, key_mean: torch.Tensor | None = None,
+                 key_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N], keys as (k - key_mean)
+        / key_scale where the plan was built for them (see encode_kv)."""
+        unused = self._key_args[1]  # a float32 tensor in the place of an absent mean or scale
+        km = unused if key_mean is None else key_mean
+        ks = unused if key_scale is None else key_scale
         if self._one_launch:
             _encode_kv_kernel[self._grids[0]](
-                k, v, slots, *self._key_args, *self._value_args, *self._rows, k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
+                k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
+                k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
                 GROUP=self._value_consts["GROUP"], **self._key_consts,
             )  # fmt: skip
             return
-        _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, *self._rows, k.stride(0), k.stride(1),
+        _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0), k.stride(1),
                                             k.stride(2), **self._key_consts)  # fmt: skip
         _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
                                               v.stride(2), **self._value_consts)  # fmt: skip
