@@ -22,12 +22,12 @@ import triton
 import triton.language as tl
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
+from turboquant.demo import DEMO_SETTINGS
 from turboquant.kernels.decode import decode_attention
 from turboquant.kernels.encode import encode_kv
 
 H_Q, H_KV, D = 32, 8, 128
 PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
-DEFAULTS = dict(norm_correction=True, center_keys=True, scale_keys=True, sink_tokens=4)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.zeros(16, device="cuda")
     rows = [("one torch op (x.add_(1))", host_us(lambda: x.add_(1.0), args.calls)),
             ("one bare Triton launch", host_us(lambda: _bare_kernel[(1,)](x, 16), args.calls))]  # fmt: skip
-    for label, extra in (("paper quantizers", PLAIN), ("TurboQuantCache defaults", DEFAULTS)):
+    for label, extra in (("paper quantizers", PLAIN), ("TurboQuantCache defaults", DEMO_SETTINGS)):
         cache_part, step = cache_rows(label, extra, args.context, args.calls, gen)
         rows += cache_part
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")

@@ -50,7 +50,7 @@ except ImportError:  # run from a source tree without installing: the package si
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.demo import DATASETS, OUTLIER_SCALES, exact_attention, output_errors, synthetic_qkv
+from turboquant.demo import DATASETS, DEMO_SETTINGS, OUTLIER_SCALES, exact_attention, output_errors, synthetic_qkv
 
 __all__ = [
     "DEFAULT_CONTEXTS",
@@ -74,7 +74,7 @@ QUICK_CONTEXTS = (1024, 4096)
 SETTINGS = {
     "paper": {},
     "centred": dict(center_keys=True),
-    "defaults": dict(norm_correction=True, center_keys=True, scale_keys=True, sink_tokens=4),
+    "defaults": DEMO_SETTINGS,  # TurboQuantCache's defaults
 }
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_QUERIES = 32, 8, 128, 16
 COLUMNS = (

@@ -414,32 +414,34 @@ class TurboQuantKVCache:
         """Forget the kernels' launch plans (after the buffers were replaced: they hold the old ones)."""
         self._decode_plans, self._encode_plans = {}, {}
 
+    def _kept_plan(self, table: str, key: tuple, build):
+        """The plan under ``key`` in the plan table named ``table`` (_decode_plans or _encode_plans), built with
+        ``build()`` where there is none or it holds replaced buffers (then every plan does: all are dropped)."""
+        plan = getattr(self, table).get(key)
+        if plan is not None and not self._plan_is_current(plan):
+            self._drop_plans()
+            plan = None
+        if plan is None:
+            plans = getattr(self, table)
+            if len(plans) >= 8:  # e.g. prefill chunks of many lengths: keep the table small
+                plans.clear()
+            plan = plans[key] = build()
+        return plan
+
     def _encode_plan(self, k: torch.Tensor, v: torch.Tensor):
         """The fused encode's launch plan for chunks shaped like k, v (kernels.encode.EncodePlan), kept across
         appends of that shape while the buffers stay the same tensors."""
         from .kernels import encode
 
         centred, scaled = self.key_mean is not None, self.key_scale is not None
-        key = (tuple(k.shape), k.dtype, v.dtype, centred, scaled)
-        plan = self._encode_plans.get(key)
-        if plan is not None and not self._plan_is_current(plan):
-            self._drop_plans()
-            plan = None
-        if plan is None:
-            if len(self._encode_plans) >= 8:  # prefill chunks of many lengths: keep the table small
-                self._encode_plans.clear()
-            plan = encode.EncodePlan(
-                k,
-                v,
-                self._store_buffers(),
-                key_quantizer=self.key_quantizer,
-                value_quantizer=self.value_quantizer,
-                launch=dict(encode.LAUNCH_DEFAULTS),
-                centred=centred,
-                scaled=scaled,
-            )
-            self._encode_plans[key] = plan
-        return plan
+        return self._kept_plan(
+            "_encode_plans",
+            (tuple(k.shape), k.dtype, v.dtype, centred, scaled),
+            lambda: encode.EncodePlan(
+                k, v, self._store_buffers(), key_quantizer=self.key_quantizer, value_quantizer=self.value_quantizer,
+                launch=dict(encode.LAUNCH_DEFAULTS), centred=centred, scaled=scaled,
+            ),
+        )  # fmt: skip
 
     def _encode(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Quantize and planar-pack k, v [B, H, N, D] (keys already centred where configured) into buffer rows."""
@@ -790,22 +792,19 @@ class TurboQuantKVCache:
         the same tensors: the inputs are the cache's own, so the plan's launch skips decode_attention's checks."""
         from .kernels import decode
 
+        c = self.config
         n_sinks = 0 if sinks is None else sinks[0].shape[2] - 1
-        key = (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks)
-        plan = self._decode_plans.get(key)
         kv_start = self._kernel_kv_start()
-        if plan is not None and not self._plan_is_current(plan):
-            self._drop_plans()
-            plan = None
-        if plan is None:
-            c = self.config
-            plan = decode.DecodePlan(
+        plan = self._kept_plan(
+            "_decode_plans",
+            (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks),
+            lambda: decode.DecodePlan(
                 q_rot, sq, self._store_buffers(), self._kernel_codebook, self.seq_lens, kv_start, q_start,
                 key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
                 causal=causal, exact=exact is not None, n_sinks=n_sinks, key_tables=self._kernel_key_tables(),
                 key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS),
-            )  # fmt: skip
-            self._decode_plans[key] = plan
+            ),
+        )  # fmt: skip
         key_mean = self.key_mean if exact is not None else None
         return plan(q_rot, sq, self.seq_lens, kv_start, q_start, q_scale=scale * decode.LOG2E, exact=exact,
                     sinks=sinks, key_mean=key_mean, out_dtype=out_dtype)  # fmt: skip
