@@ -1,8 +1,10 @@
 """Host time of a decode step through a transformers model, per cache, and where it goes (cProfile).
 
 At batch 1 and a short context the GPU work of a step is small, so the step's wall time is the host's:
-Python, torch dispatch and kernel launches. Prints ms per step and per layer for each cache, then the
-functions with the most own time over the profiled steps (the cache's layer code and what it calls).
+Python, torch dispatch and kernel launches. Prints ms per step and per layer for each cache, the host
+synchronisations one step makes (torch.cuda.set_sync_debug_mode: a step that waits for the GPU cannot queue the
+next layers' work ahead of it), then the functions with the most own time over the profiled steps (the cache's
+layer code and what it calls).
 
     cd benchmarks && python host_profile.py                       # 4 layers of the Llama-3-8B shape
     cd benchmarks && python host_profile.py --layers 8 --steps 50 --top 40
@@ -15,9 +17,31 @@ import cProfile
 import io
 import pstats
 import statistics
+import warnings
 
 import torch
 from model_speed import CACHES, build_model, decode_steps, filled_cache, free_all
+
+
+def count_syncs(model, cache, batch: int) -> str:
+    """The synchronising CUDA calls of one decode step, by warning text (torch.cuda.set_sync_debug_mode)."""
+    ids = torch.zeros(batch, 1, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    seen: dict[str, int] = {}
+    for w in caught:
+        if str(w.message).startswith("Synchronization debug mode is a prototype"):  # torch's one-time notice
+            continue
+        text = f"{str(w.message).splitlines()[0][:80]} at {w.filename}:{w.lineno}"
+        seen[text] = seen.get(text, 0) + 1
+    return "none" if not seen else "; ".join(f"{n}x {text}" for text, n in seen.items())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         step = statistics.median(times)
         print(f"{name}: {step:.2f} ms per step, {step / args.layers:.3f} ms per layer (batch {args.batch}, "
               f"context {args.context}, {args.layers} layers)", flush=True)  # fmt: skip
+        print(f"  host synchronisations in one step: {count_syncs(model, cache, args.batch)}", flush=True)
         if CACHES[name] is None:
             continue
         prof = cProfile.Profile()
