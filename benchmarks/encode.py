@@ -14,6 +14,9 @@ Shapes (H_kv = 8, D = 128): a 32k-token prefill chunk (B = 1, N = 32768) and dec
     python benchmarks/encode.py                 # every shape and configuration
     python benchmarks/encode.py --quick         # the prefill chunk and B = 16 decode, shorter timing
     python benchmarks/encode.py --sweep         # also try launch configurations per shape
+    python benchmarks/encode.py --quick --sweep --block-n 64 128 --chunks 64 128 --warps 4 8 \
+        --value-block-n 16 32 --value-warps 2 4   # a chosen grid
+    python benchmarks/encode.py --quick --kernel-times   # GPU time of the key and the value kernel apart
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from timing import median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.kernels.encode import LAUNCH_DEFAULTS, SEARCHES, encode_kv
+from turboquant.kernels.encode import LAUNCH_DEFAULTS, SEARCHES, EncodePlan, encode_kv
 from turboquant.packing import unpack_planar
 
 CONFIGS = {
@@ -112,6 +115,23 @@ def check(cache: TurboQuantKVCache, k, v, bufs: dict, slots: torch.Tensor) -> tu
     return not notes, "; ".join(notes) if notes else detail
 
 
+def kernel_times(step, calls: int = 20) -> str:
+    """Mean GPU µs per call of each kernel that ``step`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+            times[event.key] = event.self_device_time_total / calls
+    return ", ".join(f"{key} {us:.1f} µs" for key, us in sorted(times.items(), key=lambda kv: -kv[1]))
+
+
 def row_bytes(cfg: KVCacheConfig) -> int:
     """Bytes one (token, head) moves: bf16 K and V read, the packed K and V rows written."""
     return 2 * 2 * D + cfg.bytes_per_token_per_head()
@@ -121,6 +141,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the prefill chunk and the B = 16 decode step, shorter timing")
     ap.add_argument("--sweep", action="store_true", help="try block_n / chunk / num_warps per shape")
+    ap.add_argument("--block-n", nargs="*", type=int, default=[32, 64, 128], help="key rows per program (sweep)")
+    ap.add_argument("--chunks", nargs="*", type=int, default=[32, 64, 128], help="rotation column chunks (sweep)")
+    ap.add_argument("--warps", nargs="*", type=int, default=[4, 8], help="key kernel warps (sweep)")
+    ap.add_argument("--single-launch", nargs="*", type=int, default=[0], choices=[0, 1],
+                    help="keys and values in one launch (sweep; 0 1 tries both)")  # fmt: skip
+    ap.add_argument("--value-block-n", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_block_n"]],
+                    help="value rows per program (sweep)")  # fmt: skip
+    ap.add_argument("--value-warps", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_num_warps"]],
+                    help="value kernel warps (sweep)")  # fmt: skip
+    ap.add_argument("--prefill-only", action="store_true", help="only the 32k-token prefill chunk")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="also print each kernel's GPU time (torch.profiler) at the chosen launch")  # fmt: skip
     ap.add_argument("--searches", nargs="*", default=[], choices=SEARCHES,
                     help="codebook searches to time (default: encode_kv's per-configuration choice)")  # fmt: skip
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -130,18 +162,27 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks/encode.py needs a CUDA GPU")
     import triton
 
-    shapes = {name: SHAPES[name] for name in list(SHAPES)[:2]} if args.quick else SHAPES
+    shapes = {name: SHAPES[name] for name in list(SHAPES)[: 1 if args.prefill_only else 2 if args.quick else 3]}
     rep_ms = 50 if args.quick else 200
     launches = [{"search": s} for s in args.searches] or [{}]
     if args.sweep:
         launches = [
-            dict(block_n=bn, small_rows=sr, chunk=ch, num_warps=w, search=s)
+            dict(
+                block_n=bn,
+                chunk=ch,
+                num_warps=w,
+                search=s,
+                value_block_n=vbn,
+                value_num_warps=vw,
+                single_launch=bool(one),
+            )
             for s in args.searches or [None]
-            for bn in (32, 64, 128)
-            for sr in (0, 1024)
-            for ch in (32, 64, 128)
-            for w in (4, 8)
-            if not (sr and bn != 64)
+            for one in args.single_launch
+            for bn in args.block_n
+            for ch in args.chunks
+            for w in args.warps
+            for vbn in args.value_block_n
+            for vw in args.value_warps
         ]
     gen = torch.Generator(device="cuda").manual_seed(0)
     header = (
@@ -186,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                         best = (t, launch)
                 best_step = functools.partial(encode_kv, k, v, bufs, slots, **kw, **best[1])
                 t_graph = median_ms([best_step], rep_ms, graphs=True)
+                if args.kernel_times:
+                    print(f"  kernels {shape_name} {name} {best[1]}: {kernel_times(best_step)}", flush=True)
             if best is None:
                 line = (
                     f"| {shape_name} | {name} | CHECK FAILED | - | - | {floor_ms:.4f} | {t_copy:.4f} | "
@@ -193,14 +236,19 @@ def main(argv: list[str] | None = None) -> None:
                 )
             else:
                 t, launch = best
-                shown = {**LAUNCH_DEFAULTS, **launch}
-                if batch * H_KV * n <= shown["small_rows"]:  # encode_kv's small-launch rule
-                    shown.update(block_n=16, num_warps=4)
+                label = EncodePlan(
+                    k,
+                    v,
+                    bufs,
+                    key_quantizer=cache.key_quantizer,
+                    value_quantizer=cache.value_quantizer,
+                    launch={**LAUNCH_DEFAULTS, **launch},
+                ).label
                 line = (
                     f"| {shape_name} | {name} | {t:.4f} | {t_graph:.4f} | {moved / t / 1e6:.0f} | {floor_ms:.4f} | "
                     f"{t_copy:.4f} | "
                     f"{copy_bytes / t_copy / 1e6:.0f} | {t / t_copy:.2f}x | ok ({detail}) | "
-                    f"bn{shown['block_n']} ch{shown['chunk']} w{shown['num_warps']} {shown['search'] or 'auto'} |"
+                    f"{label} |"
                 )
             print(line, flush=True)
             rows.append(line)

@@ -139,6 +139,9 @@ CASES = [
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
+    # keys and values of a long chunk in one launch, at the key kernel's rows and warps
+    ("mse", 4, 4, 64, "haar", True, 300, (1, 2), {"small_rows": 0, "single_launch": True}),
+    ("prod", 3, 2, 128, "hadamard", False, 63, (2, 1), {"small_rows": 0, "single_launch": True, "block_n": 32}),
 ]
 
 
@@ -227,6 +230,29 @@ def test_symmetric_search_refuses_an_asymmetric_codebook():
     assert torch.equal(by_default["key_codes"], full["key_codes"])
     with pytest.raises(ValueError, match="antisymmetric codebook"):
         encode_kv(k, v, _poisoned_buffers(cache), slots, search="symmetric", **kw)
+
+
+class _TooBig:
+    """Stands in for a kernel whose launch configuration needs more shared memory than the GPU has: Triton raises
+    OutOfResources at its first launch, which only a GPU does (the interpreter has no such limit)."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(262144, 232448, "shared memory")
+
+        return launch
+
+
+def test_encode_names_a_launch_that_does_not_fit(monkeypatch):
+    import turboquant.kernels.encode as encode
+
+    cache, k, v, slots = _setup("prod", 4, 2, 128, "haar", True, 300, (1, 2), extra=4)
+    monkeypatch.setattr(encode, "_encode_keys_kernel", _TooBig())
+    with pytest.raises(ValueError, match=r"128 rows 8 warps chunk 128 .*shared memory.*smaller chunk or block_n"):
+        encode_kv(k, v, _poisoned_buffers(cache), slots, key_quantizer=cache.key_quantizer,
+                  value_quantizer=cache.value_quantizer, small_rows=0, chunk=128)  # fmt: skip
 
 
 def _bad_inputs(case):

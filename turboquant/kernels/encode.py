@@ -19,7 +19,8 @@ What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
 
 Two launches, one pass over each input: grid (cdiv(B·H·N, BN),) over the flattened
 (batch, head, token) rows, one for the keys and one for the values (so the light value programs
-do not inherit the key programs' registers and shared memory). The rotation is computed in column
+do not inherit the key programs' registers and shared memory); a small chunk (a decode step) takes
+one launch whose programs do both. The rotation is computed in column
 chunks of DC: chunk j of Πᵀ ([D, DC]) is loaded once per program, and the indices of chunk j are
 OR-ed into the bytes of the planar fields it covers, so no [D, D] operand is held at once (D = 256
 fits). For prod keys, S r accumulates over the chunks as Σ_j (Π r)_j (Π Sᵀ)_j.
@@ -55,6 +56,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
 
@@ -337,18 +339,29 @@ def _encode_kv_kernel(
     _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
 
 
-# Launch configuration (defaults from an H200 sweep at D = 128): key rows per program (block_n; 16 rows,
-# 4 warps and keys and values in one launch when it has at most small_rows rows, e.g. a decode step), columns of Πᵀ per
-# rotation chunk (chunk, capped at D), warps, pipeline depth, the precision of the fp32 dots
-# ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs), whether 16-bit keys use the
-# split 16-bit rotation (split), rows / warps per program of the value kernel, and the codebook search
-# ("full": a comparison per decision boundary; "symmetric": by magnitude in an antisymmetric codebook, half the
-# comparisons and the same indices; None: symmetric for 4-bit key indices, where it pays on the H200 (32k chunk
-# K4/V4 0.228 ms vs 0.248), full for the rest (3-bit keys: more registers, one program per SM)).
+# Launch configuration (defaults from H200 sweeps at D = 128): key rows per program (block_n), columns of Πᵀ per
+# rotation chunk (chunk, capped at D) and warps (num_warps) of the key kernel, None = per key kind from _KEY_LAUNCHES;
+# a chunk of at most small_rows rows (e.g. a decode step) takes one launch for keys and values at 16 rows and 4 warps,
+# and single_launch=True does so for every chunk at block_n rows; pipeline depth; the precision of the fp32 dots
+# ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs); whether 16-bit keys use the split 16-bit
+# rotation (split); rows / warps per program of the value kernel; and the codebook search ("full": a comparison per
+# decision boundary; "symmetric": by magnitude in an antisymmetric codebook, half the comparisons and the same
+# indices; None: symmetric for 4-bit key indices, where it pays on the H200 (32k chunk K4/V4 0.228 ms vs 0.248),
+# full for the rest).
 LAUNCH_DEFAULTS = dict(
-    block_n=128, small_rows=1024, chunk=64, num_warps=8, num_stages=1, precision="tf32x3", split=True,
-    value_block_n=32, value_num_warps=4, search=None,
+    block_n=None, small_rows=1024, chunk=None, num_warps=None, single_launch=False, num_stages=1, precision="tf32x3",
+    split=True, value_block_n=32, value_num_warps=2, search=None,
 )  # fmt: skip
+# (block_n, chunk, num_warps) of the key kernel, from the seventh session's sweep of a 32k-token chunk
+# (benchmarks/RESULTS.md): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
+# 128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise).
+_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8)}
+
+
+def _key_launch(bits: int, prod: bool) -> tuple[int, int, int]:
+    return _KEY_LAUNCHES["mse4" if bits == 4 and not prod else "other"]
+
+
 SEARCHES = ("full", "symmetric")
 
 # Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D], whether
@@ -432,7 +445,7 @@ def encode_kv(
         check_slots: verify 0 <= slots < C on the host (a device sync; pass False inside a
             CUDA graph capture or when the caller guarantees the range).
         launch: overrides of LAUNCH_DEFAULTS (block_n, small_rows, chunk, num_warps, num_stages,
-            precision, split, value_block_n, value_num_warps, search).
+            single_launch, precision, split, value_block_n, value_num_warps, search).
 
     Unlike the reference, values outside the float16 range are stored as ±inf instead of raising.
     """
@@ -520,7 +533,8 @@ class EncodePlan:
     search, block sizes, compile-time constants) for chunks of one shape and dtype. Calling it launches them for a
     chunk without re-checking it: encode_kv builds one per call after validating its inputs; a cache keeps one
     across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass;
-    centred, scaled: whether calls pass a key mean, key scales (encode_kv's key_mean, key_scale)."""
+    centred, scaled: whether calls pass a key mean, key scales (encode_kv's key_mean, key_scale). ``label`` says
+    what it launches."""
 
     def __init__(
         self, k: torch.Tensor, v: torch.Tensor, buffers: dict[str, torch.Tensor], *,
@@ -542,7 +556,9 @@ class EncodePlan:
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
         small = rows <= launch["small_rows"]
-        block_n = 16 if small else launch["block_n"]
+        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod)
+        block_n = 16 if small else launch["block_n"] or auto_n
+        num_warps = 4 if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
         self._key_args = (
             prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
@@ -554,9 +570,8 @@ class EncodePlan:
             D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
             SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
             UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-            BN=block_n, DC=min(launch["chunk"], d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
-            CENTER=centred, KEY_SCALE=scaled, num_warps=4 if small else launch["num_warps"],
-            num_stages=launch["num_stages"],
+            BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
+            CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
         value_block_n = 16 if small else launch["value_block_n"]
         self._value_args = (buffers["value_codes"], buffers["value_affine"])
@@ -564,7 +579,10 @@ class EncodePlan:
                                   BN=value_block_n, num_warps=launch["value_num_warps"])  # fmt: skip
         self._rows = (rows, n, h, c)
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
-        self._one_launch = small  # same rows (16) and warps (4) for keys and values
+        self._one_launch = small or launch["single_launch"]  # keys and values of the same rows in one program
+        values = "" if self._one_launch else f" values {value_block_n} rows {launch['value_num_warps']} warps"
+        self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search}"
+                      + (" one launch" if self._one_launch else values))  # fmt: skip
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, key_mean: torch.Tensor | None = None,
                  key_scale: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -573,14 +591,20 @@ class EncodePlan:
         unused = self._key_args[1]  # a float32 tensor in the place of an absent mean or scale
         km = unused if key_mean is None else key_mean
         ks = unused if key_scale is None else key_scale
-        if self._one_launch:
-            _encode_kv_kernel[self._grids[0]](
-                k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
-                k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
-                GROUP=self._value_consts["GROUP"], **self._key_consts,
-            )  # fmt: skip
-            return
-        _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0), k.stride(1),
-                                            k.stride(2), **self._key_consts)  # fmt: skip
-        _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
-                                              v.stride(2), **self._value_consts)  # fmt: skip
+        try:
+            if self._one_launch:
+                _encode_kv_kernel[self._grids[0]](
+                    k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
+                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
+                    GROUP=self._value_consts["GROUP"], **self._key_consts,
+                )  # fmt: skip
+                return
+            _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0),
+                                                k.stride(1), k.stride(2), **self._key_consts)  # fmt: skip
+            _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
+                                                  v.stride(2), **self._value_consts)  # fmt: skip
+        except OutOfResources as err:  # raised at the first launch of a configuration
+            raise ValueError(
+                f"the encode launch ({self.label}) needs {err.required} of {err.name} where this GPU has "
+                f"{err.limit}: pass a smaller chunk or block_n"
+            ) from err
