@@ -239,6 +239,32 @@ def test_fused_decode_step_with_its_own_exact_token(key_mode, key_bits, value_bi
     assert cache.total_tokens == context + 2
 
 
+@pytest.mark.parametrize("mode,kb,vb,d,causal,tiles_2d", [
+    ("mse", 4, 4, 128, True, True),
+    ("prod", 3, 2, 64, False, True),
+    ("mse", 3, 3, 64, True, False),  # 3-bit values: the generic kernel
+])
+def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, monkeypatch):
+    """A chunk of queries with more rows (G·N_q) than one program holds (MAX_ROWS, lowered to 16 here) is split over
+    programs along a third grid axis; each tile's rows see their own causal limits (a prompt chunk attending to its
+    own cached tokens) or none (after=True: a new prompt attending to the compressed past)."""
+    from turboquant.kernels import decode
+
+    monkeypatch.setattr(decode, "MAX_ROWS", 16)
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "tiles_2d", tiles_2d)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, causal)).encode()))
+    cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)
+    cache = _filled_cache(cfg, 2, 2, 150, gen)
+    q = torch.randn(2, 8, 11, d, generator=gen).to(DEVICE)  # G = 4: 44 rows, three programs of 16
+    _poison_workspaces()
+    kw = dict(causal=True) if causal else dict(after=True)
+    ref_out, ref_lse = cache.attend_with_lse(q, backend="reference", **kw)
+    out, lse = cache.attend_with_lse(q, backend="triton", **kw)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert _rel(out, ref_out) < TOL
+    assert (lse - ref_lse).abs().max().item() < 1e-2
+
+
 @pytest.mark.parametrize("value_bits", [4, 2])
 def test_long_splits(value_bits):
     """One program per (sequence, head) walking many tokens (on a GPU: 288 programs fill the grid, so each

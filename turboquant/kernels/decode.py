@@ -124,7 +124,7 @@ def _decode_split_kernel(
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
 
-    o_m = tl.arange(0, BM)
+    o_m = tl.program_id(2) * BM + tl.arange(0, BM)  # this program's query rows
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q  # [BM] position of each query row
     # query fields: [P_K, BM, DP_K]
@@ -198,7 +198,7 @@ def _decode_split_kernel(
 
     # partial results, normalised; lse in base 2 (-inf where this split saw nothing)
     b_out = b_acc / tl.where(b_l == 0.0, 1.0, b_l)[None, :, None]
-    part = (i_bh * NUM_SPLITS + i_s) * BM
+    part = (i_bh * NUM_SPLITS + i_s) * (tl.num_programs(2) * BM)
     p_o = O_PART + (part + o_m)[None, :, None] * D + (o_fv * DP_V)[:, None, None] + o_cv[None, None, :]
     tl.store(p_o, b_out, mask=m_m[None, :, None])
     lse = tl.where(b_l == 0.0, float("-inf"), b_m + tl.log2(tl.where(b_l == 0.0, 1.0, b_l)))
@@ -617,7 +617,7 @@ def _decode_split_kernel_2d(
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
-    o_m = tl.arange(0, BM)
+    o_m = tl.program_id(2) * BM + tl.arange(0, BM)  # this program's query rows
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
@@ -670,7 +670,7 @@ def _decode_split_kernel_2d(
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
 
-    part = (i_bh * tl.num_programs(1) + i_s) * BM
+    part = (i_bh * tl.num_programs(1) + i_s) * (tl.num_programs(2) * BM)
     b_l = tl.max(l_acc, axis=1)
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
     _store_chunk(O_PART, part, o_m, m_m, acc0, l_div, 0, W, NH, DP_V, D)
@@ -704,9 +704,10 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 @triton.jit
 def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
                          Q_SCALE,
-                         D: tl.constexpr, BM: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
+                         D: tl.constexpr, MP: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
                          EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr):  # fmt: skip
-    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log.
+    """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log. The split kernel
+    wrote MP rows (M rounded up to whole row tiles) per (head, split).
 
     EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
     Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
@@ -718,7 +719,7 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     o_s = tl.arange(0, BS)
     m_s = o_s < NUM_SPLITS
     o_d = tl.arange(0, D)
-    parts = (i_bh * NUM_SPLITS + o_s) * BM + i_m
+    parts = (i_bh * NUM_SPLITS + o_s) * MP + i_m
     b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
     l_max = tl.max(b_l, axis=0)
     if EXACT:
@@ -772,6 +773,11 @@ KEY_TABLE_SOURCES = ("operands", "immediates")
 # 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
 # blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
 THREE_PER_SM_REGISTERS = 168
+# Query rows (G·N_q) per split-kernel program: more rows take more programs (a third grid axis), each reading the
+# whole key/value range again, so that a long chunk of queries (a prompt attending to a compressed past) compiles
+# and runs with bounded tiles; 64 rows hold a decode step of GQA up to 64 and speculative verification of 16
+# queries at GQA 4 in one program.
+MAX_ROWS = 64
 
 
 def _auto_blocks(tiles_2d: bool) -> tuple[int, int, int, int]:
@@ -840,12 +846,13 @@ def _workspace(device, bh: int, splits: int, bm: int, d: int) -> tuple[torch.Ten
     return _WORKSPACES[key]
 
 
-def _split_plan(bh: int, capacity: int, block_n: int, device, per_sm: int, bm: int, d: int, one_wave: bool = False):
-    """(splits, split_size, o_part, l_part) of a split-kernel launch: num_splits_for, split_size a multiple of
-    block_n, and the cached workspaces."""
-    splits = num_splits_for(bh, capacity, block_n, device, per_sm, one_wave=one_wave)
+def _split_plan(bh: int, row_tiles: int, capacity: int, block_n: int, device, per_sm: int, mp: int, d: int,
+                one_wave: bool = False):  # fmt: skip
+    """(splits, split_size, o_part, l_part) of a split-kernel launch over bh heads × row_tiles query-row tiles:
+    num_splits_for, split_size a multiple of block_n, and the cached workspaces (mp rows per head and split)."""
+    splits = num_splits_for(bh * row_tiles, capacity, block_n, device, per_sm, one_wave=one_wave)
     split_size = -(-max(capacity, 1) // (splits * block_n)) * block_n
-    return (splits, split_size, *_workspace(device, bh, splits, bm, d))
+    return (splits, split_size, *_workspace(device, bh, splits, mp, d))
 
 
 def decode_attention(
@@ -960,7 +967,9 @@ class DecodePlan:
         c = key_codes.shape[2]
         prod = key_mode == "prod"
         kb = key_bits - 1 if prod else key_bits
-        bm = max(16, triton.next_power_of_2(m))
+        bm = max(16, triton.next_power_of_2(min(m, MAX_ROWS)))  # query rows per program
+        row_tiles = triton.cdiv(m, bm)
+        mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
         block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
@@ -990,18 +999,19 @@ class DecodePlan:
             if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
                 key = (q_rot.device, *sorted(consts.items()))
                 if key not in _RESIDENT:
-                    o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, bm, d)
+                    o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, mp, d)
                     compiled = _decode_split_kernel_2d.warmup(
                         q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part, l_part,
-                        h_kv, c, m, n_q, c, 1.0, grid=(1, 1), **consts,
+                        h_kv, c, m, n_q, c, 1.0, grid=(1, 1, 1), **consts,
                     )  # fmt: skip
                     _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
                 per_sm = _RESIDENT[key]
-            splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d,
-                                                             one_wave)  # fmt: skip
+            splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
+                                                             mp, d, one_wave)  # fmt: skip
             self._kernel = _decode_split_kernel_2d
         else:
-            splits, split_size, o_part, l_part = _split_plan(b * h_kv, c, block_n, q_rot.device, per_sm, bm, d)
+            splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
+                                                             mp, d)  # fmt: skip
             p_k = 8 if kb == 3 else 8 // kb
             p_v = 8 if value_bits == 3 else 8 // value_bits
             self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
@@ -1015,11 +1025,11 @@ class DecodePlan:
             self._kernel = _decode_split_kernel
         self.buffers = buffers
         self._prod, self._shape = prod, (b, h_kv, m, d)
-        self._grid, self._consts = (b * h_kv, splits), consts
+        self._grid, self._consts = (b * h_kv, splits, row_tiles), consts
         self._workspaces = (o_part, l_part)
         self._ints = (h_kv, c, m, n_q, split_size)
         self._exact = exact
-        self._merge_consts = dict(D=d, BM=bm, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
+        self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)))  # fmt: skip
 
     def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None,
