@@ -265,6 +265,24 @@ def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, monkey
     assert (lse - ref_lse).abs().max().item() < 1e-2
 
 
+def test_workspaces_are_bounded_and_plans_keep_theirs(monkeypatch):
+    """Chunks of many lengths do not pile up workspaces (least recently used forgotten beyond MAX_WORKSPACES); a
+    cache's kept plan still holds its own, so attending again with an earlier length stays right."""
+    from turboquant.kernels import decode
+
+    monkeypatch.setattr(decode, "MAX_WORKSPACES", 2)
+    monkeypatch.setattr(decode, "_WORKSPACES", type(decode._WORKSPACES)())
+    gen = torch.Generator().manual_seed(7)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, chunk_size=64)
+    cache = _filled_cache(cfg, 1, 2, 70, gen)
+    queries = {n_q: torch.randn(1, 8, n_q, 64, generator=gen).to(DEVICE) for n_q in (1, 5, 9)}  # 16, 32, 64 rows
+    for n_q in (1, 5, 9, 1):
+        ref, _ = cache.attend_with_lse(queries[n_q], backend="reference", after=True)
+        out, _ = cache.attend_with_lse(queries[n_q], backend="triton", after=True)
+        assert _rel(out, ref) < TOL
+        assert len(decode._WORKSPACES) <= 2
+
+
 @pytest.mark.parametrize("value_bits", [4, 2])
 def test_long_splits(value_bits):
     """One program per (sequence, head) walking many tokens (on a GPU: 288 programs fill the grid, so each

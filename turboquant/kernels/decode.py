@@ -28,6 +28,7 @@ Two split kernels:
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -714,8 +715,9 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
     sink keys minus the key mean KM [B·H_KV, D], as the stored keys are.
     """
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_m = tl.program_id(1)
+    pid = tl.program_id(0).to(tl.int64)  # one program per (head, row): a 1-D grid, as M may exceed 65535
+    i_bh = pid // M
+    i_m = pid - i_bh * M
     o_s = tl.arange(0, BS)
     m_s = o_s < NUM_SPLITS
     o_d = tl.arange(0, D)
@@ -833,16 +835,25 @@ def _resident_programs(kernel, device: torch.device, num_warps: int) -> int:
     return max(1, min(by_regs, by_smem, by_warps, 32))
 
 
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# Partial-result workspaces by shape, shared by the plans of that shape; the least recently used are forgotten
+# beyond MAX_WORKSPACES (their memory goes once no plan holds them), so that chunks of many lengths do not keep
+# growing the GPU memory held.
+_WORKSPACES: collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
+MAX_WORKSPACES = 16
 
 
-def _workspace(device, bh: int, splits: int, bm: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, bh, splits, bm, d)
-    if key not in _WORKSPACES:
+def _workspace(device, bh: int, splits: int, rows: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_part [bh·splits·rows, d], l_part [bh·splits·rows]) float32 on device."""
+    key = (device, bh, splits, rows, d)
+    if key in _WORKSPACES:
+        _WORKSPACES.move_to_end(key)
+    else:
         _WORKSPACES[key] = (
-            torch.empty(bh * splits * bm, d, dtype=torch.float32, device=device),
-            torch.empty(bh * splits * bm, dtype=torch.float32, device=device),
+            torch.empty(bh * splits * rows, d, dtype=torch.float32, device=device),
+            torch.empty(bh * splits * rows, dtype=torch.float32, device=device),
         )
+        while len(_WORKSPACES) > MAX_WORKSPACES:
+            _WORKSPACES.popitem(last=False)
     return _WORKSPACES[key]
 
 
@@ -1051,7 +1062,7 @@ class DecodePlan:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
-        _merge_splits_kernel[(b * h_kv, m)](
+        _merge_splits_kernel[(b * h_kv * m,)](
             o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
             q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
             CENTER=key_mean is not None and self._exact, **self._merge_consts,
