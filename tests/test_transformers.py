@@ -673,6 +673,46 @@ def test_beam_search_and_multiple_return_sequences(family: str) -> None:
     assert cache.layers[0].store.kv_start.tolist() == [0, 0, 0, 3, 3, 3]
 
 
+@needs_triton
+def test_fused_kernels_through_the_model_equal_the_reference() -> None:
+    """The model's steps with the fused kernels (on a GPU, else the CPU interpreter) give the logits of the
+    reference attention through a left-padded prefill, decode steps, a beam reorder, a crop, a multi-token chunk
+    after the compressed past, and decode again (TurboQuantCache's default settings: centred and scaled keys, sink
+    tokens, norm correction)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llama().to(dev)
+    ids, mask = left_pad(prompts((9, 5, 7), seed=21))
+    more = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(22))
+    caches = {backend: TurboQuantCache(model) for backend in ("triton", "reference")}
+    for backend, cache in caches.items():
+        for layer in cache.layers:
+            layer.backend = backend
+    # (tokens fed, then an edit of the batch: reorder indices, or a crop)
+    plan = [(9, None), (1, None), (1, [2, 0, 0]), (1, None), (1, "crop"), (1, None), (6, None), (1, None)]
+    logits = {backend: [] for backend in caches}
+    for backend, cache in caches.items():
+        seq, m, extra, t, fed = ids, mask, more, 0, 0
+        for n, edit in plan:
+            chunk = seq[:, t : t + n] if t < seq.shape[1] else extra[:, fed : fed + n]
+            if t >= seq.shape[1]:
+                fed += n
+                seq = torch.cat((seq, chunk), 1)
+                m = torch.cat((m, torch.ones_like(chunk)), 1)
+            logits[backend].append(forward(model, chunk.to(dev), m[:, : t + n].to(dev), cache, past=t).float().cpu())
+            t += n
+            if isinstance(edit, list):
+                cache.reorder_cache(torch.tensor(edit, device=dev))
+                seq, m, extra = seq[edit], m[edit], extra[edit]
+            elif edit == "crop":
+                cache.crop(-1)
+                t -= 1
+                seq, m = seq[:, :t], m[:, :t]
+    # the kernels' fp16 tiles (KERNEL_TOL per attention) through three layers: 1e-4 to 3e-3 measured in the
+    # interpreter; a wrong row, mask or batch edit is off by O(0.1)
+    for step, (a, b) in enumerate(zip(logits["triton"], logits["reference"], strict=True)):
+        assert rel_err(a, b) < 5e-3, (step, rel_err(a, b))
+
+
 def layer_kv(config, b: int, t: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     h = config.num_key_value_heads
     k = [randn(b, h, t, 64, seed=seed + 2 * i) for i in range(config.num_hidden_layers)]
