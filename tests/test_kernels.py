@@ -239,11 +239,14 @@ def test_fused_decode_step_with_its_own_exact_token(key_mode, key_bits, value_bi
     assert cache.total_tokens == context + 2
 
 
-@pytest.mark.parametrize("mode,kb,vb,d,causal,tiles_2d", [
-    ("mse", 4, 4, 128, True, True),
-    ("prod", 3, 2, 64, False, True),
-    ("mse", 3, 3, 64, True, False),  # 3-bit values: the generic kernel
-])
+@pytest.mark.parametrize(
+    "mode,kb,vb,d,causal,tiles_2d",
+    [
+        ("mse", 4, 4, 128, True, True),
+        ("prod", 3, 2, 64, False, True),
+        ("mse", 3, 3, 64, True, False),  # 3-bit values: the generic kernel
+    ],
+)
 def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, monkeypatch):
     """A chunk of queries with more rows (G·N_q) than one program holds (MAX_ROWS, lowered to 16 here) is split over
     programs along a third grid axis; each tile's rows see their own causal limits (a prompt chunk attending to its
@@ -281,6 +284,25 @@ def test_workspaces_are_bounded_and_plans_keep_theirs(monkeypatch):
         out, _ = cache.attend_with_lse(queries[n_q], backend="triton", after=True)
         assert _rel(out, ref) < TOL
         assert len(decode._WORKSPACES) <= 2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (the cache on one, the other current)")
+def test_kernels_launch_on_the_cache_device():
+    """Triton launches on the current device: a cache on cuda:1 while cuda:0 is current (a model split over GPUs)
+    must still encode and attend on cuda:1, as the reference does."""
+    gen = torch.Generator().manual_seed(8)
+    cfg = KVCacheConfig(head_dim=128, key_bits=4, value_bits=4)
+    with torch.cuda.device(0):
+        fused = TurboQuantKVCache(cfg, 2, 2, device="cuda:1", dtype=torch.bfloat16)
+        reference = TurboQuantKVCache(cfg, 2, 2, device="cpu", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, 300, 128, generator=gen).to(torch.bfloat16) for _ in range(2))
+        fused.append(k.to("cuda:1"), v.to("cuda:1"))  # the fused encode
+        reference.append(k, v)
+        assert torch.equal(fused.key_codes.cpu(), reference.key_codes)
+        q = torch.randn(2, 8, 1, 128, generator=gen)
+        out, _ = fused.attend_with_lse(q.to("cuda:1"), backend="triton")
+        ref, _ = reference.attend_with_lse(q, backend="reference")
+        assert _rel(out.cpu(), ref) < TOL
 
 
 @pytest.mark.parametrize("value_bits", [4, 2])

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_device
+
 __all__ = ["decode_attention", "key_asm_code", "key_lookup_tables", "num_splits_for", "tiles_2d_layout"]
 
 LOG2E = 1.4426950408889634
@@ -1011,11 +1013,12 @@ class DecodePlan:
                 key = (q_rot.device, *sorted(consts.items()))
                 if key not in _RESIDENT:
                     o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, mp, d)
-                    compiled = _decode_split_kernel_2d.warmup(
-                        q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part, l_part,
-                        h_kv, c, m, n_q, c, 1.0, grid=(1, 1, 1), **consts,
-                    )  # fmt: skip
-                    _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
+                    with on_device(q_rot.device):  # (loads the compiled kernel on the cache's device)
+                        compiled = _decode_split_kernel_2d.warmup(
+                            q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part,
+                            l_part, h_kv, c, m, n_q, c, 1.0, grid=(1, 1, 1), **consts,
+                        )  # fmt: skip
+                        _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
                 per_sm = _RESIDENT[key]
             splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
                                                              mp, d, one_wave)  # fmt: skip
@@ -1049,8 +1052,6 @@ class DecodePlan:
         built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M] float32)."""
         b, h_kv, m, d = self._shape
         o_part, l_part = self._workspaces
-        self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start,
-                                 o_part, l_part, *self._ints, q_scale, **self._consts)  # fmt: skip
         out = torch.empty(b, h_kv, m, d, dtype=out_dtype, device=q_rot.device)
         lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
         if self._exact:
@@ -1062,9 +1063,12 @@ class DecodePlan:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
-        _merge_splits_kernel[(b * h_kv * m,)](
-            o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
-            q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
-            CENTER=key_mean is not None and self._exact, **self._merge_consts,
-        )  # fmt: skip
+        with on_device(q_rot.device):
+            self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start,
+                                     q_start, o_part, l_part, *self._ints, q_scale, **self._consts)  # fmt: skip
+            _merge_splits_kernel[(b * h_kv * m,)](
+                o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
+                q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
+                CENTER=key_mean is not None and self._exact, **self._merge_consts,
+            )  # fmt: skip
         return out, lse

@@ -59,6 +59,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
+from .launch import on_device
 
 __all__ = ["ENCODE_HEAD_DIMS", "LAUNCH_DEFAULTS", "encode_kv"]
 
@@ -591,20 +592,21 @@ class EncodePlan:
         unused = self._key_args[1]  # a float32 tensor in the place of an absent mean or scale
         km = unused if key_mean is None else key_mean
         ks = unused if key_scale is None else key_scale
-        try:
-            if self._one_launch:
-                _encode_kv_kernel[self._grids[0]](
-                    k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
-                    k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
-                    GROUP=self._value_consts["GROUP"], **self._key_consts,
-                )  # fmt: skip
-                return
-            _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0),
-                                                k.stride(1), k.stride(2), **self._key_consts)  # fmt: skip
-            _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0), v.stride(1),
-                                                  v.stride(2), **self._value_consts)  # fmt: skip
-        except OutOfResources as err:  # raised at the first launch of a configuration
-            raise ValueError(
-                f"the encode launch ({self.label}) needs {err.required} of {err.name} where this GPU has "
-                f"{err.limit}: pass a smaller chunk or block_n"
-            ) from err
+        with on_device(k.device):
+            try:
+                if self._one_launch:
+                    _encode_kv_kernel[self._grids[0]](
+                        k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
+                        k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
+                        GROUP=self._value_consts["GROUP"], **self._key_consts,
+                    )  # fmt: skip
+                    return
+                _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0),
+                                                    k.stride(1), k.stride(2), **self._key_consts)  # fmt: skip
+                _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0),
+                                                      v.stride(1), v.stride(2), **self._value_consts)  # fmt: skip
+            except OutOfResources as err:  # raised at the first launch of a configuration
+                raise ValueError(
+                    f"the encode launch ({self.label}) needs {err.required} of {err.name} where this GPU has "
+                    f"{err.limit}: pass a smaller chunk or block_n"
+                ) from err
