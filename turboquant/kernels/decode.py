@@ -3,8 +3,10 @@
 Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
 - the host rotates each query once, q_rot = Πq (and S q for prod keys), folding in the softmax
   scale, 1/√d and log2(e); the kernel never de-rotates a key;
-- grid (B·H_kv, splits): one program owns one KV head and a range of token slots, and all
-  G·N_q query rows of that head (GQA) share every dequantised K/V tile through tl.dot;
+- grid (B·H_kv, splits, row tiles): one program owns one KV head, a range of token slots and up to
+  MAX_ROWS (64) of the head's G·N_q query rows (GQA), which share every dequantised K/V tile through
+  tl.dot; a decode step (and up to 16 speculative queries at GQA 4) is one row tile, a longer chunk
+  of queries takes more;
 - a key's codes are unpacked from the planar layout (packing.pack_planar) into fields of contiguous
   columns, each dotted with the matching slice of the query; the key norm (and, for prod keys, γ) is
   applied once per score;
@@ -894,8 +896,9 @@ def decode_attention(
     """Attention of prepared queries over a compressed cache.
 
     Args:
-        q_rot: [B, H_kv, M, D] float32, M = G·N_q rows (query heads of one KV head, then queries),
-            already rotated (Πq); times q_scale it holds the logits' factor scale·log2(e).
+        q_rot: [B, H_kv, M, D] float32, M = G·N_q rows (query heads of one KV head, then queries; any M, in
+            tiles of MAX_ROWS rows per program), already rotated (Πq); times q_scale it holds the logits' factor
+            scale·log2(e).
         sq: [B, H_kv, M, D] float32, S q times √(π/2)/d (prod keys; also times q_scale in the kernel), else None.
         q_scale: multiplies q_rot, sq and the exact queries in the kernels (a caller passes scale·log2(e) here
             instead of scaling its query tensors).
