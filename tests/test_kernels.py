@@ -6,6 +6,7 @@ scripts/test.sh); on a GPU they run the compiled kernels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 
@@ -284,6 +285,54 @@ def test_workspaces_are_bounded_and_plans_keep_theirs(monkeypatch):
         out, _ = cache.attend_with_lse(queries[n_q], backend="triton", after=True)
         assert _rel(out, ref) < TOL
         assert len(decode._WORKSPACES) <= 2
+
+
+def test_launches_enter_the_cache_device(monkeypatch):
+    """Every launch of the encode and the decode (split kernel and merge) runs inside on_device(the cache's device),
+    which makes a CUDA device current only where it is not (Triton launches on the current device)."""
+    from turboquant.kernels import decode, encode, launch
+
+    assert isinstance(launch.on_device(torch.device("cpu")), contextlib.nullcontext)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert isinstance(launch.on_device(torch.device("cuda", 0)), contextlib.nullcontext)
+    assert isinstance(launch.on_device(torch.device("cuda", 1)), torch.cuda.device)
+    monkeypatch.undo()
+
+    gen = torch.Generator().manual_seed(9)
+    cache = _filled_cache(KVCacheConfig(head_dim=64, key_bits=4, value_bits=4), 1, 2, 40, gen)
+    buffers = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}
+    entered, inside = [], []
+
+    @contextlib.contextmanager
+    def recording(device):
+        entered.append(device)
+        inside.append(device)
+        yield
+        inside.pop()
+
+    def launched(kernel):  # a kernel whose launches record whether a recording context is open
+        class Recorded:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    assert inside == [torch.device(DEVICE)], kernel.__name__
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        return Recorded()
+
+    for module in (decode, encode):
+        monkeypatch.setattr(module, "on_device", recording)
+    for name in ("_decode_split_kernel_2d", "_decode_split_kernel", "_merge_splits_kernel"):
+        monkeypatch.setattr(decode, name, launched(getattr(decode, name)))
+    for name in ("_encode_keys_kernel", "_encode_values_kernel", "_encode_kv_kernel"):
+        monkeypatch.setattr(encode, name, launched(getattr(encode, name)))
+    for n, small_rows in ((1, 1024), (40, 0)):  # one launch (a decode step's token), then keys and values apart
+        k, v = (torch.randn(1, 2, n, 64, generator=gen).to(DEVICE) for _ in range(2))
+        encode.encode_kv(k, v, buffers, torch.arange(n, device=DEVICE), key_quantizer=cache.key_quantizer,
+                         value_quantizer=cache.value_quantizer, small_rows=small_rows)  # fmt: skip
+    cache.attend_with_lse(torch.randn(1, 4, 1, 64, generator=gen).to(DEVICE), backend="triton")
+    assert len(entered) == 3
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (the cache on one, the other current)")
