@@ -144,8 +144,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--block-n", nargs="*", type=int, default=[32, 64, 128], help="key rows per program (sweep)")
     ap.add_argument("--chunks", nargs="*", type=int, default=[32, 64, 128], help="rotation column chunks (sweep)")
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8], help="key kernel warps (sweep)")
-    ap.add_argument("--single-launch", nargs="*", type=int, default=[0], choices=[0, 1],
-                    help="keys and values in one launch (sweep; 0 1 tries both)")  # fmt: skip
     ap.add_argument("--value-block-n", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_block_n"]],
                     help="value rows per program (sweep)")  # fmt: skip
     ap.add_argument("--value-warps", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_num_warps"]],
@@ -167,17 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     launches = [{"search": s} for s in args.searches] or [{}]
     if args.sweep:
         launches = [
-            dict(
-                block_n=bn,
-                chunk=ch,
-                num_warps=w,
-                search=s,
-                value_block_n=vbn,
-                value_num_warps=vw,
-                single_launch=bool(one),
-            )
+            dict(block_n=bn, chunk=ch, num_warps=w, search=s, value_block_n=vbn, value_num_warps=vw)
             for s in args.searches or [None]
-            for one in args.single_launch
             for bn in args.block_n
             for ch in args.chunks
             for w in args.warps

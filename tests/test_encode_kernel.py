@@ -139,9 +139,6 @@ CASES = [
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
-    # keys and values of a long chunk in one launch, at the key kernel's rows and warps
-    ("mse", 4, 4, 64, "haar", True, 300, (1, 2), {"small_rows": 0, "single_launch": True}),
-    ("prod", 3, 2, 128, "hadamard", False, 63, (2, 1), {"small_rows": 0, "single_launch": True, "block_n": 32}),
 ]
 
 

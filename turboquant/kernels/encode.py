@@ -342,16 +342,17 @@ def _encode_kv_kernel(
 
 # Launch configuration (defaults from H200 sweeps at D = 128): key rows per program (block_n), columns of Πᵀ per
 # rotation chunk (chunk, capped at D) and warps (num_warps) of the key kernel, None = per key kind from _KEY_LAUNCHES;
-# a chunk of at most small_rows rows (e.g. a decode step) takes one launch for keys and values at 16 rows and 4 warps,
-# and single_launch=True does so for every chunk at block_n rows; pipeline depth; the precision of the fp32 dots
+# a chunk of at most small_rows rows (e.g. a decode step) takes one launch for keys and values at 16 rows and 4 warps
+# (for longer chunks one launch was slower at every size tried: the value work then runs at the key kernel's
+# occupancy); pipeline depth; the precision of the fp32 dots
 # ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs); whether 16-bit keys use the split 16-bit
 # rotation (split); rows / warps per program of the value kernel; and the codebook search ("full": a comparison per
 # decision boundary; "symmetric": by magnitude in an antisymmetric codebook, half the comparisons and the same
 # indices; None: symmetric for 4-bit key indices, where it pays on the H200 (32k chunk K4/V4 0.228 ms vs 0.248),
 # full for the rest).
 LAUNCH_DEFAULTS = dict(
-    block_n=None, small_rows=1024, chunk=None, num_warps=None, single_launch=False, num_stages=1, precision="tf32x3",
-    split=True, value_block_n=32, value_num_warps=2, search=None,
+    block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
+    value_block_n=32, value_num_warps=2, search=None,
 )  # fmt: skip
 # (block_n, chunk, num_warps) of the key kernel, from the seventh session's sweep of a 32k-token chunk
 # (benchmarks/RESULTS.md): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
@@ -446,7 +447,7 @@ def encode_kv(
         check_slots: verify 0 <= slots < C on the host (a device sync; pass False inside a
             CUDA graph capture or when the caller guarantees the range).
         launch: overrides of LAUNCH_DEFAULTS (block_n, small_rows, chunk, num_warps, num_stages,
-            single_launch, precision, split, value_block_n, value_num_warps, search).
+            precision, split, value_block_n, value_num_warps, search).
 
     Unlike the reference, values outside the float16 range are stored as ±inf instead of raising.
     """
@@ -580,7 +581,7 @@ class EncodePlan:
                                   BN=value_block_n, num_warps=launch["value_num_warps"])  # fmt: skip
         self._rows = (rows, n, h, c)
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
-        self._one_launch = small or launch["single_launch"]  # keys and values of the same rows in one program
+        self._one_launch = small  # keys and values of the same rows in one program
         values = "" if self._one_launch else f" values {value_block_n} rows {launch['value_num_warps']} warps"
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search}"
                       + (" one launch" if self._one_launch else values))  # fmt: skip
