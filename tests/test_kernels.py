@@ -270,8 +270,9 @@ def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, monkey
 
 
 def test_workspaces_are_bounded_and_plans_keep_theirs(monkeypatch):
-    """Chunks of many lengths do not pile up workspaces (least recently used forgotten beyond MAX_WORKSPACES); a
-    cache's kept plan still holds its own, so attending again with an earlier length stays right."""
+    """Chunks of many lengths do not pile up workspaces (least recently used forgotten beyond MAX_WORKSPACES or
+    MAX_WORKSPACE_BYTES); a cache's kept plan still holds its own, so attending again with an earlier length stays
+    right."""
     from turboquant.kernels import decode
 
     monkeypatch.setattr(decode, "MAX_WORKSPACES", 2)
@@ -285,6 +286,12 @@ def test_workspaces_are_bounded_and_plans_keep_theirs(monkeypatch):
         out, _ = cache.attend_with_lse(queries[n_q], backend="triton", after=True)
         assert _rel(out, ref) < TOL
         assert len(decode._WORKSPACES) <= 2
+    monkeypatch.setattr(decode, "MAX_WORKSPACES", 16)
+    monkeypatch.setattr(decode, "MAX_WORKSPACE_BYTES", 1)  # every new shape evicts the others, never itself
+    cache._drop_plans()  # (new plans look their workspaces up again: held now, 32 and 64 rows; made, 16 and 64)
+    for n_q in (1, 9):
+        out, _ = cache.attend_with_lse(queries[n_q], backend="triton", after=True)
+        assert len(decode._WORKSPACES) == 1
 
 
 def test_launches_enter_the_cache_device(monkeypatch):

@@ -840,10 +840,11 @@ def _resident_programs(kernel, device: torch.device, num_warps: int) -> int:
 
 
 # Partial-result workspaces by shape, shared by the plans of that shape; the least recently used are forgotten
-# beyond MAX_WORKSPACES (their memory goes once no plan holds them), so that chunks of many lengths do not keep
-# growing the GPU memory held.
+# beyond MAX_WORKSPACES, or beyond MAX_WORKSPACE_BYTES together (their memory goes once no plan holds them), so that
+# chunks of many lengths do not keep growing the GPU memory held.
 _WORKSPACES: collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
 MAX_WORKSPACES = 16
+MAX_WORKSPACE_BYTES = 2**30
 
 
 def _workspace(device, bh: int, splits: int, rows: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -856,8 +857,11 @@ def _workspace(device, bh: int, splits: int, rows: int, d: int) -> tuple[torch.T
             torch.empty(bh * splits * rows, d, dtype=torch.float32, device=device),
             torch.empty(bh * splits * rows, dtype=torch.float32, device=device),
         )
-        while len(_WORKSPACES) > MAX_WORKSPACES:
-            _WORKSPACES.popitem(last=False)
+        while len(_WORKSPACES) > 1 and (
+            len(_WORKSPACES) > MAX_WORKSPACES
+            or sum(o.nbytes + l.nbytes for o, l in _WORKSPACES.values()) > MAX_WORKSPACE_BYTES
+        ):
+            _WORKSPACES.popitem(last=False)  # the least recently used (never the one just made)
     return _WORKSPACES[key]
 
 
