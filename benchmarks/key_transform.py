@@ -11,6 +11,12 @@ TurboQuantCache's key scales:
 Prints, per layer (mean over KV heads), the error power of each transform relative to none, measured on the tokens
 after the prompt (out of sample) and on the prompt itself.
 
+Then, for the scaled keys after the prompt, what giving channels different bit widths would do (the paper's outlier
+channels, §4.3): each group of channels quantized on its own (its error isotropic within the group, of power
+D_b·E‖k_g‖²), relative to 4 bits on every channel, for half the channels at 5 bits and half at 3 (the halves
+chosen by the fitted weight √(E[k_c²]E[q_c²]) of each channel), and for the best real-valued bits per channel under
+D_b ∝ 4^-b (a bound for any such split at 4 bits on average).
+
     OMP_NUM_THREADS=1 python benchmarks/key_transform.py --model smollm2 [--offset N]
 """
 
@@ -24,7 +30,10 @@ from models import MODELS, load_model, load_tokens
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from turboquant.codebook import codebook_distortion, get_codebook
+
 SINKS = 4  # the first tokens are kept exact by TurboQuantCache's default (sink_tokens=4): left out of the statistics
+GAUSSIAN_D5 = 0.002499  # Lloyd-Max distortion of one N(0, 1) coordinate at 5 bits (Max, 1960): no shipped codebook
 
 
 def capture(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -68,6 +77,20 @@ def error_power(a: torch.Tensor, k: torch.Tensor, q: torch.Tensor) -> float:
     return (ak.pow(2).sum(1).mean() * aq.pow(2).sum(1).mean()).item()
 
 
+def bit_split_powers(fit_k, fit_q, out_k, out_q, dist: dict[int, float]) -> tuple[float, float]:
+    """(half the channels at 5 bits and half at 3, the best real-valued bits per channel): the logit-error power of
+    the scaled keys k/s after the prompt, relative to 4 bits on every channel (see the module docstring)."""
+    s = (fit_k.pow(2).mean(0) / fit_q.pow(2).mean(0)) ** 0.25
+    a, b = out_k.pow(2).mean(0) / s**2, out_q.pow(2).mean(0) * s**2  # per channel: E[(k/s)²], E[(q·s)²]
+    d = len(a)
+    uniform = dist[4] / d * a.sum() * b.sum()
+    order = torch.argsort(fit_k.pow(2).mean(0) * fit_q.pow(2).mean(0), descending=True)
+    top, rest = order[: d // 2], order[d // 2 :]
+    split = (dist[5] * a[top].sum() * b[top].sum() + dist[3] * a[rest].sum() * b[rest].sum()) / (d // 2)
+    best = dist[4] * d * (a * b).log().mean().exp()  # Σ_c D(b_c)·a_c·b_c at the optimal b_c, mean b_c = 4
+    return (split / uniform).item(), (best / uniform).item()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -105,6 +128,23 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {i} | {means['so']:.3f} | {means['fo']:.3f} | {means['si']:.3f} | {means['fi']:.3f} |")
     mean = {key: statistics.mean(v) for key, v in totals.items()}
     print(f"| mean | {mean['so']:.3f} | {mean['fo']:.3f} | {mean['si']:.3f} | {mean['fi']:.3f} |")
+
+    d = next(iter(layers.values()))[1].shape[-1]
+    dist = {b: codebook_distortion(d, get_codebook(d, b)) for b in (3, 4)} | {5: GAUSSIAN_D5}
+    splits, bests = [], []
+    for q, k in layers.values():
+        group = q.shape[0] // k.shape[0]
+        for h in range(k.shape[0]):
+            kh = k[h]
+            mu = kh[SINKS:p].mean(0)
+            qf = q[h * group : (h + 1) * group, SINKS:p].reshape(-1, d)
+            qo = q[h * group : (h + 1) * group, p:].reshape(-1, d)
+            split, best = bit_split_powers(kh[SINKS:p] - mu, qf, kh[p:] - mu, qo, dist)
+            splits.append(split)
+            bests.append(best)
+    print(f"scaled keys after the prompt, relative to 4 bits on every channel (median over heads): half the channels "
+          f"at 5 bits and half at 3: {statistics.median(splits):.3f}; the best real-valued bits per channel: "
+          f"{statistics.median(bests):.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
