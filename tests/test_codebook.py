@@ -185,5 +185,20 @@ def test_bad_head_dim_raises(head_dim: int) -> None:
 def test_bad_bits_raise(bits: int) -> None:
     with pytest.raises(ValueError, match=r"\(1, 2, 3, 4\)"):
         get_codebook(128, bits)
-    with pytest.raises(ValueError, match=r"\(1, 2, 3, 4\)"):
+
+
+@pytest.mark.parametrize("bits", [0, -1, 9])
+def test_solver_bad_bits_raise(bits: int) -> None:
+    with pytest.raises(ValueError, match=r"\(1, 2, 3, 4, 5, 6, 7, 8\)"):
         generate_lloyd_max_codebook(128, bits)
+
+
+def test_solver_five_bits() -> None:
+    """The solver also gives wider codebooks (for studies; the quantizers take 1-4 bits): at 5 bits, 32 antisymmetric
+    ascending centroids whose distortion is about a quarter of 4 bits' (high-rate 4^-b), and at d = 4096, where the
+    coordinate density is Gaussian to O(1/d), Max's Gaussian value 0.002499."""
+    c5 = generate_lloyd_max_codebook(128, 5)
+    assert c5.shape == (32,) and bool((c5[1:] > c5[:-1]).all()) and torch.allclose(c5, -c5.flip(0))
+    d4, d5 = codebook_distortion(128, get_codebook(128, 4)), codebook_distortion(128, c5)
+    assert 0.24 < d5 / d4 < 0.30
+    assert abs(codebook_distortion(4096, generate_lloyd_max_codebook(4096, 5)) - 0.002499) < 0.005 * 0.002499

@@ -34,17 +34,18 @@ __all__ = [
 
 SHIPPED_HEAD_DIMS = (64, 96, 128, 256)
 SHIPPED_BITS = (1, 2, 3, 4)
-SUPPORTED_BITS = (1, 2, 3, 4)
+SUPPORTED_BITS = (1, 2, 3, 4)  # the quantizers' and shipped codebooks' widths
+SOLVER_BITS = tuple(range(1, 9))  # what generate_lloyd_max_codebook solves (wider codebooks for studies)
 MIN_HEAD_DIM = 16
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-def _check_args(head_dim: int, bits: int) -> None:
+def _check_args(head_dim: int, bits: int, allowed: tuple[int, ...] = SUPPORTED_BITS) -> None:
     if not isinstance(head_dim, int) or head_dim < MIN_HEAD_DIM:
         raise ValueError(f"head_dim must be an integer >= {MIN_HEAD_DIM}, got {head_dim!r}")
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    if bits not in allowed:
+        raise ValueError(f"bits must be one of {allowed}, got {bits!r}")
 
 
 class _CellMoments:
@@ -81,7 +82,7 @@ def generate_lloyd_max_codebook(
 
     Args:
         head_dim: d, the vector dimension (>= 16).
-        bits: b in {1, 2, 3, 4}; the codebook has 2^b entries.
+        bits: b in 1..8 (the quantizers take 1-4); the codebook has 2^b entries.
         tol: stop when no centroid moves by more than ``tol`` (√d units).
         seed: accepted for compatibility and ignored: the solution is deterministic.
 
@@ -89,7 +90,7 @@ def generate_lloyd_max_codebook(
         centroids: [2^b] float32, sorted ascending, symmetric about 0, in √d-scaled units.
     """
     del seed
-    _check_args(head_dim, bits)
+    _check_args(head_dim, bits, SOLVER_BITS)
     moments = _CellMoments(head_dim)
     n = 2**bits
     # Start from the Gaussian-limit quantiles' cell means: close to the answer, so few iterations.
