@@ -1,0 +1,144 @@
+"""Uneven bits over key channel groups, studied by fake quantization inside a real model (CPU).
+
+Not the cache: a registered attention function replaces each stored key by its reconstruction, so that key
+quantizers the cache does not have can be compared on the model_quality protocol's numbers. One forward over P + T
+tokens of text; queries at positions < P attend exactly (the prefill); a query at t >= P attends to the
+reconstructions of every earlier key and to its own key exactly, which is what the step-by-step protocol computes
+(position t's hidden states come from the same attention), in float64; sliding-window layers see their window.
+Keys as TurboQuantCache's defaults prepare them: centred by the prompt's mean key, divided per channel by the key
+scales fitted on the prompt's keys and queries, the first SINKS tokens exact, norm correction. Then either
+- ``uniform``: TurboQuant MSE (Haar rotation, Lloyd-Max codebook) at 4 bits over all D channels, or
+- ``halves``: the D channels split in two by the fitted weight √(E[k̃_c²]E[q_c²]) of each channel, the heavier half
+  at 5 bits and the other at 3 (each half its own rotation, codebook and norm: 4 bits on average, one more norm per
+  key).
+Values exact, or 4-bit per-group affine (ValueQuantizer, groups of 32). Prints KL(16-bit ‖ method) of the
+next-token distributions over the T positions, and perplexity, for each.
+
+    OMP_NUM_THREADS=1 python benchmarks/channel_bits.py --model smollm2 [--offset N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+
+import torch
+from models import MODELS, load_model, load_tokens
+from transformers import AttentionInterface
+
+from turboquant.codebook import generate_lloyd_max_codebook
+from turboquant.quantizers import ValueQuantizer
+from turboquant.rotation import get_rotation_matrix
+
+SINKS = 4
+METHODS = ("uniform", "halves")
+
+
+@functools.cache
+def _codebook(d: int, bits: int) -> torch.Tensor:
+    return generate_lloyd_max_codebook(d, bits).double()
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """TurboQuant MSE with norm correction (fp16 norms) of the rows of x [..., d] float64: the reconstruction."""
+    d = x.shape[-1]
+    rot = get_rotation_matrix(d).double()
+    norms = x.norm(dim=-1, keepdim=True)
+    y = (x / norms.clamp_min(1e-300)) @ rot.T * math.sqrt(d)
+    c = _codebook(d, bits)
+    unit = c[torch.bucketize(y, (c[1:] + c[:-1]) / 2)]
+    unit = unit / unit.norm(dim=-1, keepdim=True)  # norm correction: ‖x̂‖ = ‖x‖
+    return (unit @ rot) * norms.half().double()
+
+
+class Study:
+    """The registered attention: exact for the prompt's queries, reconstructed past keys (and values) after it."""
+
+    def __init__(self, prompt: int):
+        self.prompt, self.method, self.values = prompt, None, None
+
+    def keys(self, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Reconstructed keys of one layer: k [H_kv, N, D], q [H_kv, G, N, D] float64."""
+        p = self.prompt
+        mu = k[:, :p].mean(1, keepdim=True)
+        kc = k - mu
+        k2, q2 = kc[:, :p].pow(2).mean(1), q[:, :, :p].pow(2).mean((1, 2))  # [H_kv, D]
+        k2 = k2 + 1e-6 * k2.mean(-1, keepdim=True) + 1e-300  # as TurboQuantKVCache._key_scales: no zero channel
+        q2 = q2 + 1e-6 * q2.mean(-1, keepdim=True) + 1e-300
+        s = (k2 / q2) ** 0.25
+        ks = kc / s[:, None]
+        if self.method == "uniform":
+            rec = fake_quantize(ks, 4)
+        else:
+            rec = torch.empty_like(ks)
+            order = torch.argsort(k2 * q2, dim=-1, descending=True)
+            half = k.shape[-1] // 2
+            for h in range(k.shape[0]):
+                for channels, bits in ((order[h, :half], 5), (order[h, half:], 3)):
+                    rec[h][:, channels] = fake_quantize(ks[h][:, channels], bits)
+        rec = rec * s[:, None] + mu
+        rec[:, :SINKS] = k[:, :SINKS]
+        return rec
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        q, k, v = query[0].double(), key[0].double(), value[0].double()  # [H, N, D]
+        h_q, n, d = q.shape
+        g = h_q // k.shape[0]
+        k_rec = self.keys(k, q.reshape(k.shape[0], g, n, d))
+        v_rec = v
+        if self.values:
+            vq = ValueQuantizer(4, group_size=32)
+            v_rec = vq.dequantize_codes(*vq.quantize(v.float())).double()
+            v_rec[:, :SINKS] = v[:, :SINKS]
+        scale = scaling if scaling is not None else d**-0.5
+        pos = torch.arange(n)
+        exact = (pos < self.prompt)[:, None] | (pos[None, :] == pos[:, None])  # [N, N]: prefill, or a query's own key
+        causal = pos[None, :] <= pos[:, None]
+        window = kwargs.get("sliding_window")
+        if window:  # a sliding-window layer: keys within the last `window` positions
+            causal &= pos[None, :] > pos[:, None] - window
+        k_x, v_x = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
+        k_r, v_r = k_rec.repeat_interleave(g, 0), v_rec.repeat_interleave(g, 0)
+        scores = torch.where(exact, q @ k_x.transpose(-1, -2), q @ k_r.transpose(-1, -2)) * scale
+        p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out = torch.where(exact, p, 0.0) @ v_x + torch.where(exact, 0.0, p) @ v_r
+        return out.transpose(0, 1)[None].to(query.dtype), None
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--prefill", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--offset", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    model, tokenizer = load_model(args.model)
+    ids = load_tokens(tokenizer, args.prefill + args.tokens, offset=args.offset)
+    p, t = args.prefill, args.tokens
+    study = Study(p)
+    AttentionInterface.register("turboquant_channel_bits_study", study)
+    target = ids[0, p : p + t]
+
+    def log_probs(method: str | None, values: bool) -> torch.Tensor:
+        study.method, study.values = method, values
+        model.set_attn_implementation("sdpa" if method is None else "turboquant_channel_bits_study")
+        return model(ids).logits[0, p - 1 : p + t - 1].double().log_softmax(-1)
+
+    ref = log_probs(None, False)
+    ppl_ref = math.exp(-ref[torch.arange(t), target].mean().item())
+    print(f"{args.model}, text offset {args.offset}, {p} prefilled + {t} tokens; 16-bit perplexity {ppl_ref:.3f}")
+    print("| values | keys | KL | perplexity |\n|---|---|---|---|")
+    for values in (False, True):
+        for method in METHODS:
+            lp = log_probs(method, values)
+            kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
+            ppl = math.exp(-lp[torch.arange(t), target].mean().item())
+            change = 100 * (ppl / ppl_ref - 1)
+            kind = "4-bit" if values else "exact"
+            print(f"| {kind} | {method} | {kl:.4f} | {ppl:.3f} ({change:+.2f}%) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
