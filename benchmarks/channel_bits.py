@@ -28,10 +28,11 @@ from models import MODELS, load_model, load_tokens
 from transformers import AttentionInterface
 
 from turboquant.codebook import generate_lloyd_max_codebook
+from turboquant.demo import DEMO_SETTINGS
 from turboquant.quantizers import ValueQuantizer
 from turboquant.rotation import get_rotation_matrix
 
-SINKS = 4
+SINKS = DEMO_SETTINGS["sink_tokens"]  # TurboQuantCache's default
 METHODS = ("uniform", "halves")
 
 

@@ -31,8 +31,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from turboquant.codebook import codebook_distortion, get_codebook
+from turboquant.demo import DEMO_SETTINGS
 
-SINKS = 4  # the first tokens are kept exact by TurboQuantCache's default (sink_tokens=4): left out of the statistics
+# the first tokens, kept exact by TurboQuantCache's default: left out of the statistics
+SINKS = DEMO_SETTINGS["sink_tokens"]
 GAUSSIAN_D5 = 0.002499  # Lloyd-Max distortion of one N(0, 1) coordinate at 5 bits (Max, 1960): no shipped codebook
 
 
@@ -108,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
           "none")  # fmt: skip
     print("| layer | scales, out | full, out | scales, fit | full, fit |\n|---|---|---|---|---|")
     totals: dict[str, list[float]] = {key: [] for key in ("so", "fo", "si", "fi")}
+    d = next(iter(layers.values()))[1].shape[-1]
+    dist = {b: codebook_distortion(d, get_codebook(d, b)) for b in (3, 4)} | {5: GAUSSIAN_D5}
+    splits, bests = [], []
     for i in sorted(layers):
         q, k = layers[i]
         h_kv, group = k.shape[0], q.shape[0] // k.shape[0]
@@ -122,26 +127,15 @@ def main(argv: list[str] | None = None) -> None:
                 base = error_power(a["none"], kk, qq)
                 row["s" + key].append(error_power(a["scales"], kk, qq) / base)
                 row["f" + key].append(error_power(a["full"], kk, qq) / base)
+            split, best = bit_split_powers(fit_k, fit_q, out_k, out_q, dist)
+            splits.append(split)
+            bests.append(best)
         means = {key: statistics.mean(v) for key, v in row.items()}
         for key in totals:
             totals[key].append(means[key])
         print(f"| {i} | {means['so']:.3f} | {means['fo']:.3f} | {means['si']:.3f} | {means['fi']:.3f} |")
     mean = {key: statistics.mean(v) for key, v in totals.items()}
     print(f"| mean | {mean['so']:.3f} | {mean['fo']:.3f} | {mean['si']:.3f} | {mean['fi']:.3f} |")
-
-    d = next(iter(layers.values()))[1].shape[-1]
-    dist = {b: codebook_distortion(d, get_codebook(d, b)) for b in (3, 4)} | {5: GAUSSIAN_D5}
-    splits, bests = [], []
-    for q, k in layers.values():
-        group = q.shape[0] // k.shape[0]
-        for h in range(k.shape[0]):
-            kh = k[h]
-            mu = kh[SINKS:p].mean(0)
-            qf = q[h * group : (h + 1) * group, SINKS:p].reshape(-1, d)
-            qo = q[h * group : (h + 1) * group, p:].reshape(-1, d)
-            split, best = bit_split_powers(kh[SINKS:p] - mu, qf, kh[p:] - mu, qo, dist)
-            splits.append(split)
-            bests.append(best)
     print(f"scaled keys after the prompt, relative to 4 bits on every channel (median over heads): half the channels "
           f"at 5 bits and half at 3: {statistics.median(splits):.3f}; the best real-valued bits per channel: "
           f"{statistics.median(bests):.3f}")  # fmt: skip
