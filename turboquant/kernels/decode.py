@@ -1,8 +1,8 @@
 """Fused decode attention straight from the compressed cache (flash-decoding, Triton).
 
 Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
-- the host rotates each query once, q_rot = Πq (and S q for prod keys), folding in the softmax
-  scale, 1/√d and log2(e); the kernel never de-rotates a key;
+- the host rotates each query once, q_rot = Πq (and S q for prod keys); the kernels multiply them by
+  q_scale = softmax scale · log2(e) as they load them, and never de-rotate a key;
 - grid (B·H_kv, splits, row tiles): one program owns one KV head, a range of token slots and up to
   MAX_ROWS (64) of the head's G·N_q query rows (GQA), which share every dequantised K/V tile through
   tl.dot; a decode step (and up to 16 speculative queries at GQA 4) is one row tile, a longer chunk
