@@ -114,10 +114,11 @@ def _kernel_codebook(bits: int, d: int = 128) -> torch.Tensor:
     return ((cb - cb.flip(0)) / 2).float()  # as TurboQuantKVCache hands it to the kernels
 
 
-def _table_operands(cb: torch.Tensor, first: int, n: int) -> dict[int, np.ndarray]:
-    """The four lookup tables as the kernel passes them: operands first, first + 4, ... (pack=4)."""
+def _table_operands(cb: torch.Tensor, first: int, n: int, pack: int = 4) -> dict[int, np.ndarray]:
+    """The four lookup tables as the kernel passes them: operands first, first + pack, ... (each 32-bit input
+    takes ``pack`` registers)."""
     words = decode.key_lookup_tables(cb).numpy().astype(np.int64) & M32
-    return {first + 4 * i: np.full(n, words[i], dtype=np.uint64) for i in range(4)}
+    return {first + pack * i: np.full(n, words[i], dtype=np.uint64) for i in range(4)}
 
 
 def test_lookup_tables_hold_the_fp16_centroids():
@@ -140,14 +141,14 @@ def test_key4_lookup_matches_the_codebook(tables):
     table = cb.half().numpy()
     w = _words(0)
     if tables == "operands":
-        regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w))})
+        regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w), pack=2)})
     else:  # the tables written into the assembly: the codes are its only input
         regs = run_ptx(decode.key_asm_code(4, _table_words(cb)), {4: w})
-    for f in range(2):  # field 0: low nibbles, field 1: high nibbles
-        got = _field(regs, 2 * f)
-        for k, byte in enumerate(_bytes(w)):
-            want = table[((byte >> (4 * f)) & 15).astype(np.int64)]
-            np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+    elements = (w & 0xFFFF, w >> 16)  # two int16 elements of 4 codes
+    for j in range(4):  # register j: nibble j of element 0 (low half) and of element 1 (high half)
+        for half, got in enumerate(_f16x2(regs[j])):
+            want = table[((elements[half] >> (4 * j)) & 15).astype(np.int64)]
+            np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("tables", ["operands", "immediates"])

@@ -321,7 +321,7 @@ def test_launches_enter_the_cache_device(monkeypatch):
         class Recorded:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
-                    assert inside == [torch.device(DEVICE)], kernel.__name__
+                    assert inside == [cache.device], kernel.__name__
                     return kernel[grid](*args, **kwargs)
 
                 return run

@@ -270,29 +270,31 @@ def _table_registers(words: tuple[int, ...] | None, operands: list[str]) -> tupl
 
 
 def _key4_asm(words: tuple[int, ...] | None = None) -> str:
-    """4-bit centroids: 4 bytes of planar codes -> 2 fields × 4 fp16 (elementwise: output k from byte k).
+    """4-bit centroids: two int16 elements of 4 codes each (one 32-bit register, pack=2) -> 4 tiles of fp16
+    pairs: output j holds nibble j of element 0 and of element 1, the pairing of a tensor-core operand register.
 
     The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables
-    (key_lookup_tables, passed as operands so that they stay in registers across the loop). Per register of 8
-    codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear), the low and high bytes of |c|
-    looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the sign of negative codes or-ed
-    in: 18 instructions. Operands: outputs $0-$3, the codes $4, then (without ``words``) the four tables $5, $9,
-    $13, $17 (pack=4 gives each 32-bit input four registers)."""
-    (l0, l1, h0, h1), extra, moves = _table_registers(words, ["$5", "$9", "$13", "$17"])
+    (key_lookup_tables). The bytes are reordered (0, 2, 1, 3) so that each looked-up pair comes from the two
+    elements; then per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear),
+    the low and high bytes of |c| looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the
+    sign of negative codes or-ed in: 22 instructions. Operands: outputs $0-$3, the codes $4, then (without
+    ``words``) the four tables $5, $7, $9, $11 (pack=2 gives each 32-bit input two registers)."""
+    (l0, l1, h0, h1), extra, moves = _table_registers(words, ["$5", "$7", "$9", "$11"])
     return (
-        f"{{ .reg .b32 {', '.join(['neg', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
+        f"{{ .reg .b32 {', '.join(['w', 'neg', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
         + moves
-        + "lop3.b32 neg, $4, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
+        + "prmt.b32 w, $4, 0, 0x3120;\n"  # bytes (0, 2, 1, 3): element 0's byte k beside element 1's
+        "lop3.b32 neg, w, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
         "shr.u32 t, neg, 3;\n mul.lo.u32 t, t, 7;\n"
-        "lop3.b32 r, $4, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
+        "lop3.b32 r, w, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
         "shr.u32 sb, r, 16;\n"
         f"prmt.b32 la, {l0}, {l1}, r;\n prmt.b32 ha, {h0}, {h1}, r;\n"
         f"prmt.b32 lb, {l0}, {l1}, sb;\n prmt.b32 hb, {h0}, {h1}, sb;\n"
-        "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $2, la, ha, 0x7351;\n"
-        "prmt.b32 $1, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
-        "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3)
-        "shl.b32 t, u, 4;\n lop3.b32 $0, $0, t, 0x80008000, 0xF8;\n lop3.b32 $2, $2, u, 0x80008000, 0xF8;\n"
-        "shl.b32 t, v, 4;\n lop3.b32 $1, $1, t, 0x80008000, 0xF8;\n lop3.b32 $3, $3, v, 0x80008000, 0xF8;\n}"
+        "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $1, la, ha, 0x7351;\n"
+        "prmt.b32 $2, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
+        "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3) of w
+        "shl.b32 t, u, 4;\n lop3.b32 $0, $0, t, 0x80008000, 0xF8;\n lop3.b32 $1, $1, u, 0x80008000, 0xF8;\n"
+        "shl.b32 t, v, 4;\n lop3.b32 $2, $2, t, 0x80008000, 0xF8;\n lop3.b32 $3, $3, v, 0x80008000, 0xF8;\n}"
     )
 
 
@@ -341,14 +343,19 @@ def key_asm_code(key_bits: int, table_words: tuple[int, ...] | None = None) -> s
 def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, D: tl.constexpr,
                 DP_K: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
                 MASKED: tl.constexpr):  # fmt: skip
-    """Centroids (√d units, fp16) of BN keys as field tiles [BN, DP_K]: tile f = key columns f·DP_K + e (4 bits:
-    two fields; 2 and 3 bits: the four fields of the 2-bit plane, with, for 3 bits, the high bit of column
-    f·D/4 + e from bit 2f + e // (D/8) of byte e mod D/8 of the 1-bit plane). With KEY_ASM: kt0-kt3, the int32
-    tables of key_lookup_tables (TABLES_IN_ASM: none, the assembly holds them); else b_cb, the [BN, 2^kb]
-    codebook of the portable lookup."""
+    """Centroids (√d units, fp16) of BN keys as four field tiles [BN, DP_K], in the columns of _query_tile.
+
+    4 bits: the codes read as int16 elements (4 codes each), tile j = nibble j of element e, so that the inline
+    assembly turns one 32-bit register (two elements) into one tensor-core register per tile. 2 and 3 bits: the
+    four fields of the 2-bit plane, with, for 3 bits, the high bit of column f·D/4 + e from bit 2f + e // (D/8)
+    of byte e mod D/8 of the 1-bit plane. With KEY_ASM: kt0-kt3, the int32 tables of key_lookup_tables
+    (TABLES_IN_ASM: none, the assembly holds them); else b_cb, the [BN, 2^kb] codebook of the portable lookup."""
     KB: tl.constexpr = D * KEY_BITS // 8  # bytes per key
     o_k = tl.arange(0, DP_K)
-    p_k = KC + row[:, None] * KB + o_k[None, :]
+    if KEY_BITS == 4:
+        p_k = KC.to(tl.pointer_type(tl.int16)) + row[:, None] * (KB // 2) + o_k[None, :]
+    else:
+        p_k = KC + row[:, None] * KB + o_k[None, :]
     if MASKED:
         kb = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
@@ -363,10 +370,8 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
         hh = tl.broadcast_to((o_k // H).to(tl.uint8)[None, :], hb.shape)  # which bit of the byte: 0 or 1
     if KEY_ASM != "" and TABLES_IN_ASM:  # only the codes as operands (pure: Triton may move it past a conversion)
         if KEY_BITS == 4:
-            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16, tl.float16),
-                                               is_pure=True, pack=4)  # fmt: skip
-            k2 = k0
-            k3 = k0
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16,) * 4,
+                                                       is_pure=True, pack=2)  # fmt: skip
         elif KEY_BITS == 3:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
                 KEY_ASM, "=r" + ",=r" * 7 + ",r,r,r", [kb, hb, hh], dtype=(tl.float16,) * 4, is_pure=True, pack=4
@@ -376,16 +381,14 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
                 KEY_ASM, "=r" + ",=r" * 7 + ",r", [kb], dtype=(tl.float16,) * 4, is_pure=True, pack=4
             )
     elif KEY_ASM != "":
-        z = tl.zeros(kb.shape, tl.int32)  # the tables as (uniform) operand tensors, four registers each
+        z = tl.zeros(kb.shape, tl.int32)  # the tables as (uniform) operand tensors
         t0 = z + kt0
         t1 = z + kt1
         t2 = z + kt2
         t3 = z + kt3
         if KEY_BITS == 4:
-            k0, k1 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r" + ",r" * 16, [kb, t0, t1, t2, t3],
-                                               dtype=(tl.float16, tl.float16), is_pure=False, pack=4)  # fmt: skip
-            k2 = k0
-            k3 = k0
+            k0, k1, k2, k3 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r" + ",r" * 8, [kb, t0, t1, t2, t3],
+                                                       dtype=(tl.float16,) * 4, is_pure=False, pack=2)  # fmt: skip
         elif KEY_BITS == 3:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(
                 KEY_ASM, "=r" + ",=r" * 7 + ",r,r,r" + ",r" * 16, [kb, hb, hh, t0, t1, t2, t3],
@@ -397,10 +400,11 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
     else:
         kb = kb.to(tl.int32)
         if KEY_BITS == 4:
+            kb = kb & 0xFFFF
             k0 = tl.gather(b_cb, kb & 15, axis=1)
-            k1 = tl.gather(b_cb, kb >> 4, axis=1)
-            k2 = k0
-            k3 = k0
+            k1 = tl.gather(b_cb, (kb >> 4) & 15, axis=1)
+            k2 = tl.gather(b_cb, (kb >> 8) & 15, axis=1)
+            k3 = tl.gather(b_cb, kb >> 12, axis=1)
         else:
             if KEY_BITS == 3:
                 hb = hb.to(tl.int32) >> hh.to(tl.int32)
@@ -411,6 +415,20 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
             k2 = tl.gather(b_cb, ((kb >> 4) & 3) | (((hb >> 4) & 1) << 2), axis=1)
             k3 = tl.gather(b_cb, ((kb >> 6) & 3) | (((hb >> 6) & 1) << 2), axis=1)
     return k0, k1, k2, k3
+
+
+@triton.jit
+def _query_tile(p_q, m_m, Q_SCALE, j: tl.constexpr, KEY_BITS: tl.constexpr, D: tl.constexpr, DP_K: tl.constexpr):
+    """The rotated queries' columns that meet key field tile j of _key_fields, transposed: fp16 [DP_K, BM].
+
+    4 bits: nibble j of int16 element e is byte 2e + j // 2, whose low nibble is column byte and high nibble
+    column D/2 + byte (the cache's packing); 2 and 3 bits: columns j·DP_K + e."""
+    o_e = tl.arange(0, DP_K)
+    if KEY_BITS == 4:
+        cols = 2 * o_e + (j // 2) + (D // 2) * (j % 2)
+    else:
+        cols = j * DP_K + o_e
+    return (tl.load(p_q + cols[:, None], mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
 
 
 def _sign_asm() -> str:
@@ -626,14 +644,14 @@ def _decode_split_kernel_2d(
     m_m = o_m < M
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
-    p_q = Q + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DP_K)[:, None]
-    qt0 = (tl.load(p_q, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
-    qt1 = (tl.load(p_q + DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+    p_q = Q + i_bh * M * D + o_m[None, :] * D
+    qt0 = _query_tile(p_q, m_m, Q_SCALE, 0, KEY_BITS, D, DP_K)
+    qt1 = _query_tile(p_q, m_m, Q_SCALE, 1, KEY_BITS, D, DP_K)
     qt2 = qt0
     qt3 = qt0
     if P_K > 2:
-        qt2 = (tl.load(p_q + 2 * DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
-        qt3 = (tl.load(p_q + 3 * DP_K, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+        qt2 = _query_tile(p_q, m_m, Q_SCALE, 2, KEY_BITS, D, DP_K)
+        qt3 = _query_tile(p_q, m_m, Q_SCALE, 3, KEY_BITS, D, DP_K)
     sq0 = qt0
     sq1 = qt0
     sq2 = qt0
@@ -695,7 +713,7 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     key_bits = key_bits - 1 if prod else key_bits
     if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
         return None
-    p_k, p_v = 4 if key_bits == 3 else 8 // key_bits, 8 // value_bits
+    p_k, p_v = 4, 8 // value_bits  # four key field tiles (4 bits: nibbles of int16 elements)
     dp_v = d // p_v
     w = min(dp_v, group_size)
     if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
