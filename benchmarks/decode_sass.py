@@ -54,10 +54,10 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
         cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
         words = tuple(decode.key_lookup_tables(((cb - cb.flip(0)) / 2).float()).tolist())
-    key_asm = decode.key_asm_code(key_bits, words) if asm else ""
+    layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
+    key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8 or key_bits == 4) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm,
-                 **decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32))  # fmt: skip
+                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm, **layout)  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},

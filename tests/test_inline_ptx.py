@@ -154,6 +154,7 @@ def test_key4_lookup_matches_the_codebook(tables):
 @pytest.mark.parametrize("tables", ["operands", "immediates"])
 @pytest.mark.parametrize("bits", [2, 3])
 def test_plane_key_lookup_matches_the_codebook(bits, tables):
+    """Bytes (pack=4, head_dim 64): h selects bit 2f + h of the 1-bit plane; output field f in registers 2f, 2f+1."""
     cb = _kernel_codebook(bits)
     table = cb.half().numpy()
     codes, high = _words(1), _words(2)
@@ -162,9 +163,9 @@ def test_plane_key_lookup_matches_the_codebook(bits, tables):
     operands = {8: codes, 9: high, 10: half} if bits == 3 else {8: codes}
     if tables == "operands":
         operands.update(_table_operands(cb, 11 if bits == 3 else 9, n))
-        regs = run_ptx(decode.key_asm_code(bits), operands)
+        regs = run_ptx(decode.key_asm_code(bits, pairs=False), operands)
     else:
-        regs = run_ptx(decode.key_asm_code(bits, _table_words(cb)), operands)
+        regs = run_ptx(decode.key_asm_code(bits, _table_words(cb), pairs=False), operands)
     for f in range(4):
         got = _field(regs, 2 * f)
         for k, (byte, hb) in enumerate(zip(_bytes(codes), _bytes(high), strict=True)):
@@ -173,6 +174,31 @@ def test_plane_key_lookup_matches_the_codebook(bits, tables):
                 idx = idx | (((hb >> (2 * f + (half & 1))) & 1) << 2)
             want = table[idx.astype(np.int64)]
             np.testing.assert_array_equal(got[k].view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("tables", ["operands", "immediates"])
+def test_plane_key_pairs_lookup_matches_the_codebook(tables):
+    """2-bit indices as int16 pairs (pack=2): register f + 4b holds field f of byte b of element 0 (low half) and
+    of element 1 (high half)."""
+    cb = _kernel_codebook(2)
+    table = cb.half().numpy()
+    codes = _words(4)
+    operands = {8: codes}
+    if tables == "operands":
+        operands.update(_table_operands(cb, 9, len(codes), pack=2))
+        regs = run_ptx(decode.key_asm_code(2, pairs=True), operands)
+    else:
+        regs = run_ptx(decode.key_asm_code(2, _table_words(cb), pairs=True), operands)
+    for f in range(4):
+        for b in range(2):
+            for half, got in enumerate(_f16x2(regs[f + 4 * b])):
+                want = table[((codes >> (16 * half + 8 * b + 2 * f)) & 3).astype(np.int64)]
+                np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_pairs_lookup_refuses_3_bit_indices():
+    with pytest.raises(ValueError, match="2-bit indices only"):
+        decode.key_asm_code(3, pairs=True)
 
 
 @pytest.mark.parametrize("bits", [2, 4])

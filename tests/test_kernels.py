@@ -317,14 +317,20 @@ def test_launches_enter_the_cache_device(monkeypatch):
         yield
         inside.pop()
 
-    def launched(kernel):  # a kernel whose launches record whether a recording context is open
+    launches = []
+
+    def launched(kernel):  # a kernel whose launches check that a recording context is open
         class Recorded:
             def __getitem__(self, grid):
                 def run(*args, **kwargs):
                     assert inside == [cache.device], kernel.__name__
+                    launches.append(kernel.__name__)
                     return kernel[grid](*args, **kwargs)
 
                 return run
+
+            def __getattr__(self, name):  # warmup (the occupancy query on CUDA) and the rest: the kernel's own
+                return getattr(kernel, name)
 
         return Recorded()
 
@@ -339,7 +345,9 @@ def test_launches_enter_the_cache_device(monkeypatch):
         encode.encode_kv(k, v, buffers, torch.arange(n, device=DEVICE), key_quantizer=cache.key_quantizer,
                          value_quantizer=cache.value_quantizer, small_rows=small_rows)  # fmt: skip
     cache.attend_with_lse(torch.randn(1, 4, 1, 64, generator=gen).to(DEVICE), backend="triton")
-    assert len(entered) == 3
+    assert launches == ["_encode_kv_kernel", "_encode_keys_kernel", "_encode_values_kernel",
+                        "_decode_split_kernel_2d", "_merge_splits_kernel"]  # fmt: skip
+    assert len(entered) >= 3  # (on CUDA the decode plan's occupancy query enters it too)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (the cache on one, the other current)")
