@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="try block_n × register cap, each at its one-wave split count")
     ap.add_argument("--stages", nargs="*", type=int, default=[2, 3], help="pipeline depths the sweep tries")
     ap.add_argument("--block-n", nargs="*", type=int, default=[64, 128], help="block sizes the sweep tries")
+    ap.add_argument("--caps", nargs="*", type=int, default=[0, THREE_PER_SM_REGISTERS],
+                    help="register caps per thread the sweep tries (0: none; 168: three programs per SM)")  # fmt: skip
     ap.add_argument("--key-table-source", nargs="*", default=[LAUNCH_DEFAULTS["key_table_source"]],
                     choices=KEY_TABLE_SOURCES,
                     help="where the sweep's kernels keep the key lookup tables")  # fmt: skip
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for tables in args.key_table_source
             for bn in args.block_n
-            for cap in (0, THREE_PER_SM_REGISTERS)  # no register cap; three programs per SM by registers
+            for cap in args.caps
             for stages in args.stages
         ]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel

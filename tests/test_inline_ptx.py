@@ -196,9 +196,31 @@ def test_plane_key_pairs_lookup_matches_the_codebook(tables):
                 np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
-def test_pairs_lookup_refuses_3_bit_indices():
-    with pytest.raises(ValueError, match="2-bit indices only"):
-        decode.key_asm_code(3, pairs=True)
+@pytest.mark.parametrize("tables", ["operands", "immediates"])
+def test_key3_pairs_lookup_matches_the_codebook(tables):
+    """3-bit indices as int16 pairs (pack=8, the four registers of a tensor-core operand tile): register r of tile
+    f + 4b holds field f of byte b of both elements of plane register r, its high bit from high register r mod 2,
+    bit 8b + 2f (+ 1 for the columns 8-15 registers, r = 2 and 3)."""
+    cb = _kernel_codebook(3)
+    table = cb.half().numpy()
+    planes = [_words(10 + r) for r in range(4)]
+    highs = [_words(20), _words(21)]
+    n = len(planes[0])
+    operands = {32 + r: planes[r] for r in range(4)}
+    operands.update({36: highs[0], 37: highs[1], 38: np.full(n, M32, np.uint64), 39: np.full(n, M32, np.uint64)})
+    if tables == "operands":
+        operands.update(_table_operands(cb, 40, n, pack=8))
+        regs = run_ptx(decode.key_asm_code(3, pairs=True), operands)
+    else:
+        regs = run_ptx(decode.key_asm_code(3, _table_words(cb), pairs=True), operands)
+    for f in range(4):
+        for b in range(2):
+            for r in range(4):
+                for half, got in enumerate(_f16x2(regs[4 * (f + 4 * b) + r])):
+                    shift = 16 * half + 8 * b + 2 * f
+                    idx = ((planes[r] >> shift) & 3) | (((highs[r % 2] >> (shift + r // 2)) & 1) << 2)
+                    want = table[idx.astype(np.int64)]
+                    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
 @pytest.mark.parametrize("bits", [2, 4])

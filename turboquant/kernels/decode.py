@@ -311,7 +311,7 @@ def _key_plane_asm(high: bool, words: tuple[int, ...] | None = None, pairs: bool
     2-bit plane $8, then (3 bits) the 1-bit plane $9 and h $10, then (without ``words``) the four tables
     (key_lookup_tables), one input's registers apart (4, or 2 with pairs)."""
     if high and pairs:
-        raise ValueError("the int16-pair lookup takes 2-bit indices only")
+        raise ValueError("3-bit int16 pairs take _key3_pairs_asm")
     t, step = (11 if high else 9), (2 if pairs else 4)
     (l0, l1, h0, h1), extra, moves = _table_registers(words, [f"${t + step * i}" for i in range(4)])
     names = ["a", "b", "s", "t", "h", "la", "ha", *(["w"] if pairs else []), *extra]
@@ -341,15 +341,50 @@ def _key_plane_asm(high: bool, words: tuple[int, ...] | None = None, pairs: bool
     return "\n".join(lines + ["}"])
 
 
+def _key3_pairs_asm(words: tuple[int, ...] | None = None) -> str:
+    """3-bit centroids of a [BN, 16] tile of int16 2-bit-plane elements (head_dim 128), pack=8: the eight elements
+    a thread holds of a tensor-core operand, in its register order (row g, columns 2t, 2t+1), (row g + 8, the
+    same columns), (row g, columns 2t + 8, 2t + 9), (row g + 8, those), four registers. Plane bytes c and c + 16
+    share high-plane byte c mod 16 (bit 2f for c < 16, bit 2f + 1 above), so the high bits of registers 2 and 3
+    are those of registers 0 and 1 one bit up: the high tile is loaded for columns 0-7 only (its registers 0
+    and 1), and the assembly knows each register's shift from its position, with no per-column operand.
+
+    -> 8 tiles × 4 registers of fp16 pairs, tile j = f + 4·b (field f of byte b of each element), register r of
+    tile j at $(4j + r). Per register: the 2-bit-plane lookup of _key_plane_asm with pairs. Operands: outputs
+    $0-$31, the plane $32-$35, the high plane $36-$39 (registers 2 and 3 unread), then (without ``words``) the
+    four tables, eight registers apart."""
+    (l0, l1, h0, h1), extra, moves = _table_registers(words, [f"${40 + 8 * i}" for i in range(4)])
+    lines = [f"{{ .reg .b32 {', '.join(['a', 'b', 's', 't', 'h', 'la', 'ha', 'w', *extra])};", moves]
+    for r in range(4):
+        lines += [f"prmt.b32 w, ${32 + r}, 0, 0x3120;", f"prmt.b32 h, ${36 + r % 2}, 0, 0x3120;"]  # bytes (0, 2, 1, 3)
+        if r >= 2:
+            lines.append("shr.u32 h, h, 1;")  # columns 8-15: bit 2f + 1 -> bit 2f (other bits are not read)
+        lines += ["shr.u32 b, w, 2;", "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;",
+                  "lop3.b32 a, w, 0x33333333, t, 0xEA;", "and.b32 t, h, 0x44444444;",
+                  "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
+        for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
+            for x in range(2):  # bytes (0, 1) of w, then (2, 3)
+                if x:
+                    lines.append(f"shr.u32 s, {sel}, 16;")
+                src = "s" if x else sel
+                lines += [f"prmt.b32 la, {l0}, {l1}, {src};", f"prmt.b32 ha, {h0}, {h1}, {src};",
+                          f"prmt.b32 ${4 * (fa + 4 * x) + r}, la, ha, 0x6240;",
+                          f"prmt.b32 ${4 * (fb + 4 * x) + r}, la, ha, 0x7351;"]  # fmt: skip
+    return "\n".join(lines + ["}"])
+
+
 @functools.cache
 def key_asm_code(key_bits: int, table_words: tuple[int, ...] | None = None, pairs: bool = False) -> str:
     """Inline assembly of the key centroid lookup of _decode_split_kernel_2d for 2-, 3- or 4-bit codebook
     indices. The centroids come in as operands (key_lookup_tables), or, given the four table words (the same
     int32 values on the host), as immediates: the assembly then takes only the codes, which lets Triton read
     them from shared memory straight into the tensor-core operand layout (launch option key_table_source).
-    pairs: int16 elements of the 2-bit plane (2 bits only), else bytes; 4-bit codes are always int16 elements."""
+    pairs: int16 elements of the 2-bit plane (3 bits: _key3_pairs_asm), else bytes; 4-bit codes are always int16
+    elements."""
     if key_bits == 4:
         return _key4_asm(table_words)
+    if key_bits == 3 and pairs:
+        return _key3_pairs_asm(table_words)
     if key_bits in (2, 3):
         return _key_plane_asm(key_bits == 3, table_words, pairs)
     raise ValueError(f"the key lookup takes 2-, 3- or 4-bit indices, got {key_bits}")
@@ -381,7 +416,16 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
         kb = tl.load(p_k, mask=m_n[:, None], other=0)
     else:
         kb = tl.load(p_k)
-    if KEY_BITS == 3:  # the 1-bit plane (after the D/4 bytes of the 2-bit plane), shifted per column
+    if KEY_BITS == 3 and PAIRS:  # the 1-bit plane (after the D/4 bytes of the 2-bit plane) as int16 elements
+        H: tl.constexpr = DP_K // 2  # element e's high bits: element e mod H, bit 2f + e // H of each byte
+        p_h = KC16 + row[:, None] * (KB // 2) + DP_K + (o_k % H)[None, :]
+        if KEY_ASM != "":  # columns < H only (_key3_pairs_asm)
+            hb = tl.load(p_h, mask=m_n[:, None] & (o_k < H)[None, :], other=0)
+        elif MASKED:
+            hb = tl.load(p_h, mask=m_n[:, None], other=0)
+        else:
+            hb = tl.load(p_h)
+    elif KEY_BITS == 3:  # the 1-bit plane as bytes, shifted per column
         H: tl.constexpr = DP_K // 2
         p_h = KC + row[:, None] * KB + DP_K + (o_k % H)[None, :]
         if MASKED:
@@ -397,6 +441,10 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
         if KEY_BITS == 4:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r", [kb], dtype=(tl.float16,) * 4,
                                                        is_pure=True, pack=2)  # fmt: skip
+        elif PAIRS and KEY_BITS == 3:
+            k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 31 + ",r" * 8, [kb, hb], dtype=(tl.float16,) * 8, is_pure=True, pack=8
+            )
         elif PAIRS:
             k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
                 KEY_ASM, "=r" + ",=r" * 7 + ",r", [kb], dtype=(tl.float16,) * 8, is_pure=True, pack=2
@@ -418,6 +466,10 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
         if KEY_BITS == 4:
             k0, k1, k2, k3 = tl.inline_asm_elementwise(KEY_ASM, "=r,=r,=r,=r,r" + ",r" * 8, [kb, t0, t1, t2, t3],
                                                        dtype=(tl.float16,) * 4, is_pure=False, pack=2)  # fmt: skip
+        elif PAIRS and KEY_BITS == 3:
+            k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
+                KEY_ASM, "=r" + ",=r" * 31 + ",r" * 8 + ",r" * 32, [kb, hb, t0, t1, t2, t3], dtype=(tl.float16,) * 8,
+                is_pure=False, pack=8)  # fmt: skip
         elif PAIRS:
             k0, k1, k2, k3, k4, k5, k6, k7 = tl.inline_asm_elementwise(
                 KEY_ASM, "=r" + ",=r" * 7 + ",r" + ",r" * 8, [kb, t0, t1, t2, t3], dtype=(tl.float16,) * 8,
@@ -440,14 +492,18 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
             k3 = tl.gather(b_cb, kb >> 12, axis=1)
         elif PAIRS:
             kb = kb & 0xFFFF
-            k0 = tl.gather(b_cb, kb & 3, axis=1)
-            k1 = tl.gather(b_cb, (kb >> 2) & 3, axis=1)
-            k2 = tl.gather(b_cb, (kb >> 4) & 3, axis=1)
-            k3 = tl.gather(b_cb, (kb >> 6) & 3, axis=1)
-            k4 = tl.gather(b_cb, (kb >> 8) & 3, axis=1)
-            k5 = tl.gather(b_cb, (kb >> 10) & 3, axis=1)
-            k6 = tl.gather(b_cb, (kb >> 12) & 3, axis=1)
-            k7 = tl.gather(b_cb, kb >> 14, axis=1)
+            if KEY_BITS == 3:  # field f of byte b's high bit, bit 8b + 2f + e // H, moved to bit 8b + 2f + 2
+                hb = ((hb.to(tl.int32) & 0xFFFF) >> (o_k // H)[None, :] & 0x5555) << 2
+            else:
+                hb = tl.zeros_like(kb)
+            k0 = tl.gather(b_cb, (kb & 3) | (hb & 4), axis=1)
+            k1 = tl.gather(b_cb, ((kb >> 2) & 3) | ((hb >> 2) & 4), axis=1)
+            k2 = tl.gather(b_cb, ((kb >> 4) & 3) | ((hb >> 4) & 4), axis=1)
+            k3 = tl.gather(b_cb, ((kb >> 6) & 3) | ((hb >> 6) & 4), axis=1)
+            k4 = tl.gather(b_cb, ((kb >> 8) & 3) | ((hb >> 8) & 4), axis=1)
+            k5 = tl.gather(b_cb, ((kb >> 10) & 3) | ((hb >> 10) & 4), axis=1)
+            k6 = tl.gather(b_cb, ((kb >> 12) & 3) | ((hb >> 12) & 4), axis=1)
+            k7 = tl.gather(b_cb, ((kb >> 14) & 3) | ((hb >> 14) & 4), axis=1)
         else:
             if KEY_BITS == 3:
                 hb = hb.to(tl.int32) >> hh.to(tl.int32)
@@ -776,10 +832,9 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     key_bits = key_bits - 1 if prod else key_bits
     if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
         return None
-    # key field tiles (_key_fields): int16 pairs for 2-bit indices at head_dim 128 (8 tiles of D/8 columns);
-    # 3-bit indices stay on bytes (4 tiles): shifting the pairs' high plane per column makes Triton stage the
-    # looked-up tiles through shared memory (967 instructions per 128-token block instead of 902)
-    p_k, p_v = 8 if key_bits == 2 and d >= 128 else 4, 8 // value_bits
+    # key field tiles (_key_fields): 2- and 3-bit indices at head_dim 128 as int16 elements, 8 tiles of D/8
+    # columns; at head_dim 64 (D/8 = 8 columns, below a tensor-core step) as bytes, 4 tiles of D/4
+    p_k, p_v = 8 if key_bits < 4 and d == 128 else 4, 8 // value_bits
     dp_v = d // p_v
     w = min(dp_v, group_size)
     if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
