@@ -260,6 +260,19 @@ def test_qjl_signs_are_plus_minus_one():
             np.testing.assert_array_equal(got[k], want)
 
 
+def test_qjl_sign_pairs_are_plus_minus_one():
+    """pack=8 (head_dim 128): register r of tile j holds bit j (r < 2) or bit j + 8 (r ≥ 2) of both int16 elements
+    of input register r mod 2 (the inputs at positions 2 and 3 are not read)."""
+    elements = [_words(30), _words(31)]
+    ones = np.full(len(elements[0]), M32, np.uint64)
+    regs = run_ptx(decode._sign_pairs_asm(), {32: elements[0], 33: elements[1], 34: ones, 35: ones})
+    for j in range(8):
+        for r in range(4):
+            for half, got in enumerate(_f16x2(regs[4 * j + r])):
+                bit = (elements[r % 2] >> (16 * half + j + 8 * (r // 2))) & 1
+                np.testing.assert_array_equal(got, np.where(bit, 1.0, -1.0).astype(np.float16))
+
+
 def test_table_words_are_checked():
     with pytest.raises(ValueError, match="four int32 words"):
         decode.key_asm_code(4, (1, 2, 3))

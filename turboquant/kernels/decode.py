@@ -20,11 +20,15 @@ Two split kernels:
 - ``_decode_split_kernel_2d`` (every configuration of 2-4-bit MSE or prod keys with 2/4-bit values at
   head_dim 64/128, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
   on CUDA the unpacking in inline PTX (``key_asm_code``, ``_value_asm``, ``_sign_asm``): centroids looked
-  up with prmt byte permutes from tables held in registers (``key_lookup_tables``), value codes masked
-  into the mantissa of a power of two and scaled with one f16x2 fma. Every routine is elementwise
-  (output k from input byte k), so Triton may lay it out freely; a portable Triton twin computes the same
-  tiles in the CPU interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their
-  instructions.
+  up with prmt byte permutes from tables (``key_lookup_tables``), value codes masked into the mantissa of
+  a power of two and scaled with one f16x2 fma. Key codes are read as int16 elements (two of them fill a
+  32-bit register) and the key lookup's only operands are the codes, so Triton loads them from shared
+  memory straight into the tensor-core operand layout (ldmatrix) and the lookup writes operand registers:
+  each output register pairs the same code of the two elements, as the operand pairs adjacent columns; the
+  field tiles follow (``_query_tile`` gives each tile's key columns). The value tiles are still staged
+  through shared memory for the P·V product (their per-group scale and zero operands keep Triton from
+  laying the lookup out in the operand layout). A portable Triton twin computes the same tiles in the CPU
+  interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
 - ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (3-bit values, head_dim 256, ...).
 """
 
@@ -558,33 +562,102 @@ def _sign_asm() -> str:
 _SIGN_ASM = tl.constexpr(_sign_asm())
 
 
+def _sign_pairs_asm() -> str:
+    """QJL signs as ±1 fp16 from a [BN, 16] tile of int16 sign-plane elements (head_dim 128: the plane's 8
+    elements in columns 0-7, columns 8-15 not loaded), pack=8, in the register order of a tensor-core operand
+    (see _key3_pairs_asm): registers 0 and 1 hold elements (2t, 2t + 1) of rows g and g + 8; the positions of
+    registers 2 and 3 (columns 2t + 8, 2t + 9) take bits 8-15 of those same elements instead.
+
+    -> 8 tiles × 4 registers, tile j register r at $(4j + r): bit j (r < 2) or j + 8 (r ≥ 2) of both elements
+    of register r mod 2, shifted to bit 15 of each half and xor-ed with -1.0 (0xBC00): bit 1 gives +1.0,
+    bit 0 gives -1.0; one shift and one lop3 per pair. Operands: outputs $0-$31, the elements $32-$35."""
+    lines = ["{ .reg .b32 t;"]
+    for j in range(8):
+        for r in range(4):
+            shift = 15 - j - 8 * (r // 2)
+            lines += [f"shl.b32 t, ${32 + r % 2}, {shift};", f"lop3.b32 ${4 * j + r}, t, 0x80008000, 0xBC00BC00, 0x6A;"]
+    return "\n".join(lines + ["}"])
+
+
+_SIGN_PAIRS_ASM = tl.constexpr(_sign_pairs_asm())
+
+
 @triton.jit
-def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
-    """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32: the 1-bit plane [BN, D/8] (bit g of byte j: column
-    g·D/8 + j) read as 4 ±1 tiles [BN, D/4], tile t = columns t·D/4 + e from bit 2t + e // (D/8) of byte
-    e mod D/8, each dotted with its query tile sq_t [D/4, BM]."""
+def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.constexpr, P_K: tl.constexpr,
+                ASM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32 from the 1-bit plane [BN, D/8] (bit g of byte b: column
+    g·D/8 + b), each ±1 tile dotted with its query tile (_sign_query_tile).
+
+    P_K = 8 (head_dim 128): the plane as int16 elements, 8 tiles [BN, 16], tile j column e = bit j of element e
+    (e < 8), bit j + 8 of element e - 8 (e ≥ 8), read straight into the tensor-core operand (_sign_pairs_asm).
+    Else 4 tiles [BN, D/4] of bytes, tile t column e from bit 2t + e // (D/8) of byte e mod D/8."""
     H: tl.constexpr = D // 8
-    o_e = tl.arange(0, 2 * H)
-    p_s = KS + row[:, None] * H + (o_e % H)[None, :]
-    if MASKED:
-        sb = tl.load(p_s, mask=m_n[:, None], other=0)
+    if P_K == 8:
+        o_e = tl.arange(0, 16)
+        p_s = KS.to(tl.pointer_type(tl.int16)) + row[:, None] * (H // 2) + (o_e % 8)[None, :]
+        if ASM:
+            sb = tl.load(p_s, mask=m_n[:, None] & (o_e < 8)[None, :], other=0)
+            g0, g1, g2, g3, g4, g5, g6, g7 = tl.inline_asm_elementwise(
+                _SIGN_PAIRS_ASM, "=r" + ",=r" * 31 + ",r" * 4, [sb], dtype=(tl.float16,) * 8, is_pure=True, pack=8
+            )
+        else:
+            if MASKED:
+                sb = tl.load(p_s, mask=m_n[:, None], other=0)
+            else:
+                sb = tl.load(p_s)
+            sb = (sb.to(tl.int32) & 0xFFFF) >> (8 * (o_e // 8))[None, :]
+            g0 = ((sb & 1) * 2 - 1).to(tl.float16)
+            g1 = (((sb >> 1) & 1) * 2 - 1).to(tl.float16)
+            g2 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
+            g3 = (((sb >> 3) & 1) * 2 - 1).to(tl.float16)
+            g4 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
+            g5 = (((sb >> 5) & 1) * 2 - 1).to(tl.float16)
+            g6 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
+            g7 = (((sb >> 7) & 1) * 2 - 1).to(tl.float16)
+        acc = tl.dot(g0, sq0)
+        acc += tl.dot(g1, sq1)
+        acc += tl.dot(g2, sq2)
+        acc += tl.dot(g3, sq3)
+        acc += tl.dot(g4, sq4)
+        acc += tl.dot(g5, sq5)
+        acc += tl.dot(g6, sq6)
+        acc += tl.dot(g7, sq7)
     else:
-        sb = tl.load(p_s)
-    hh = tl.broadcast_to((o_e // H).to(tl.uint8)[None, :], sb.shape)  # which bit of the byte: 0 or 1
-    if ASM:
-        g0, g1, g2, g3 = tl.inline_asm_elementwise(
-            _SIGN_ASM, "=r" + ",=r" * 7 + ",r,r", [sb, hh], dtype=(tl.float16,) * 4, is_pure=False, pack=4)  # fmt: skip
-    else:
-        sb = sb.to(tl.int32) >> hh.to(tl.int32)
-        g0 = ((sb & 1) * 2 - 1).to(tl.float16)
-        g1 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
-        g2 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
-        g3 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
-    acc = tl.dot(g0, sq0)
-    acc += tl.dot(g1, sq1)
-    acc += tl.dot(g2, sq2)
-    acc += tl.dot(g3, sq3)
+        o_e = tl.arange(0, 2 * H)
+        p_s = KS + row[:, None] * H + (o_e % H)[None, :]
+        if MASKED:
+            sb = tl.load(p_s, mask=m_n[:, None], other=0)
+        else:
+            sb = tl.load(p_s)
+        hh = tl.broadcast_to((o_e // H).to(tl.uint8)[None, :], sb.shape)  # which bit of the byte: 0 or 1
+        if ASM:
+            g0, g1, g2, g3 = tl.inline_asm_elementwise(
+                _SIGN_ASM, "=r" + ",=r" * 7 + ",r,r", [sb, hh], dtype=(tl.float16,) * 4, is_pure=False, pack=4
+            )
+        else:
+            sb = sb.to(tl.int32) >> hh.to(tl.int32)
+            g0 = ((sb & 1) * 2 - 1).to(tl.float16)
+            g1 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
+            g2 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
+            g3 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
+        acc = tl.dot(g0, sq0)
+        acc += tl.dot(g1, sq1)
+        acc += tl.dot(g2, sq2)
+        acc += tl.dot(g3, sq3)
     return acc
+
+
+@triton.jit
+def _sign_query_tile(p_sq, m_m, Q_SCALE, j: tl.constexpr, D: tl.constexpr, P_K: tl.constexpr):
+    """The columns of S q that meet sign tile j of _qjl_scores, transposed: P_K = 8, fp16 [16, BM], column
+    j·D/8 + 2e (bit j of byte 2e) for e < 8 and j·D/8 + 2(e - 8) + 1 (bit j of byte 2(e - 8) + 1) above; else
+    fp16 [D/4, BM], columns j·D/4 + e."""
+    if P_K == 8:
+        o_e = tl.arange(0, 16)
+        cols = j * (D // 8) + 2 * (o_e % 8) + o_e // 8
+    else:
+        cols = j * (D // 4) + tl.arange(0, D // 4)
+    return (tl.load(p_sq + cols[:, None], mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
 
 
 @triton.jit
@@ -667,7 +740,7 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 @triton.jit
 def _attend_block_2d(
-    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3,
+    n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
     b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
@@ -700,7 +773,7 @@ def _attend_block_2d(
             gamma = tl.load(KR + row, mask=m_n, other=0.0)
         else:
             gamma = tl.load(KR + row)
-        s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, D, VALUE_ASM, MASKED)
+        s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D, P_K, VALUE_ASM, MASKED)
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
     if MASKED:
@@ -775,13 +848,21 @@ def _decode_split_kernel_2d(
     sq1 = qt0
     sq2 = qt0
     sq3 = qt0
-    if PROD:  # S q as 4 tiles [D/4, BM]
-        DQ: tl.constexpr = D // 4
-        p_sq = SQ + i_bh * M * D + o_m[None, :] * D + tl.arange(0, DQ)[:, None]
-        sq0 = (tl.load(p_sq, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
-        sq1 = (tl.load(p_sq + DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
-        sq2 = (tl.load(p_sq + 2 * DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
-        sq3 = (tl.load(p_sq + 3 * DQ, mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
+    sq4 = qt0
+    sq5 = qt0
+    sq6 = qt0
+    sq7 = qt0
+    if PROD:  # S q as the sign tiles' query tiles
+        p_sq = SQ + i_bh * M * D + o_m[None, :] * D
+        sq0 = _sign_query_tile(p_sq, m_m, Q_SCALE, 0, D, P_K)
+        sq1 = _sign_query_tile(p_sq, m_m, Q_SCALE, 1, D, P_K)
+        sq2 = _sign_query_tile(p_sq, m_m, Q_SCALE, 2, D, P_K)
+        sq3 = _sign_query_tile(p_sq, m_m, Q_SCALE, 3, D, P_K)
+        if P_K == 8:
+            sq4 = _sign_query_tile(p_sq, m_m, Q_SCALE, 4, D, P_K)
+            sq5 = _sign_query_tile(p_sq, m_m, Q_SCALE, 5, D, P_K)
+            sq6 = _sign_query_tile(p_sq, m_m, Q_SCALE, 6, D, P_K)
+            sq7 = _sign_query_tile(p_sq, m_m, Q_SCALE, 7, D, P_K)
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     kt0 = tl.load(KT)
@@ -801,13 +882,13 @@ def _decode_split_kernel_2d(
     n_full = tl.maximum(full_end - start, 0) // BN
     for n0 in range(start, start + n_full * BN, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3,
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False)  # fmt: skip
     for n0 in range(start + n_full * BN, end, BN):
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
-            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3,
+            n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
