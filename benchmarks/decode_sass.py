@@ -26,12 +26,14 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
+from turboquant.packing import from_sign_magnitude
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
@@ -53,7 +55,10 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     words = None
     if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
         cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
-        words = tuple(decode.key_lookup_tables(((cb - cb.flip(0)) / 2).float()).tolist())
+        cb = ((cb - cb.flip(0)) / 2).float()
+        if key_bits == 4:  # in the order of the stored (sign-magnitude) codes
+            cb = cb[from_sign_magnitude(torch.arange(16)).long()]
+        words = tuple(decode.key_lookup_tables(cb).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
     key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8 or key_bits == 4) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,

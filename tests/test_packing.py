@@ -137,3 +137,16 @@ def test_unpack_requires_uint8() -> None:
 def test_bad_length_raises(d: int) -> None:
     with pytest.raises(ValueError, match="positive integer"):
         packed_size(d, 4)
+
+
+def test_sign_magnitude_codes() -> None:
+    from turboquant.codebook import get_codebook
+    from turboquant.packing import from_sign_magnitude, to_sign_magnitude
+
+    idx = torch.arange(16, dtype=torch.uint8)
+    codes = to_sign_magnitude(idx)
+    assert torch.equal(from_sign_magnitude(codes), idx) and sorted(codes.tolist()) == list(range(16))
+    cb = get_codebook(128, 4, "cpu")  # ascending, antisymmetric: bits 0-2 the rank of |c|, bit 3 its sign
+    magnitudes = cb[8:]
+    assert torch.equal(cb[idx.long()].abs(), magnitudes[(codes & 7).long()])
+    assert torch.equal(cb[idx.long()] < 0, (codes & 8) > 0)

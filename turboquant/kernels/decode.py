@@ -247,13 +247,14 @@ _VALUE_ASM_2 = tl.constexpr(_value_asm(2))
 def key_lookup_tables(codebook: torch.Tensor) -> torch.Tensor:
     """prmt byte tables of the key centroid lookup: int32 [4] on the codebook's device (no host transfer).
 
-    codebook: [2^b] (b = 2, 3, 4) ascending centroids divided by √d, antisymmetric for b = 4. The tables hold
-    the fp16 bit patterns of c[8..15] (4 bits: the magnitudes) or of c[0..2^b - 1] (2, 3 bits, padded with
-    zeros to 8): low bytes of entries 0-3, low bytes of 4-7, high bytes of 0-3, high bytes of 4-7."""
+    codebook: [2^b] (b = 2, 3, 4) centroids divided by √d in the order of the stored codes: ascending for 2 and 3
+    bits, sign-magnitude for 4 (packing.to_sign_magnitude: codes 0-7 the magnitudes, ascending). The tables hold
+    the fp16 bit patterns of codes 0-7 (padded with zeros to 8 for 2 bits): low bytes of entries 0-3, low bytes
+    of 4-7, high bytes of 0-3, high bytes of 4-7."""
     n = codebook.numel()
     if n not in (4, 8, 16):
         raise ValueError(f"the key lookup takes codebooks of 4, 8 or 16 centroids, got {n}")
-    entries = codebook[8:] if n == 16 else codebook
+    entries = codebook[:8]
     bits = entries.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
     bits = torch.cat((bits, bits.new_zeros(8 - bits.numel())))
     shifts = torch.tensor([0, 8, 16, 24], dtype=torch.int64, device=bits.device)
@@ -277,26 +278,24 @@ def _key4_asm(words: tuple[int, ...] | None = None) -> str:
     """4-bit centroids: two int16 elements of 4 codes each (one 32-bit register, pack=2) -> 4 tiles of fp16
     pairs: output j holds nibble j of element 0 and of element 1, the pairing of a tensor-core operand register.
 
-    The codebook is ascending and antisymmetric (c[15 - i] = -c[i]); the magnitudes c[8..15] are the tables
-    (key_lookup_tables). The bytes are reordered (0, 2, 1, 3) so that each looked-up pair comes from the two
-    elements; then per register of 8 codes: rank r = i - 8 or 7 - i (a xor with 7 where the top bit is clear),
-    the low and high bytes of |c| looked up four ranks at a time with prmt, interleaved into f16x2 pairs, the
-    sign of negative codes or-ed in: 22 instructions. Operands: outputs $0-$3, the codes $4, then (without
-    ``words``) the four tables $5, $7, $9, $11 (pack=2 gives each 32-bit input two registers)."""
+    The codes are sign-magnitude (packing.to_sign_magnitude): bits 0-2 the rank of |c|, whose fp16 patterns are
+    the tables (key_lookup_tables), bit 3 the sign. The bytes are reordered (0, 2, 1, 3) so that each looked-up
+    pair comes from the two elements; then per register of 8 codes: the low and high bytes of |c| looked up four
+    ranks at a time with prmt, interleaved into f16x2 pairs, the sign bits moved to bit 15 of each half and or-ed
+    in: 19 instructions. Operands: outputs $0-$3, the codes $4, then (without ``words``) the four tables $5, $7,
+    $9, $11 (pack=2 gives each 32-bit input two registers)."""
     (l0, l1, h0, h1), extra, moves = _table_registers(words, ["$5", "$7", "$9", "$11"])
     return (
-        f"{{ .reg .b32 {', '.join(['w', 'neg', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
+        f"{{ .reg .b32 {', '.join(['w', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
         + moves
         + "prmt.b32 w, $4, 0, 0x3120;\n"  # bytes (0, 2, 1, 3): element 0's byte k beside element 1's
-        "lop3.b32 neg, w, 0x88888888, 0, 0x0C;\n"  # ~w & 0x88888888: top bit clear -> negative centroid
-        "shr.u32 t, neg, 3;\n mul.lo.u32 t, t, 7;\n"
-        "lop3.b32 r, w, t, 0x77777777, 0x28;\n"  # (w ^ t) & 0x77777777: the rank of every code
+        "and.b32 r, w, 0x77777777;\n"  # the rank of every code
         "shr.u32 sb, r, 16;\n"
         f"prmt.b32 la, {l0}, {l1}, r;\n prmt.b32 ha, {h0}, {h1}, r;\n"
         f"prmt.b32 lb, {l0}, {l1}, sb;\n prmt.b32 hb, {h0}, {h1}, sb;\n"
         "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $1, la, ha, 0x7351;\n"
         "prmt.b32 $2, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
-        "prmt.b32 u, neg, 0, 0x1404;\n prmt.b32 v, neg, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3) of w
+        "prmt.b32 u, w, 0, 0x1404;\n prmt.b32 v, w, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3) of w
         "shl.b32 t, u, 4;\n lop3.b32 $0, $0, t, 0x80008000, 0xF8;\n lop3.b32 $1, $1, u, 0x80008000, 0xF8;\n"
         "shl.b32 t, v, 4;\n lop3.b32 $2, $2, t, 0x80008000, 0xF8;\n lop3.b32 $3, $3, v, 0x80008000, 0xF8;\n}"
     )

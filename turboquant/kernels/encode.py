@@ -15,7 +15,8 @@ What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
 - values: per group of g coordinates, zero = fp16(min), scale = fp16((max - min) / (2^b - 1)),
   code = round_half_even((x - zero) / scale) clamped to [0, 2^b - 1] (0 where scale = 0);
 - every index plane packed in the planar layout of ``pack_planar`` (3 bits = a 2-bit plane then
-  a 1-bit plane) and stored at slot ``slots[n]`` of every (batch, head).
+  a 1-bit plane; 4-bit key indices as sign-magnitude codes, ``packing.to_sign_magnitude``) and
+  stored at slot ``slots[n]`` of every (batch, head).
 
 Two launches, one pass over each input: grid (cdiv(B·H·N, BN),) over the flattened
 (batch, head, token) rows, one for the keys and one for the values (so the light value programs
@@ -193,6 +194,8 @@ def _encode_keys(
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
+        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_sign_magnitude)
+            b_pk += _pack_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, KEY_BITS, KB, DC, BN)
         else:
             b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
         if NORM_CORRECTION:
