@@ -33,7 +33,7 @@ from triton.compiler import ASTSource
 
 from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
-from turboquant.packing import from_sign_magnitude
+from turboquant.packing import from_key_codes
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
@@ -55,9 +55,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     words = None
     if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
         cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
-        cb = ((cb - cb.flip(0)) / 2).float()
-        if key_bits == 4:  # in the order of the stored (sign-magnitude) codes
-            cb = cb[from_sign_magnitude(torch.arange(16)).long()]
+        cb = ((cb - cb.flip(0)) / 2).float()[from_key_codes(torch.arange(2**key_bits), key_bits)]  # by stored code
         words = tuple(decode.key_lookup_tables(cb).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
     key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8 or key_bits == 4) if asm else ""

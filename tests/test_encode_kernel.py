@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.packing import from_sign_magnitude, unpack_planar
+from turboquant.packing import from_key_codes, unpack_planar
 from turboquant.quantizers import TurboQuantMSE, ValueQuantizer
 
 triton = pytest.importorskip("triton")
@@ -85,11 +85,9 @@ def _check_rows(cache, k, v, bufs, slots, max_mismatch=MAX_MISMATCH):
         assert c_diff.max().item() <= 1 and (c_diff > 0).float().mean().item() <= MAX_MISMATCH
 
     # key codes: equal, or at a boundary of the reference's rotated, scaled coordinate
-    idx_ref = unpack_planar(ref["key_codes"], cfg.key_index_bits, d)
-    idx_got = unpack_planar(got["key_codes"], cfg.key_index_bits, d)
-    if cfg.key_index_bits == 4:  # sign-magnitude codes -> codebook indices (a near tie is then ±1)
-        idx_ref, idx_got = from_sign_magnitude(idx_ref), from_sign_magnitude(idx_got)
-    idx_ref, idx_got = idx_ref.long(), idx_got.long()
+    # stored key codes -> codebook indices (a near tie is then ±1)
+    idx_ref = from_key_codes(unpack_planar(ref["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
+    idx_got = from_key_codes(unpack_planar(got["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
     xf = k.float()
     unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     coord = mse.rotate(unit) * mse.scale  # what the reference bucketizes

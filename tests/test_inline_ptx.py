@@ -15,7 +15,7 @@ import torch
 
 from turboquant.codebook import get_codebook
 from turboquant.kernels import decode
-from turboquant.packing import from_sign_magnitude
+from turboquant.packing import from_key_codes
 
 M32 = 0xFFFFFFFF
 
@@ -112,10 +112,10 @@ def _field(regs: dict[int, np.ndarray], first: int) -> list[np.ndarray]:
 
 def _kernel_codebook(bits: int, d: int = 128) -> torch.Tensor:
     """As TurboQuantKVCache hands it to the kernels: antisymmetric, indexed by the stored codes (4 bits:
-    sign-magnitude, packing.to_sign_magnitude)."""
+    sign-magnitude, packing.to_key_codes)."""
     cb = get_codebook(d, bits, "cpu").double() / d**0.5
     cb = ((cb - cb.flip(0)) / 2).float()
-    return cb[from_sign_magnitude(torch.arange(16)).long()] if bits == 4 else cb
+    return cb[from_key_codes(torch.arange(2**bits), bits)]
 
 
 def _table_operands(cb: torch.Tensor, first: int, n: int, pack: int = 4) -> dict[int, np.ndarray]:

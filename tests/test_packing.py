@@ -139,13 +139,16 @@ def test_bad_length_raises(d: int) -> None:
         packed_size(d, 4)
 
 
-def test_sign_magnitude_codes() -> None:
+def test_key_codes_are_sign_magnitude_at_4_bits() -> None:
     from turboquant.codebook import get_codebook
-    from turboquant.packing import from_sign_magnitude, to_sign_magnitude
+    from turboquant.packing import from_key_codes, to_key_codes
 
+    for bits in (1, 2, 3):  # the indices themselves
+        idx = torch.arange(2**bits, dtype=torch.uint8)
+        assert torch.equal(to_key_codes(idx, bits), idx) and torch.equal(from_key_codes(idx, bits), idx)
     idx = torch.arange(16, dtype=torch.uint8)
-    codes = to_sign_magnitude(idx)
-    assert torch.equal(from_sign_magnitude(codes), idx) and sorted(codes.tolist()) == list(range(16))
+    codes = to_key_codes(idx, 4)
+    assert torch.equal(from_key_codes(codes, 4), idx) and sorted(codes.tolist()) == list(range(16))
     cb = get_codebook(128, 4, "cpu")  # ascending, antisymmetric: bits 0-2 the rank of |c|, bit 3 its sign
     magnitudes = cb[8:]
     assert torch.equal(cb[idx.long()].abs(), magnitudes[(codes & 7).long()])

@@ -5,8 +5,8 @@ contiguous with tokens of one (batch, head) pair adjacent, so a program that own
 streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 16 at D = 128):
 
     key_codes      uint8   [B, H, C, D·kb/8]   planar-packed codebook indices (packing.pack_planar),
-                                               kb = key_bits for "mse", key_bits - 1 for "prod"; 4-bit indices
-                                               as sign-magnitude codes (packing.to_sign_magnitude)
+                                               kb = key_bits for "mse", key_bits - 1 for "prod"; as key codes
+                                               (packing.to_key_codes: 4-bit indices sign-magnitude)
     key_norms      float16 [B, H, C]           ‖k‖ (or ‖k‖/‖ŷ‖ with norm correction)
     key_signs      uint8   [B, H, C, D/8]      prod only: planar-packed sign(S r)
     key_rnorms     float16 [B, H, C]           prod only: γ = ‖r‖
@@ -36,7 +36,7 @@ import torch
 
 from .attention import KEY_MODES, chunk_attention, merge_attention, softmax_block
 from .codebook import SUPPORTED_BITS
-from .packing import from_sign_magnitude, pack_planar, planar_size, to_sign_magnitude, unpack_planar
+from .packing import from_key_codes, pack_planar, planar_size, to_key_codes, unpack_planar
 from .quantizers import (
     FLOAT_DTYPES,
     PROD_BITS,
@@ -176,12 +176,10 @@ class TurboQuantKVCache:
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
         # the kernels' codebook, indexed by the stored codes: centroids / √d made exactly antisymmetric (they are,
         # up to float rounding), so that the 4-bit lookup by magnitude and sign (kernels.decode.key_lookup_tables)
-        # holds the same values, and for 4-bit indices in sign-magnitude order
+        # holds the same values, in the order of the stored key codes (packing.to_key_codes)
         cb = self.mse_quantizer.centroids / self.mse_quantizer.scale
-        cb = (cb - cb.flip(0)) / 2  # [2^b]
-        if config.key_index_bits == 4:
-            cb = cb[from_sign_magnitude(torch.arange(16, device=cb.device)).long()]
-        self._kernel_codebook = cb
+        order = from_key_codes(torch.arange(cb.numel(), device=cb.device), config.key_index_bits)
+        self._kernel_codebook = ((cb - cb.flip(0)) / 2)[order]  # [2^b]
         self._key_tables = None  # byte tables of the kernel's key lookup, built on the first kernel call
         self._key_table_words: tuple[int, ...] | None = None  # the same on the host
         self._store_names = tuple(self._buffer_specs())
@@ -458,7 +456,7 @@ class TurboQuantKVCache:
             idx, norms, signs, rnorms = self.key_quantizer.quantize(k)
             rows["key_signs"] = pack_planar(signs, 1)
             rows["key_rnorms"] = rnorms
-        rows["key_codes"] = pack_planar(to_sign_magnitude(idx) if c.key_index_bits == 4 else idx, c.key_index_bits)
+        rows["key_codes"] = pack_planar(to_key_codes(idx, c.key_index_bits), c.key_index_bits)
         rows["key_norms"] = norms
         codes, scales, zeros = self.value_quantizer.quantize(v)
         rows.update(value_codes=pack_planar(codes, c.value_bits), value_affine=torch.stack((scales, zeros), -1))
@@ -525,9 +523,7 @@ class TurboQuantKVCache:
     def _dequantize_block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated basis, norm applied) and values of store slots [start, stop): [B, H, n, D] f32."""
         c, d = self.config, self.config.head_dim
-        idx = unpack_planar(self.key_codes[:, :, start:stop], c.key_index_bits, d)
-        if c.key_index_bits == 4:
-            idx = from_sign_magnitude(idx)
+        idx = from_key_codes(unpack_planar(self.key_codes[:, :, start:stop], c.key_index_bits, d), c.key_index_bits)
         k_rot = self.mse_quantizer.dequantize_indices(idx, self.key_norms[:, :, start:stop])
         codes = unpack_planar(self.value_codes[:, :, start:stop], c.value_bits, d)
         affine = self.value_affine[:, :, start:stop]

@@ -4,9 +4,10 @@ Dense layout (containers): the d indices of a vector form one little-endian bit 
 [j·b, (j+1)·b) with its least significant bit first; bit k of the stream is bit (k mod 8) of byte
 k // 8. So 4-bit index 2j is the low nibble of byte j, and 3-bit vectors take ceil(3d/8) bytes.
 
-Sign-magnitude codes (4-bit indices into an antisymmetric codebook, as a cache stores its keys): code i - 8 for an
-index i ≥ 8 (the positive centroids, ascending) and 15 - i below, so that bits 0-2 are the rank of |c[i]| and bit
-3 its sign; the decode kernel looks the magnitude up by the low bits and takes the sign from the top one.
+Key codes (what a cache stores for b-bit codebook indices of an antisymmetric codebook, to_key_codes): the indices
+themselves, except at 4 bits, where they are sign-magnitude: code i - 8 for an index i ≥ 8 (the positive centroids,
+ascending) and 15 - i below, so that bits 0-2 are the rank of |c[i]| and bit 3 its sign; the decode kernel looks
+the magnitude up by the low bits and takes the sign from the top one.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 __all__ = [
     "PACK_BITS",
     "PLANAR_BITS",
+    "from_key_codes",
     "pack_indices",
-    "from_sign_magnitude",
     "pack_planar",
     "packed_size",
     "planar_size",
+    "to_key_codes",
     "unpack_indices",
-    "to_sign_magnitude",
     "unpack_planar",
 ]
 
@@ -135,12 +136,17 @@ def unpack_planar(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     return fields.flatten(-2).to(torch.uint8)
 
 
-def to_sign_magnitude(indices: torch.Tensor) -> torch.Tensor:
-    """4-bit codebook indices (uint8 in [0, 16), ascending centroids of an antisymmetric codebook) -> sign-magnitude
-    codes: i - 8 for i ≥ 8, 15 - i below (bits 0-2 the rank of |c|, bit 3 set for the negative centroids)."""
+def to_key_codes(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """b-bit codebook indices (ascending centroids of an antisymmetric codebook) -> the codes a cache stores: the
+    indices, or at 4 bits sign-magnitude codes, i - 8 for i ≥ 8 and 15 - i below (bits 0-2 the rank of |c|, bit 3
+    set for the negative centroids)."""
+    if bits != 4:
+        return indices
     return torch.where(indices >= 8, indices - 8, 15 - indices).to(indices.dtype)
 
 
-def from_sign_magnitude(codes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_sign_magnitude`: codes s < 8 are index s + 8, the others 15 - s."""
+def from_key_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`to_key_codes`: at 4 bits codes s < 8 are index s + 8, the others 15 - s."""
+    if bits != 4:
+        return codes
     return torch.where(codes < 8, codes + 8, 15 - codes).to(codes.dtype)

@@ -25,7 +25,7 @@ Two split kernels:
   32-bit register) and the key lookup's only operands are the codes, so Triton loads them from shared
   memory straight into the tensor-core operand layout (ldmatrix) and the lookup writes operand registers:
   each output register pairs the same code of the two elements, as the operand pairs adjacent columns; the
-  field tiles follow (``_query_tile`` gives each tile's key columns). The value tiles are still staged
+  field tiles follow (``_query_tiles`` gives each tile's query columns). The value tiles are still staged
   through shared memory for the P·V product (their per-group scale and zero operands keep Triton from
   laying the lookup out in the operand layout). A portable Triton twin computes the same tiles in the CPU
   interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
@@ -248,7 +248,7 @@ def key_lookup_tables(codebook: torch.Tensor) -> torch.Tensor:
     """prmt byte tables of the key centroid lookup: int32 [4] on the codebook's device (no host transfer).
 
     codebook: [2^b] (b = 2, 3, 4) centroids divided by √d in the order of the stored codes: ascending for 2 and 3
-    bits, sign-magnitude for 4 (packing.to_sign_magnitude: codes 0-7 the magnitudes, ascending). The tables hold
+    bits, sign-magnitude for 4 (packing.to_key_codes: codes 0-7 the magnitudes, ascending). The tables hold
     the fp16 bit patterns of codes 0-7 (padded with zeros to 8 for 2 bits): low bytes of entries 0-3, low bytes
     of 4-7, high bytes of 0-3, high bytes of 4-7."""
     n = codebook.numel()
@@ -278,7 +278,7 @@ def _key4_asm(words: tuple[int, ...] | None = None) -> str:
     """4-bit centroids: two int16 elements of 4 codes each (one 32-bit register, pack=2) -> 4 tiles of fp16
     pairs: output j holds nibble j of element 0 and of element 1, the pairing of a tensor-core operand register.
 
-    The codes are sign-magnitude (packing.to_sign_magnitude): bits 0-2 the rank of |c|, whose fp16 patterns are
+    The codes are sign-magnitude (packing.to_key_codes): bits 0-2 the rank of |c|, whose fp16 patterns are
     the tables (key_lookup_tables), bit 3 the sign. The bytes are reordered (0, 2, 1, 3) so that each looked-up
     pair comes from the two elements; then per register of 8 codes: the low and high bytes of |c| looked up four
     ranks at a time with prmt, interleaved into f16x2 pairs, the sign bits moved to bit 15 of each half and or-ed
@@ -301,10 +301,32 @@ def _key4_asm(words: tuple[int, ...] | None = None) -> str:
     )
 
 
+def _plane_lookup(plane: str, high: str | None, tables: list[str], out) -> list[str]:
+    """The lookup of _key_plane_asm and _key3_pairs_asm for one register of 2-bit-plane bytes ``plane`` and, for
+    3-bit indices, the register ``high`` holding field f's high bit at bit 2f of each byte: nibble selectors
+    A = fields 0, 2 and B = fields 1, 3 of every byte (low 2 bits from the plane, bit 2 from the high plane) index
+    an 8-entry prmt table directly; field f of bytes (0, 1) (x = 0) or (2, 3) (x = 1) goes to register out(f, x).
+    Uses the scratch registers a, b, s, t, la, ha."""
+    l0, l1, h0, h1 = tables
+    lines = [f"shr.u32 b, {plane}, 2;"]
+    if high is not None:
+        lines += [f"shl.b32 t, {high}, 2;", "and.b32 t, t, 0x44444444;", f"lop3.b32 a, {plane}, 0x33333333, t, 0xEA;",
+                  f"and.b32 t, {high}, 0x44444444;", "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
+    else:
+        lines += [f"and.b32 a, {plane}, 0x33333333;", "and.b32 b, b, 0x33333333;"]
+    for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
+        for x in range(2):  # bytes (0, 1), then (2, 3)
+            if x:
+                lines.append(f"shr.u32 s, {sel}, 16;")
+            src = "s" if x else sel
+            lines += [f"prmt.b32 la, {l0}, {l1}, {src};", f"prmt.b32 ha, {h0}, {h1}, {src};",
+                      f"prmt.b32 {out(fa, x)}, la, ha, 0x6240;", f"prmt.b32 {out(fb, x)}, la, ha, 0x7351;"]  # fmt: skip
+    return lines
+
+
 def _key_plane_asm(high: bool, words: tuple[int, ...] | None = None, pairs: bool = False) -> str:
     """2- or 3-bit centroids from 4 bytes of a 2-bit plane (4 fields per byte) and, for 3 bits, 4 bytes of the
-    1-bit plane that hold field f's high bit at bit 2f + h. Nibble selectors A = fields 0, 2 and B = fields 1, 3
-    of every byte (low 2 bits from the plane, bit 2 from the high plane) index an 8-entry prmt table directly.
+    1-bit plane that hold field f's high bit at bit 2f + h (_plane_lookup).
 
     pairs=False (pack=4 bytes; for 3 bits h, 0 or 1 and the same for the 4 bytes, in the third input): -> 4
     fields × 4 fp16, elementwise (output k of field f from byte k), field f in registers 2f, 2f + 1; 22
@@ -316,31 +338,17 @@ def _key_plane_asm(high: bool, words: tuple[int, ...] | None = None, pairs: bool
     if high and pairs:
         raise ValueError("3-bit int16 pairs take _key3_pairs_asm")
     t, step = (11 if high else 9), (2 if pairs else 4)
-    (l0, l1, h0, h1), extra, moves = _table_registers(words, [f"${t + step * i}" for i in range(4)])
+    tables, extra, moves = _table_registers(words, [f"${t + step * i}" for i in range(4)])
     names = ["a", "b", "s", "t", "h", "la", "ha", *(["w"] if pairs else []), *extra]
     lines = [f"{{ .reg .b32 {', '.join(names)};", moves]
     plane = "$8"
     if pairs:
         lines.append("prmt.b32 w, $8, 0, 0x3120;")  # bytes (0, 2, 1, 3): element 0's byte k beside element 1's
         plane = "w"
-    lines.append(f"shr.u32 b, {plane}, 2;")
     if high:
-        lines += ["and.b32 h, $10, 1;", "shr.u32 h, $9, h;",  # bit 2f + h -> bit 2f (other bits are not read)
-                  "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;", "lop3.b32 a, $8, 0x33333333, t, 0xEA;",
-                  "and.b32 t, h, 0x44444444;", "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
-    else:
-        lines += [f"and.b32 a, {plane}, 0x33333333;", "and.b32 b, b, 0x33333333;"]
-
-    def out(f: int, x: int) -> str:
-        return f"${f + 4 * x}" if pairs else f"${2 * f + x}"
-
-    for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
-        for x in range(2):  # bytes (0, 1), then (2, 3)
-            if x:
-                lines.append(f"shr.u32 s, {sel}, 16;")
-            src = "s" if x else sel
-            lines += [f"prmt.b32 la, {l0}, {l1}, {src};", f"prmt.b32 ha, {h0}, {h1}, {src};",
-                      f"prmt.b32 {out(fa, x)}, la, ha, 0x6240;", f"prmt.b32 {out(fb, x)}, la, ha, 0x7351;"]  # fmt: skip
+        lines += ["and.b32 h, $10, 1;", "shr.u32 h, $9, h;"]  # bit 2f + h -> bit 2f (other bits are not read)
+    lines += _plane_lookup(plane, "h" if high else None, tables,
+                           lambda f, x: f"${f + 4 * x}" if pairs else f"${2 * f + x}")  # fmt: skip
     return "\n".join(lines + ["}"])
 
 
@@ -353,26 +361,16 @@ def _key3_pairs_asm(words: tuple[int, ...] | None = None) -> str:
     and 1), and the assembly knows each register's shift from its position, with no per-column operand.
 
     -> 8 tiles × 4 registers of fp16 pairs, tile j = f + 4·b (field f of byte b of each element), register r of
-    tile j at $(4j + r). Per register: the 2-bit-plane lookup of _key_plane_asm with pairs. Operands: outputs
+    tile j at $(4j + r). Per register: the lookup of _key_plane_asm with pairs (_plane_lookup). Operands: outputs
     $0-$31, the plane $32-$35, the high plane $36-$39 (registers 2 and 3 unread), then (without ``words``) the
     four tables, eight registers apart."""
-    (l0, l1, h0, h1), extra, moves = _table_registers(words, [f"${40 + 8 * i}" for i in range(4)])
+    tables, extra, moves = _table_registers(words, [f"${40 + 8 * i}" for i in range(4)])
     lines = [f"{{ .reg .b32 {', '.join(['a', 'b', 's', 't', 'h', 'la', 'ha', 'w', *extra])};", moves]
     for r in range(4):
         lines += [f"prmt.b32 w, ${32 + r}, 0, 0x3120;", f"prmt.b32 h, ${36 + r % 2}, 0, 0x3120;"]  # bytes (0, 2, 1, 3)
         if r >= 2:
             lines.append("shr.u32 h, h, 1;")  # columns 8-15: bit 2f + 1 -> bit 2f (other bits are not read)
-        lines += ["shr.u32 b, w, 2;", "shl.b32 t, h, 2;", "and.b32 t, t, 0x44444444;",
-                  "lop3.b32 a, w, 0x33333333, t, 0xEA;", "and.b32 t, h, 0x44444444;",
-                  "lop3.b32 b, b, 0x33333333, t, 0xEA;"]  # fmt: skip
-        for sel, (fa, fb) in (("a", (0, 2)), ("b", (1, 3))):
-            for x in range(2):  # bytes (0, 1) of w, then (2, 3)
-                if x:
-                    lines.append(f"shr.u32 s, {sel}, 16;")
-                src = "s" if x else sel
-                lines += [f"prmt.b32 la, {l0}, {l1}, {src};", f"prmt.b32 ha, {h0}, {h1}, {src};",
-                          f"prmt.b32 ${4 * (fa + 4 * x) + r}, la, ha, 0x6240;",
-                          f"prmt.b32 ${4 * (fb + 4 * x) + r}, la, ha, 0x7351;"]  # fmt: skip
+        lines += _plane_lookup("w", "h", tables, lambda f, x, r=r: f"${4 * (f + 4 * x) + r}")
     return "\n".join(lines + ["}"])
 
 
@@ -398,15 +396,16 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
                 P_K: tl.constexpr, DP_K: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
                 MASKED: tl.constexpr):  # fmt: skip
     """Centroids (√d units, fp16) of BN keys as P_K field tiles [BN, DP_K] (k0-k7; unused ones repeat k0), in the
-    columns of _query_tile.
+    columns of _query_tiles.
 
-    4 bits: the codes read as int16 elements of 4 codes, tile j = nibble j of element e; 2 bits with P_K = 8
-    (head_dim 128): int16 elements of 8 codes, tile f + 4b = field f of byte b of element e. In both, the inline
-    assembly turns one 32-bit register (two elements) into one tensor-core register per tile. 2 and 3 bits with
-    P_K = 4: bytes, tile f = field f of byte e of the 2-bit plane, for 3 bits with the high bit of column
-    f·D/4 + e from bit 2f + e // (D/8) of byte e mod D/8 of the 1-bit plane. With KEY_ASM: kt0-kt3, the int32
-    tables of key_lookup_tables (TABLES_IN_ASM: none, the assembly holds them); else b_cb, the [BN, 2^kb]
-    codebook of the portable lookup."""
+    4 bits: the codes read as int16 elements of 4 codes, tile j = nibble j of element e; 2 and 3 bits with
+    P_K = 8 (head_dim 128): the 2-bit plane as int16 elements of 8 codes, tile f + 4b = field f of byte b of
+    element e, for 3 bits with the high bits from int16 element e mod DP_K/2 of the 1-bit plane, bit 2f + e //
+    (DP_K/2) of each byte (_key3_pairs_asm). There the inline assembly turns the elements into tensor-core operand
+    registers directly. 2 and 3 bits with P_K = 4: bytes, tile f = field f of byte e of the 2-bit plane, for 3 bits
+    with the high bit of column f·D/4 + e from bit 2f + e // (D/8) of byte e mod D/8 of the 1-bit plane. With
+    KEY_ASM: kt0-kt3, the int32 tables of key_lookup_tables (TABLES_IN_ASM: none, the assembly holds them); else
+    b_cb, the [BN, 2^kb] codebook (in the order of the stored codes) of the portable lookup."""
     KB: tl.constexpr = D * KEY_BITS // 8  # bytes per key
     PAIRS: tl.constexpr = P_K == 8 or KEY_BITS == 4  # int16 elements, else bytes
     o_k = tl.arange(0, DP_K)
@@ -525,16 +524,43 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
 
 
 @triton.jit
-def _query_tile(p_q, m_m, Q_SCALE, j: tl.constexpr, KEY_BITS: tl.constexpr, D: tl.constexpr, P_K: tl.constexpr,
-                DP_K: tl.constexpr):  # fmt: skip
-    """The rotated queries' columns that meet key field tile j of _key_fields, transposed: fp16 [DP_K, BM].
+def _query_tiles(p_q, m_m, Q_SCALE, KEY_BITS: tl.constexpr, D: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
+                 SIGNS: tl.constexpr):  # fmt: skip
+    """The query columns that meet the P_K key field tiles of _key_fields (SIGNS: the columns of S q that meet
+    the sign tiles of _qjl_scores), each transposed, fp16 [DP_K, BM]; t4-t7 repeat t0 where P_K = 4."""
+    t0 = _query_tile(p_q, m_m, Q_SCALE, 0, KEY_BITS, D, P_K, DP_K, SIGNS)
+    t1 = _query_tile(p_q, m_m, Q_SCALE, 1, KEY_BITS, D, P_K, DP_K, SIGNS)
+    t2 = _query_tile(p_q, m_m, Q_SCALE, 2, KEY_BITS, D, P_K, DP_K, SIGNS)
+    t3 = _query_tile(p_q, m_m, Q_SCALE, 3, KEY_BITS, D, P_K, DP_K, SIGNS)
+    t4 = t0
+    t5 = t0
+    t6 = t0
+    t7 = t0
+    if P_K == 8:
+        t4 = _query_tile(p_q, m_m, Q_SCALE, 4, KEY_BITS, D, P_K, DP_K, SIGNS)
+        t5 = _query_tile(p_q, m_m, Q_SCALE, 5, KEY_BITS, D, P_K, DP_K, SIGNS)
+        t6 = _query_tile(p_q, m_m, Q_SCALE, 6, KEY_BITS, D, P_K, DP_K, SIGNS)
+        t7 = _query_tile(p_q, m_m, Q_SCALE, 7, KEY_BITS, D, P_K, DP_K, SIGNS)
+    return t0, t1, t2, t3, t4, t5, t6, t7
 
-    The cache packs key column c of a 4-bit key into byte c mod D/2 (low nibble below D/2), and of a 2- or 3-bit
-    key into field c // (D/4) of byte c mod D/4 of the 2-bit plane. 4 bits: nibble j of int16 element e is byte
-    2e + j // 2, nibble j % 2; 2 and 3 bits, P_K = 8: field j % 4 of byte 2e + j // 4; P_K = 4: field j of byte
-    e."""
+
+@triton.jit
+def _query_tile(p_q, m_m, Q_SCALE, j: tl.constexpr, KEY_BITS: tl.constexpr, D: tl.constexpr, P_K: tl.constexpr,
+                DP_K: tl.constexpr, SIGNS: tl.constexpr):  # fmt: skip
+    """Tile j of _query_tiles: fp16 [DP_K, BM].
+
+    Keys: the cache packs key column c of a 4-bit key into byte c mod D/2 (low nibble below D/2), and of a 2- or
+    3-bit key into field c // (D/4) of byte c mod D/4 of the 2-bit plane. 4 bits: nibble j of int16 element e is
+    byte 2e + j // 2, nibble j % 2; 2 and 3 bits, P_K = 8: field j % 4 of byte 2e + j // 4; P_K = 4: field j of
+    byte e. Signs (bit g of byte b of the 1-bit plane is column g·D/8 + b): P_K = 8, bit j of byte 2e for
+    e < DP_K/2 and of byte 2(e - DP_K/2) + 1 above; P_K = 4, column j·DP_K + e."""
     o_e = tl.arange(0, DP_K)
-    if KEY_BITS == 4:
+    if SIGNS and P_K == 8:
+        H: tl.constexpr = DP_K // 2
+        cols = j * (D // 8) + 2 * (o_e % H) + o_e // H
+    elif SIGNS:
+        cols = j * DP_K + o_e
+    elif KEY_BITS == 4:
         cols = 2 * o_e + (j // 2) + (D // 2) * (j % 2)
     elif P_K == 8:
         cols = (j % 4) * (D // 4) + 2 * o_e + j // 4
@@ -585,7 +611,7 @@ _SIGN_PAIRS_ASM = tl.constexpr(_sign_pairs_asm())
 def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.constexpr, P_K: tl.constexpr,
                 ASM: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """Σ_j (Sq)_j · sign_j over BN keys -> [BN, BM] float32 from the 1-bit plane [BN, D/8] (bit g of byte b: column
-    g·D/8 + b), each ±1 tile dotted with its query tile (_sign_query_tile).
+    g·D/8 + b), each ±1 tile dotted with its query tile (_query_tiles with SIGNS).
 
     P_K = 8 (head_dim 128): the plane as int16 elements, 8 tiles [BN, 16], tile j column e = bit j of element e
     (e < 8), bit j + 8 of element e - 8 (e ≥ 8), read straight into the tensor-core operand (_sign_pairs_asm).
@@ -644,19 +670,6 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.cons
         acc += tl.dot(g2, sq2)
         acc += tl.dot(g3, sq3)
     return acc
-
-
-@triton.jit
-def _sign_query_tile(p_sq, m_m, Q_SCALE, j: tl.constexpr, D: tl.constexpr, P_K: tl.constexpr):
-    """The columns of S q that meet sign tile j of _qjl_scores, transposed: P_K = 8, fp16 [16, BM], column
-    j·D/8 + 2e (bit j of byte 2e) for e < 8 and j·D/8 + 2(e - 8) + 1 (bit j of byte 2(e - 8) + 1) above; else
-    fp16 [D/4, BM], columns j·D/4 + e."""
-    if P_K == 8:
-        o_e = tl.arange(0, 16)
-        cols = j * (D // 8) + 2 * (o_e % 8) + o_e // 8
-    else:
-        cols = j * (D // 4) + tl.arange(0, D // 4)
-    return (tl.load(p_sq + cols[:, None], mask=m_m[None, :], other=0.0) * Q_SCALE).to(tl.float16)
 
 
 @triton.jit
@@ -830,38 +843,12 @@ def _decode_split_kernel_2d(
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
     p_q = Q + i_bh * M * D + o_m[None, :] * D
-    qt0 = _query_tile(p_q, m_m, Q_SCALE, 0, KEY_BITS, D, P_K, DP_K)
-    qt1 = _query_tile(p_q, m_m, Q_SCALE, 1, KEY_BITS, D, P_K, DP_K)
-    qt2 = _query_tile(p_q, m_m, Q_SCALE, 2, KEY_BITS, D, P_K, DP_K)
-    qt3 = _query_tile(p_q, m_m, Q_SCALE, 3, KEY_BITS, D, P_K, DP_K)
-    qt4 = qt0
-    qt5 = qt0
-    qt6 = qt0
-    qt7 = qt0
-    if P_K == 8:
-        qt4 = _query_tile(p_q, m_m, Q_SCALE, 4, KEY_BITS, D, P_K, DP_K)
-        qt5 = _query_tile(p_q, m_m, Q_SCALE, 5, KEY_BITS, D, P_K, DP_K)
-        qt6 = _query_tile(p_q, m_m, Q_SCALE, 6, KEY_BITS, D, P_K, DP_K)
-        qt7 = _query_tile(p_q, m_m, Q_SCALE, 7, KEY_BITS, D, P_K, DP_K)
-    sq0 = qt0
-    sq1 = qt0
-    sq2 = qt0
-    sq3 = qt0
-    sq4 = qt0
-    sq5 = qt0
-    sq6 = qt0
-    sq7 = qt0
+    qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7 = _query_tiles(p_q, m_m, Q_SCALE, KEY_BITS, D, P_K, DP_K, False)
     if PROD:  # S q as the sign tiles' query tiles
         p_sq = SQ + i_bh * M * D + o_m[None, :] * D
-        sq0 = _sign_query_tile(p_sq, m_m, Q_SCALE, 0, D, P_K)
-        sq1 = _sign_query_tile(p_sq, m_m, Q_SCALE, 1, D, P_K)
-        sq2 = _sign_query_tile(p_sq, m_m, Q_SCALE, 2, D, P_K)
-        sq3 = _sign_query_tile(p_sq, m_m, Q_SCALE, 3, D, P_K)
-        if P_K == 8:
-            sq4 = _sign_query_tile(p_sq, m_m, Q_SCALE, 4, D, P_K)
-            sq5 = _sign_query_tile(p_sq, m_m, Q_SCALE, 5, D, P_K)
-            sq6 = _sign_query_tile(p_sq, m_m, Q_SCALE, 6, D, P_K)
-            sq7 = _sign_query_tile(p_sq, m_m, Q_SCALE, 7, D, P_K)
+        sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7 = _query_tiles(p_sq, m_m, Q_SCALE, KEY_BITS, D, P_K, DP_K, True)
+    else:  # (unused)
+        sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7 = qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7
     NC: tl.constexpr = 2**KEY_BITS
     b_cb = tl.broadcast_to(tl.load(CB + tl.arange(0, NC)).to(tl.float16)[None, :], (BN, NC))
     kt0 = tl.load(KT)

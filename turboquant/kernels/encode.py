@@ -15,7 +15,7 @@ What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
 - values: per group of g coordinates, zero = fp16(min), scale = fp16((max - min) / (2^b - 1)),
   code = round_half_even((x - zero) / scale) clamped to [0, 2^b - 1] (0 where scale = 0);
 - every index plane packed in the planar layout of ``pack_planar`` (3 bits = a 2-bit plane then
-  a 1-bit plane; 4-bit key indices as sign-magnitude codes, ``packing.to_sign_magnitude``) and
+  a 1-bit plane; key indices as the key codes of ``packing.to_key_codes``, sign-magnitude at 4 bits) and
   stored at slot ``slots[n]`` of every (batch, head).
 
 Two launches, one pass over each input: grid (cdiv(B·H·N, BN),) over the flattened
@@ -194,7 +194,7 @@ def _encode_keys(
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
-        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_sign_magnitude)
+        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes)
             b_pk += _pack_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, KEY_BITS, KB, DC, BN)
         else:
             b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
