@@ -10,6 +10,7 @@ do not hit the 60 MB L2. GB/s counts the compressed bytes the kernel must read.
     python benchmarks/decode.py --quick         # two shapes
     python benchmarks/decode.py --sweep         # also try launch configurations per shape
     python benchmarks/decode.py --graphs        # time CUDA-graph replays (no host launch overhead)
+    python benchmarks/decode.py --head-dim 64 256   # other head dims (default 128)
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ CONFIGS = {
     "K3/V2 prod": dict(key_bits=3, value_bits=2, key_mode="prod"),
 }
 SHAPES = [(16, 65536), (8, 32768), (1, 131072), (1, 8192), (64, 8192)]
-H_Q, H_KV, D = 32, 8, 128
+H_Q, H_KV, D = 32, 8, 128  # D: the default head_dim (--head-dim)
 L2_BYTES = 60 * 2**20
 
 
 def fill_cache(cfg: KVCacheConfig, k: torch.Tensor, v: torch.Tensor) -> TurboQuantKVCache:
     """A cache holding k, v [B, H_kv, N, D], appended in chunks (bounded temporaries)."""
-    batch, _, context, _ = k.shape
+    batch, _, context, d = k.shape
     cache = TurboQuantKVCache(cfg, batch, H_KV, device="cuda", dtype=torch.bfloat16, capacity=context)
-    chunk = max(1, min(context, (1 << 26) // (batch * H_KV * D)))
+    chunk = max(1, min(context, (1 << 26) // (batch * H_KV * d)))
     for start in range(0, context, chunk):
         cache.append(k[:, :, start : start + chunk], v[:, :, start : start + chunk])
     return cache
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--graphs", action="store_true", help="time CUDA-graph replays (both ours and SDPA)")
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--head-dim", nargs="*", type=int, default=[D], help="head dims to time (64, 128, 256)")
     ap.add_argument("--out", type=Path, default=Path("results/decode.md"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,13 +118,14 @@ def main(argv: list[str] | None = None) -> None:
         "rel err vs ref | graph == eager | cos vs bf16 | launch |"
     )
     print(header)
-    for batch, context in shapes:
-        kv_bytes = batch * H_KV * context * D * 2 * 2
+    for d, (batch, context) in ((d, bc) for d in args.head_dim for bc in shapes):
+        shape = f"({batch}, {context})" + ("" if d == D else f" D={d}")
+        kv_bytes = batch * H_KV * context * d * 2 * 2
         n_copies_bf16 = max(1, math.ceil(3 * L2_BYTES / kv_bytes))
-        ks = [torch.randn(batch, H_KV, context, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ks = [torch.randn(batch, H_KV, context, d, device="cuda", dtype=torch.bfloat16, generator=gen)
               for _ in range(n_copies_bf16)]  # fmt: skip
         vs = [torch.randn_like(k) for k in ks]
-        q = torch.randn(batch, H_Q, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(batch, H_Q, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa_fns = [
                 (lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             t_bf16 = median_ms(sdpa_fns, graphs=args.graphs)
             sdpa_out = sdpa_fns[0]()
         for name in args.configs:
-            cfg = KVCacheConfig(head_dim=D, chunk_size=context, **CONFIGS[name])
+            cfg = KVCacheConfig(head_dim=d, chunk_size=context, **CONFIGS[name])
             per_token = cfg.bytes_per_token_per_head()
             comp_bytes = batch * H_KV * context * per_token
             n_copies = max(1, math.ceil(3 * L2_BYTES / comp_bytes))
@@ -155,27 +158,27 @@ def main(argv: list[str] | None = None) -> None:
                     fns = [prepared_call(c, q, **launch) for c in caches]
                     launch_err = rel_err(fns[0]()[0].reshape(ref.shape), ref)
                     if not launch_err < 5e-3:  # every timed launch passes the same check
-                        print(f"  ({batch}, {context}) {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
+                        print(f"  {shape} {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
                         continue
                     t = median_ms(fns, graphs=args.graphs)
                     if args.sweep or args.ab:
-                        print(f"  sweep ({batch}, {context}) {name} {launch}: {t:.4f} ms", flush=True)
+                        print(f"  sweep {shape} {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)
             if best is None:
                 line = (
-                    f"| ({batch}, {context}) | {name} | CHECK FAILED | - | {t_bf16:.4f} | - | {err:.2e} | "
+                    f"| {shape} | {name} | CHECK FAILED | - | {t_bf16:.4f} | - | {err:.2e} | "
                     f"{graph_ok} | {cos:.4f} | - |"
                 )
             else:
                 t, launch = best
                 line = (
-                    f"| ({batch}, {context}) | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
+                    f"| {shape} | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
                     f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages'] or 'auto'}"
                     f" {launch['programs_per_sm'] or 'auto'}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
-                    f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(D, **layout_args(cfg)) else ''}"
+                    f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(d, **layout_args(cfg)) else ''}"
                     f"{' asm' if launch['inline_asm'] else ''}"
                     f"{' tables-in-asm' if launch['key_table_source'] == 'immediates' else ''} |"
                 )

@@ -70,14 +70,25 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def sass(kernel) -> str:
+def _cubin_tool(kernel, tool: str, *args: str) -> str:
+    """The output of one of Triton's bundled CUDA binary tools run on the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
     try:
-        return subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
     finally:
         os.unlink(f.name)
+
+
+def sass(kernel) -> str:
+    return _cubin_tool(kernel, "nvdisasm", "-c")
+
+
+def resources(kernel) -> str:
+    """Registers per thread and local memory (spills) per thread, as cuobjdump reports them."""
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage"))
+    return f"{m.group(1)} registers, {m.group(2)} B spilled" if m else "resources unknown"
 
 
 def main_loops(text: str) -> list[collections.Counter]:
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[128])
     ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument(
         "--key-table-source", choices=decode.KEY_TABLE_SOURCES, default=decode.LAUNCH_DEFAULTS["key_table_source"]
     )
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    kernel = compile_kernel(kb, vb, asm, warps, bn, prod=args.prod,
+                    kernel = compile_kernel(kb, vb, asm, warps, bn, d=args.head_dim, prod=args.prod,
                                             key_table_source=args.key_table_source, num_stages=args.stages)  # fmt: skip
                     loops = main_loops(sass(kernel))
                     if not loops:
@@ -129,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                     n = [sum(ops.values()) for ops in loops]
                     top = " ".join(f"{k}:{v}" for k, v in loops[0].most_common(12))
                     smem = " ".join(f"{k}:{loops[0][k]}" for k in SHARED_MEMORY)
-                    print(f"K{kb}/V{vb} {'inline PTX' if asm else 'portable  '} warps {warps} block_n {bn}: "
+                    print(f"K{kb}/V{vb} D={args.head_dim} {'inline PTX' if asm else 'portable  '} warps {warps} "
+                          f"block_n {bn} ({resources(kernel)}): "
                           f"{n[0] * warps / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
                           f"per block), {n[-1] * warps / bn:.1f} in the masked last block | shared memory and "
                           f"barriers {smem}, {kernel.metadata.shared // 1024} KB | {top}", flush=True)  # fmt: skip

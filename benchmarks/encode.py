@@ -8,7 +8,7 @@ as a CUDA-graph replay ("graph ms"). GB/s (of the first) counts the bytes the en
 the bf16 K and V read and the packed rows written. The baseline is the same-run copy of the bf16
 K/V into a bf16 cache at the same slots (``cache[:, :, slots] = k``, for K and V).
 
-Shapes (H_kv = 8, D = 128): a 32k-token prefill chunk (B = 1, N = 32768) and decode steps
+Shapes (H_kv = 8, D = 128 or --head-dim): a 32k-token prefill chunk (B = 1, N = 32768) and decode steps
 (B = 16 and 64, N = 1, written at slot 4095 of a 4096-slot cache).
 
     python benchmarks/encode.py                 # every shape and configuration
@@ -60,7 +60,8 @@ def check(cache: TurboQuantKVCache, k, v, bufs: dict, slots: torch.Tensor) -> tu
     multiplies by its reciprocal); norms, γ, scales and zeros within one fp16 ulp. At most 1e-3 of
     the coordinates may differ. Untouched slots must keep the poison.
     """
-    cfg, d = cache.config, D
+    cfg = cache.config
+    d = cfg.head_dim
     mse, kq = cache.mse_quantizer, cache.key_quantizer
     ref = cache._encode(k, v)
     got = {name: t[:, :, slots] for name, t in bufs.items()}
@@ -135,7 +136,7 @@ def kernel_times(step, calls: int = 20) -> str:
 
 def row_bytes(cfg: KVCacheConfig) -> int:
     """Bytes one (token, head) moves: bf16 K and V read, the packed K and V rows written."""
-    return 2 * 2 * D + cfg.bytes_per_token_per_head()
+    return 2 * 2 * cfg.head_dim + cfg.bytes_per_token_per_head()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--searches", nargs="*", default=[], choices=SEARCHES,
                     help="codebook searches to time (default: encode_kv's per-configuration choice)")  # fmt: skip
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256))
     ap.add_argument("--out", type=Path, default=Path("results/encode.md"))
     args = ap.parse_args(argv)
+    d = args.head_dim
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/encode.py needs a CUDA GPU")
     import triton
@@ -182,10 +185,10 @@ def main(argv: list[str] | None = None) -> None:
     print(header, flush=True)
     rows = []
     for shape_name, (batch, n, capacity) in shapes.items():
-        k = torch.randn(batch, H_KV, n, D, device="cuda", generator=gen).to(torch.bfloat16)
-        v = torch.randn(batch, H_KV, n, D, device="cuda", generator=gen).to(torch.bfloat16)
+        k = torch.randn(batch, H_KV, n, d, device="cuda", generator=gen).to(torch.bfloat16)
+        v = torch.randn(batch, H_KV, n, d, device="cuda", generator=gen).to(torch.bfloat16)
         slots = torch.arange(capacity - n, capacity, device="cuda")
-        k_cache = torch.zeros(batch, H_KV, capacity, D, device="cuda", dtype=torch.bfloat16)
+        k_cache = torch.zeros(batch, H_KV, capacity, d, device="cuda", dtype=torch.bfloat16)
         v_cache = torch.zeros_like(k_cache)
 
         def copy(k=k, v=v, slots=slots, k_cache=k_cache, v_cache=v_cache):
@@ -193,9 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             v_cache[:, :, slots] = v
 
         t_copy = median_ms([copy], rep_ms)
-        copy_bytes = 2 * 2 * (batch * H_KV * n * D * 2)
+        copy_bytes = 2 * 2 * (batch * H_KV * n * d * 2)
         for name in args.configs:
-            cfg = KVCacheConfig(head_dim=D, **CONFIGS[name])
+            cfg = KVCacheConfig(head_dim=d, **CONFIGS[name])
             cache = TurboQuantKVCache(cfg, batch, H_KV, device="cuda", dtype=torch.bfloat16, capacity=capacity)
             bufs = {key: t for key, t in cache.buffers().items() if key in cache._buffer_specs()}
             kw = dict(key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer, check_slots=False)

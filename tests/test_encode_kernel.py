@@ -132,6 +132,8 @@ CASES = [
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0}),
     ("prod", 2, 3, 64, "hadamard", False, 63, (3, 1), {}),
     ("prod", 4, 4, 256, "haar", False, 15, (1, 1), {}),
+    ("mse", 4, 4, 256, "haar", True, 80, (1, 1), {"small_rows": 0}),  # head_dim 256's own launch (32 rows)
+    ("prod", 3, 2, 256, "hadamard", True, 70, (1, 1), {"small_rows": 0}),
     # the default searches 4-bit key indices by magnitude (symmetric), the rest by every boundary (full): each
     # search on the other widths, the same indices
     ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {"search": "symmetric"}),
@@ -192,18 +194,19 @@ def test_encode_keys_on_decision_boundaries():
     _check_rows(cache, k, v, bufs, slots, max_mismatch=1.0)
 
 
-@pytest.mark.parametrize("mode,kb,dtype,n,launch", [
-    ("mse", 4, torch.bfloat16, 40, {}),  # one launch for keys and values (a small chunk)
-    ("mse", 3, torch.float32, 300, {"small_rows": 0}),
-    ("prod", 3, torch.bfloat16, 63, {"small_rows": 0}),
+@pytest.mark.parametrize("mode,kb,dtype,n,launch,d", [
+    ("mse", 4, torch.bfloat16, 40, {}, 64),  # one launch for keys and values (a small chunk)
+    ("mse", 3, torch.float32, 300, {"small_rows": 0}, 64),
+    ("prod", 3, torch.bfloat16, 63, {"small_rows": 0}, 64),
+    ("mse", 4, torch.bfloat16, 70, {"small_rows": 0}, 256),  # the defaults of TurboQuantCache on a Gemma-3 layer
 ])  # fmt: skip
-def test_encode_centres_and_scales_keys(mode, kb, dtype, n, launch):
+def test_encode_centres_and_scales_keys(mode, kb, dtype, n, launch, d):
     """key_mean and key_scale: the keys written are those of (k - μ) / s in float32, what TurboQuantKVCache stores
     with center_keys and scale_keys, from the keys as given (16-bit keys are not rounded in between)."""
-    cache, k, v, slots = _setup(mode, kb, 4, 64, "haar", True, n, (2, 2), dtype=dtype, extra=5)
+    cache, k, v, slots = _setup(mode, kb, 4, d, "haar", True, n, (2, 2), dtype=dtype, extra=5)
     gen = torch.Generator().manual_seed(3)
-    mean = (torch.randn(2, 2, 64, generator=gen) * 0.5).to(DEVICE)
-    scale = torch.exp(0.5 * torch.randn(2, 2, 64, generator=gen)).to(DEVICE)
+    mean = (torch.randn(2, 2, d, generator=gen) * 0.5).to(DEVICE)
+    scale = torch.exp(0.5 * torch.randn(2, 2, d, generator=gen)).to(DEVICE)
     bufs = _poisoned_buffers(cache)
     encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
               key_mean=mean, key_scale=scale, **launch)  # fmt: skip

@@ -62,6 +62,9 @@ CASES = [
     ("prod", 4, 4, 128, 1, 1, 1),
     ("prod", 3, 4, 64, 4, 5, 63),
     ("prod", 4, 2, 64, 8, 1, 15),
+    ("mse", 4, 4, 256, 4, 1, 300),
+    ("mse", 3, 2, 256, 2, 2, 63),
+    ("prod", 3, 4, 256, 1, 1, 15),
 ]
 
 
@@ -92,11 +95,22 @@ def test_decode_kernel_key_major_scores(mode, kb, vb, d, group, n_q, n, monkeypa
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[2::3])
 def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypatch):
-    """The 2-D kernel with 64-token blocks (the default is 128)."""
+    """The 2-D kernel with 64-token blocks (the default up to head_dim 128 is 128)."""
     from turboquant.kernels import decode
 
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "block_n", 64)
     _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
+@pytest.mark.parametrize("mode,kb,d,vb,group_size", [("mse", 4, 256, 4, 16), ("prod", 3, 256, 2, 128),
+                                                      ("mse", 2, 256, 4, 64), ("mse", 3, 128, 4, 64)])  # fmt: skip
+def test_decode_kernel_value_group_sizes(mode, kb, d, vb, group_size):
+    """The 2-D kernel with value groups other than 32 columns: narrower than its value tiles (head_dim 256: 64
+    columns, scales per 16-column run) and as wide or wider."""
+    from turboquant.kernels.decode import tiles_2d_layout
+
+    assert tiles_2d_layout(d, kb, mode, vb, group_size) is not None
+    _check_decode(mode, kb, vb, d, 4, 1, 63, group_size=group_size)
 
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::2])
@@ -136,9 +150,9 @@ def test_decode_kernel_rejects_unknown_key_table_source():
         decode_attention(**inputs, key_table_source="registers")
 
 
-def _check_decode(mode, kb, vb, d, group, n_q, n):
-    gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n)).encode()))
-    cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)
+def _check_decode(mode, kb, vb, d, group, n_q, n, **config):
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n, config)).encode()))
+    cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64, **config)
     cache = _filled_cache(cfg, 2, 2, n, gen)
     q = torch.randn(2, 2 * group, n_q, d, generator=gen).to(DEVICE)
     _poison_workspaces()
@@ -387,32 +401,33 @@ def test_long_splits(value_bits):
 
 
 @pytest.mark.parametrize(
-    "key_mode,scale_keys,prompt,pads,sinks",
-    [("mse", False, 40, 9, 4), ("prod", False, 40, 9, 4), ("mse", True, 40, 9, 4), ("prod", True, 40, 9, 4),
-     ("mse", True, 3, 2, 4), ("prod", True, 40, 9, 0)],
+    "key_mode,scale_keys,prompt,pads,sinks,d",
+    [("mse", False, 40, 9, 4, 64), ("prod", False, 40, 9, 4, 64), ("mse", True, 40, 9, 4, 64),
+     ("prod", True, 40, 9, 4, 64), ("mse", True, 3, 2, 4, 64), ("prod", True, 40, 9, 0, 64),
+     ("mse", True, 300, 9, 4, 256)],  # a Gemma-3 head: the prompt (1200 rows) takes the long encode launch
 )  # fmt: skip
-def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads, sinks):
+def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, prompt, pads, sinks, d):
     """The fused single-token step with exact sink tokens (merged in the kernel), centred (and scaled) keys, norm
     correction and left padding (the transformers cache's options) equals the reference path (store attention,
     then merges by log-sum-exp); a short padded prompt leaves sequence 1 with fewer real tokens than sinks. The
     merge centres the step's own key (and the sinks') in the kernel, with or without sinks."""
     gen = torch.Generator().manual_seed(7)
-    cfg = KVCacheConfig(head_dim=64, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
+    cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=scale_keys, norm_correction=True)  # fmt: skip
     caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
-    k = (1.5 + torch.randn(2, 2, prompt, 64, generator=gen)).to(DEVICE)  # a common offset: centring matters
-    k = k * torch.logspace(-1, 1, 64).to(DEVICE)  # unequal channels: scaling matters
-    v = torch.randn(2, 2, prompt, 64, generator=gen).to(DEVICE)
-    q0 = torch.randn(2, 8, prompt, 64, generator=gen).to(DEVICE)
+    k = (1.5 + torch.randn(2, 2, prompt, d, generator=gen)).to(DEVICE)  # a common offset: centring matters
+    k = k * torch.logspace(-1, 1, d).to(DEVICE)  # unequal channels: scaling matters
+    v = torch.randn(2, 2, prompt, d, generator=gen).to(DEVICE)
+    q0 = torch.randn(2, 8, prompt, d, generator=gen).to(DEVICE)
     valid = torch.ones(2, prompt, dtype=torch.bool)
     valid[1, :pads] = False  # left padding: sequence 1's sinks start at position `pads`
     for cache in caches:
         cache.append(k, v, valid=valid.to(DEVICE), queries=q0)
         assert (cache.key_scale is not None) == scale_keys
     for _ in range(5 if prompt < 4 else 2):  # short prompt: steps that fill the sinks
-        q = torch.randn(2, 8, 1, 64, generator=gen).to(DEVICE)
-        k_new = (1.5 + torch.randn(2, 2, 1, 64, generator=gen)).to(DEVICE)
-        v_new = torch.randn(2, 2, 1, 64, generator=gen).to(DEVICE)
+        q = torch.randn(2, 8, 1, d, generator=gen).to(DEVICE)
+        k_new = (1.5 + torch.randn(2, 2, 1, d, generator=gen)).to(DEVICE)
+        v_new = torch.randn(2, 2, 1, d, generator=gen).to(DEVICE)
         _poison_workspaces()
         fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
         ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")

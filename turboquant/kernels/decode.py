@@ -673,8 +673,10 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.cons
 
 
 @triton.jit
-def _group_affine(VA, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
-    """Group g of BN rows: its (scale, zero) as stored, fp16, repeated along the rows of a [BN, W] tile.
+def _group_affine(VA, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constexpr, GROUP: tl.constexpr,
+                  MASKED: tl.constexpr):  # fmt: skip
+    """The (scale, zero) of BN rows over W columns from group g on (one group, or W / GROUP whole groups), as
+    stored, fp16, repeated along the rows of a [BN, W] tile.
 
     VA: the (scale, zero) pairs as int32 words. Loaded as [BN, W/16] and broadcast over 16 columns, so that the
     tile matches the code tile's layout (16 bytes per thread); one 4-byte word per pair lets Triton stage the
@@ -682,10 +684,13 @@ def _group_affine(VA, row, m_n, g: tl.constexpr, NG: tl.constexpr, W: tl.constex
     loads each needed a layout conversion (a shared-memory round trip with two barriers) on Triton 3.6."""
     R: tl.constexpr = 16 if W >= 16 else W
     rr = row[:, None] + tl.zeros([1, W // R], tl.int64)
+    p_a = VA + rr * NG + g
+    if W > GROUP:  # 16-column run r lies in group g + r·16 / GROUP
+        p_a += (tl.arange(0, W // R) * R // GROUP)[None, :]
     if MASKED:
-        w = tl.load(VA + rr * NG + g, mask=tl.broadcast_to(m_n[:, None], rr.shape), other=0)
+        w = tl.load(p_a, mask=tl.broadcast_to(m_n[:, None], rr.shape), other=0)
     else:
-        w = tl.load(VA + rr * NG + g)
+        w = tl.load(p_a)
     sc = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     z = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     BN: tl.constexpr = row.shape[0]
@@ -706,7 +711,7 @@ def _value_fields(VC, VA, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexpr, D
                   GROUP: tl.constexpr, W: tl.constexpr, DP_V: tl.constexpr, ASM: tl.constexpr,
                   MASKED: tl.constexpr):  # fmt: skip
     """Values s·x + z (fp16) of value bytes [h·W, (h+1)·W) of BN rows, one tile [BN, W] per field (2 for 4-bit
-    values, 4 for 2-bit): tile column e of field f is value column f·DP_V + h·W + e (one group: W ≤ GROUP)."""
+    values, 4 for 2-bit): tile column e of field f is value column f·DP_V + h·W + e (one group, or whole groups)."""
     NG: tl.constexpr = D // GROUP
     o_w = tl.arange(0, W)
     p_v = VC + row[:, None] * (D * VALUE_BITS // 8) + h * W + o_w[None, :]
@@ -714,11 +719,11 @@ def _value_fields(VC, VA, row, m_n, h: tl.constexpr, VALUE_BITS: tl.constexpr, D
         vb = tl.load(p_v, mask=m_n[:, None], other=0)
     else:
         vb = tl.load(p_v)
-    sc0, z0 = _group_affine(VA, row, m_n, (h * W) // GROUP, NG, W, MASKED)
-    sc1, z1 = _group_affine(VA, row, m_n, (DP_V + h * W) // GROUP, NG, W, MASKED)
+    sc0, z0 = _group_affine(VA, row, m_n, (h * W) // GROUP, NG, W, GROUP, MASKED)
+    sc1, z1 = _group_affine(VA, row, m_n, (DP_V + h * W) // GROUP, NG, W, GROUP, MASKED)
     if VALUE_BITS == 2:
-        sc2, z2 = _group_affine(VA, row, m_n, (2 * DP_V + h * W) // GROUP, NG, W, MASKED)
-        sc3, z3 = _group_affine(VA, row, m_n, (3 * DP_V + h * W) // GROUP, NG, W, MASKED)
+        sc2, z2 = _group_affine(VA, row, m_n, (2 * DP_V + h * W) // GROUP, NG, W, GROUP, MASKED)
+        sc3, z3 = _group_affine(VA, row, m_n, (3 * DP_V + h * W) // GROUP, NG, W, GROUP, MASKED)
     if ASM:
         if VALUE_BITS == 4:
             v0, v1 = tl.inline_asm_elementwise(_VALUE_ASM_4, "=r,=r,=r,=r" + ",r" * 9, [vb, sc0, z0, sc1, z1],
@@ -897,14 +902,16 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
     key_bits counts the QJL bit of prod keys (their codebook index has key_bits - 1)."""
     prod = key_mode == "prod"
     key_bits = key_bits - 1 if prod else key_bits
-    if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128):
+    if key_bits not in (2, 3, 4) or value_bits not in (2, 4) or d not in (64, 128, 256):
         return None
     # key field tiles (_key_fields): 2- and 3-bit indices at head_dim 128 as int16 elements, 8 tiles of D/8
-    # columns; at head_dim 64 (D/8 = 8 columns, below a tensor-core step) as bytes, 4 tiles of D/4
+    # columns; at head_dim 64 (D/8 = 8 columns, below a tensor-core step) and 256 as bytes, 4 tiles of D/4
     p_k, p_v = 8 if key_bits < 4 and d == 128 else 4, 8 // value_bits
     dp_v = d // p_v
-    w = min(dp_v, group_size)
-    if group_size % w or dp_v % w or w < 16 or d // p_k < 16:
+    # value chunks of W columns: one group each up to head_dim 128; at 256, 64 columns (whole groups of ≥ 16
+    # columns: the scales are broadcast per 16 columns), so that four chunks still cover D
+    w = min(dp_v, group_size if d <= 128 else 64)
+    if (group_size % w and (w % group_size or group_size % 16)) or dp_v % w or w < 16 or d // p_k < 16:
         return None
     nch = d // w
     if nch not in (2, 4):
@@ -992,15 +999,18 @@ THREE_PER_SM_REGISTERS = 168
 MAX_ROWS = 64
 
 
-def _auto_blocks(tiles_2d: bool) -> tuple[int, int, int, int]:
+def _auto_blocks(tiles_2d: bool, d: int) -> tuple[int, int, int, int]:
     """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
     --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source): 128-token
     blocks, three pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two
-    (K4/V4 (16, 65536): 0.722 ms vs 0.758 with two stages and 0.766 uncapped; K3/V2 prod 0.778 vs 0.805 and 0.853).
-    On CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so programs_per_sm
-    applies only elsewhere. The generic kernel: 64-token blocks, three stages, 2 programs per SM."""
+    (K4/V4 (16, 65536): 0.722 ms vs 0.758 with two stages and 0.766 uncapped; K3/V2 prod 0.778 vs 0.805 and 0.853);
+    at other head dims the blocks that hold the same tile bytes per thread, 256 tokens at head_dim 64 and 64 at 256
+    (in the same cap and the shared memory of three programs per SM; at 64, 128-token blocks route 2-bit values
+    and 2- and 3-bit keys through shared memory element by element, 1.5x the instructions per token in the offline
+    SASS). On CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so
+    programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks, three stages, 2 programs per SM."""
     if tiles_2d:
-        return 128, 3, 2, THREE_PER_SM_REGISTERS
+        return 128 * 128 // d, 3, 2, THREE_PER_SM_REGISTERS
     return 64, 3, 2, 0
 
 
@@ -1197,7 +1207,7 @@ class DecodePlan:
         row_tiles = triton.cdiv(m, bm)
         mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None)
+        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, d)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
         num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes

@@ -359,11 +359,16 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 # (block_n, chunk, num_warps) of the key kernel, from the seventh session's sweep of a 32k-token chunk
 # (benchmarks/RESULTS.md): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
-# 128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise).
-_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8)}
+# 128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). At head_dim
+# 256 every kind takes 32 rows and 4 warps: with 64 rows, float32 keys (and centred or scaled ones, which are
+# rotated in float32) need 256-384 KB of shared memory on sm_90 (Triton 3.6), more than the H200's 227 KB; 32 rows
+# need 64 KB.
+_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8), "head_dim_256": (32, 64, 4)}
 
 
-def _key_launch(bits: int, prod: bool) -> tuple[int, int, int]:
+def _key_launch(bits: int, prod: bool, d: int) -> tuple[int, int, int]:
+    if d > 128:
+        return _KEY_LAUNCHES["head_dim_256"]
     return _KEY_LAUNCHES["mse4" if bits == 4 and not prod else "other"]
 
 
@@ -561,7 +566,7 @@ class EncodePlan:
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
         small = rows <= launch["small_rows"]
-        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod)
+        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d)
         block_n = 16 if small else launch["block_n"] or auto_n
         num_warps = 4 if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
