@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="codebook searches to time (default: encode_kv's per-configuration choice)")  # fmt: skip
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--head-dim", type=int, default=D, choices=(64, 128, 256))
+    ap.add_argument(
+        "--centred",
+        action="store_true",
+        help="keys centred and scaled per channel in the kernel (TurboQuantCache's defaults)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/encode.md"))
     args = ap.parse_args(argv)
     d = args.head_dim
@@ -202,11 +207,16 @@ def main(argv: list[str] | None = None) -> None:
             cache = TurboQuantKVCache(cfg, batch, H_KV, device="cuda", dtype=torch.bfloat16, capacity=capacity)
             bufs = {key: t for key, t in cache.buffers().items() if key in cache._buffer_specs()}
             kw = dict(key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer, check_slots=False)
+            k_ref = k
+            if args.centred:  # keys stored as (k - μ) / s in float32, as TurboQuantCache's defaults store them
+                kw["key_mean"] = torch.randn(batch, H_KV, d, device="cuda", generator=gen) * 0.5
+                kw["key_scale"] = torch.exp(0.5 * torch.randn(batch, H_KV, d, device="cuda", generator=gen))
+                k_ref = (k.float() - kw["key_mean"][:, :, None]) / kw["key_scale"][:, :, None]
             for t in bufs.values():
                 t.fill_(float("nan") if t.dtype.is_floating_point else POISON)
             encode_kv(k, v, bufs, slots, **kw)
             torch.cuda.synchronize()
-            ok, detail = check(cache, k, v, bufs, slots)
+            ok, detail = check(cache, k_ref, v, bufs, slots)
             moved = batch * H_KV * n * row_bytes(cfg)
             floor_ms = moved / (COPY_TBPS * 1e9)
             best = None
@@ -236,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
                     key_quantizer=cache.key_quantizer,
                     value_quantizer=cache.value_quantizer,
                     launch={**LAUNCH_DEFAULTS, **launch},
+                    centred=args.centred,
+                    scaled=args.centred,
                 ).label
                 line = (
                     f"| {shape_name} | {name} | {t:.4f} | {t_graph:.4f} | {moved / t / 1e6:.0f} | {floor_ms:.4f} | "
