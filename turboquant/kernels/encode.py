@@ -346,6 +346,7 @@ def _encode_kv_kernel(
 # Launch configuration (defaults from H200 sweeps at D = 128): key rows per program (block_n), columns of Πᵀ per
 # rotation chunk (chunk, capped at D) and warps (num_warps) of the key kernel, None = per key kind from _KEY_LAUNCHES;
 # a chunk of at most small_rows rows (e.g. a decode step) takes one launch for keys and values at 16 rows and 4 warps
+# (head_dim 256: the warps of _key_launch)
 # (for longer chunks one launch was slower at every size tried: the value work then runs at the key kernel's
 # occupancy); pipeline depth; the precision of the fp32 dots
 # ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs); whether 16-bit keys use the split 16-bit
@@ -360,15 +361,17 @@ LAUNCH_DEFAULTS = dict(
 # (block_n, chunk, num_warps) of the key kernel, from the seventh session's sweep of a 32k-token chunk
 # (benchmarks/RESULTS.md): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
 # 128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). At head_dim
-# 256 every kind takes 32 rows and 4 warps: with 64 rows, float32 keys (and centred or scaled ones, which are
-# rotated in float32) need 256-384 KB of shared memory on sm_90 (Triton 3.6), more than the H200's 227 KB; 32 rows
-# need 64 KB.
-_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8), "head_dim_256": (32, 64, 4)}
+# 256 (ninth session's sweep, H200, Triton 3.6): MSE keys rotated by the split 16-bit product 64 rows and 4 warps
+# (0.62 ms for K4/V4, 0.51 for K3/V2); prod keys, and keys rotated in float32 (float32 keys, or centred or scaled
+# ones), 16 rows and 8 warps: with more rows their per-thread tiles overflow the registers into a stack of 2-50 KB
+# (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps; centred K4/V4 4.5 ms vs 20 ms), and 64 rows of float32 keys
+# need 256 KB of shared memory, more than the H200's 227 KB.
+_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8), "256 split mse": (64, 64, 4), "256 other": (16, 64, 8)}
 
 
-def _key_launch(bits: int, prod: bool, d: int) -> tuple[int, int, int]:
+def _key_launch(bits: int, prod: bool, d: int, split: bool) -> tuple[int, int, int]:
     if d > 128:
-        return _KEY_LAUNCHES["head_dim_256"]
+        return _KEY_LAUNCHES["256 split mse" if split and not prod else "256 other"]
     return _KEY_LAUNCHES["mse4" if bits == 4 and not prod else "other"]
 
 
@@ -566,9 +569,10 @@ class EncodePlan:
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
         small = rows <= launch["small_rows"]
-        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d)
+        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d, split)
         block_n = 16 if small else launch["block_n"] or auto_n
-        num_warps = 4 if small else launch["num_warps"] or auto_warps
+        # a small chunk: 4 warps, at head_dim 256 those of its kind's long launch (the same registers per thread)
+        num_warps = (4 if d <= 128 else auto_warps) if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
         self._key_args = (
             prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
