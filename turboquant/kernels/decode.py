@@ -18,7 +18,7 @@ cached, so a decode step can be captured in a CUDA graph.
 
 Two split kernels:
 - ``_decode_split_kernel_2d`` (every configuration of 2-4-bit MSE or prod keys with 2/4-bit values at
-  head_dim 64/128, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
+  head_dim 64/128/256, where its tiles are at least 16 wide): 2-D tiles, the key tile never transposed, and
   on CUDA the unpacking in inline PTX (``key_asm_code``, ``_value_asm``, ``_sign_asm``): centroids looked
   up with prmt byte permutes from tables (``key_lookup_tables``), value codes masked into the mantissa of
   a power of two and scaled with one f16x2 fma. Key codes are read as int16 elements (two of them fill a
@@ -29,7 +29,7 @@ Two split kernels:
   through shared memory for the P·V product (their per-group scale and zero operands keep Triton from
   laying the lookup out in the operand layout). A portable Triton twin computes the same tiles in the CPU
   interpreter, and tests/test_inline_ptx.py runs the PTX strings in a CPU model of their instructions.
-- ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (3-bit values, head_dim 256, ...).
+- ``_decode_split_kernel``: the generic 3-D-field kernel for the rest (1-bit keys, 3- and 8-bit values, ...).
 """
 
 from __future__ import annotations
