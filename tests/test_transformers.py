@@ -943,7 +943,7 @@ def test_head_dim_80_generates() -> None:
     model = LlamaForCausalLM(config).eval()
     cache = TurboQuantCache(model, key_bits=4, value_bits=4)
     ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(23))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    out = model.generate(ids, **{cache_keyword(model): cache}, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
     assert out.shape == (1, 11) and cache.get_seq_length() == 10
     assert all(layer.store.config.group_size == 20 for layer in cache.layers)
 

@@ -3,7 +3,7 @@
 Usage::
 
     cache = TurboQuantCache(model, key_bits=4, value_bits=4)   # also switches the model's attention
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=64)   # past_key_values=cache in 5.17
 
 How a step runs (transformers 5.x): the model projects q, k, v and calls ``cache.update(k, v, layer_idx)``;
 our layer keeps the new k, v pending and returns them tagged with the layer (``LayerKeys``). The
