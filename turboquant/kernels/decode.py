@@ -999,7 +999,7 @@ THREE_PER_SM_REGISTERS = 168
 MAX_ROWS = 64
 
 
-def _auto_blocks(tiles_2d: bool, d: int) -> tuple[int, int, int, int]:
+def _auto_blocks(tiles_2d: bool, d: int, rows: int) -> tuple[int, int, int, int]:
     """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
     --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source): 128-token
     blocks, three pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two
@@ -1007,10 +1007,12 @@ def _auto_blocks(tiles_2d: bool, d: int) -> tuple[int, int, int, int]:
     at other head dims the blocks that hold the same tile bytes per thread, 256 tokens at head_dim 64 and 64 at 256
     (in the same cap and the shared memory of three programs per SM; at 64, 128-token blocks route 2-bit values
     and 2- and 3-bit keys through shared memory element by element, 1.5x the instructions per token in the offline
-    SASS). On CUDA its split count comes from its occupancy (decode_attention: one wave of programs), so
-    programs_per_sm applies only elsewhere. The generic kernel: 64-token blocks, three stages, 2 programs per SM."""
+    SASS) — at head_dim 64 for up to 16 query rows per program (rows, a decode step), as 256-token blocks with 64
+    rows take 120 KB of shared memory (one program per SM). On CUDA its split count comes from its occupancy
+    (decode_attention: one wave of programs), so programs_per_sm applies only elsewhere. The generic kernel:
+    64-token blocks, three stages, 2 programs per SM."""
     if tiles_2d:
-        return 128 * 128 // d, 3, 2, THREE_PER_SM_REGISTERS
+        return 128 * 128 // d if d > 64 or rows <= 16 else 128, 3, 2, THREE_PER_SM_REGISTERS
     return 64, 3, 2, 0
 
 
@@ -1207,7 +1209,7 @@ class DecodePlan:
         row_tiles = triton.cdiv(m, bm)
         mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, d)
+        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, d, bm)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
         num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes
