@@ -95,7 +95,7 @@ def test_decode_kernel_key_major_scores(mode, kb, vb, d, group, n_q, n, monkeypa
 
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[2::3])
 def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypatch):
-    """The 2-D kernel with 64-token blocks (the default up to head_dim 128 is 128)."""
+    """The 2-D kernel with 64-token blocks (the defaults: 256 tokens at head_dim 64 for a decode step, 128 at 128)."""
     from turboquant.kernels import decode
 
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "block_n", 64)
