@@ -85,10 +85,17 @@ def sass(kernel) -> str:
     return _cubin_tool(kernel, "nvdisasm", "-c")
 
 
+def resource_usage(kernel) -> dict[str, int]:
+    """Per thread: registers, stack and local memory (spills) bytes, as cuobjdump reports them (empty if it does
+    not)."""
+    text = _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+).*?LOCAL:(\d+)", text)
+    return dict(zip(("registers", "stack", "local"), map(int, m.groups()), strict=True)) if m else {}
+
+
 def resources(kernel) -> str:
-    """Registers per thread and local memory (spills) per thread, as cuobjdump reports them."""
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", _cubin_tool(kernel, "cuobjdump", "--dump-resource-usage"))
-    return f"{m.group(1)} registers, {m.group(2)} B spilled" if m else "resources unknown"
+    use = resource_usage(kernel)
+    return f"{use['registers']} registers, {use['local']} B spilled" if use else "resources unknown"
 
 
 def main_loops(text: str) -> list[collections.Counter]:
