@@ -58,7 +58,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, bl
         cb = ((cb - cb.flip(0)) / 2).float()[from_key_codes(torch.arange(2**key_bits), key_bits)]  # by stored code
         words = tuple(decode.key_lookup_tables(cb).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
-    key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8 or key_bits == 4) if asm else ""
+    key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8) if asm else ""
     const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
                  VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm, **layout)  # fmt: skip
     sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}

@@ -50,8 +50,8 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool) -> tuple[str
     plan = encode.EncodePlan(k, k, bufs, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
                              launch=dict(encode.LAUNCH_DEFAULTS), centred=centred, scaled=centred)  # fmt: skip
     mean = torch.zeros(1, 1, d)
-    args = (k, torch.arange(n), *plan._key_args, mean, mean, *plan._rows, *k.stride()[:3])
-    consts = {**plan._key_consts, "UPCAST": False}  # (UPCAST: the CPU interpreter's workaround, off on a GPU)
+    args = plan.key_kernel_args(k, torch.arange(n), mean, mean)
+    consts = {**plan.key_kernel_constants, "UPCAST": False}  # (UPCAST: the CPU interpreter's workaround, off on a GPU)
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
     fn = encode._encode_keys_kernel
     names = fn.arg_names

@@ -380,8 +380,8 @@ def key_asm_code(key_bits: int, table_words: tuple[int, ...] | None = None, pair
     indices. The centroids come in as operands (key_lookup_tables), or, given the four table words (the same
     int32 values on the host), as immediates: the assembly then takes only the codes, which lets Triton read
     them from shared memory straight into the tensor-core operand layout (launch option key_table_source).
-    pairs: int16 elements of the 2-bit plane (3 bits: _key3_pairs_asm), else bytes; 4-bit codes are always int16
-    elements."""
+    pairs (2 and 3 bits: the key tiles' P_K == 8): int16 elements of the 2-bit plane (3 bits: _key3_pairs_asm), else
+    bytes; 4-bit codes are always int16 elements."""
     if key_bits == 4:
         return _key4_asm(table_words)
     if key_bits == 3 and pairs:
@@ -631,22 +631,14 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.cons
             else:
                 sb = tl.load(p_s)
             sb = (sb.to(tl.int32) & 0xFFFF) >> (8 * (o_e // 8))[None, :]
-            g0 = ((sb & 1) * 2 - 1).to(tl.float16)
-            g1 = (((sb >> 1) & 1) * 2 - 1).to(tl.float16)
-            g2 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
-            g3 = (((sb >> 3) & 1) * 2 - 1).to(tl.float16)
-            g4 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
-            g5 = (((sb >> 5) & 1) * 2 - 1).to(tl.float16)
-            g6 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
-            g7 = (((sb >> 7) & 1) * 2 - 1).to(tl.float16)
-        acc = tl.dot(g0, sq0)
-        acc += tl.dot(g1, sq1)
-        acc += tl.dot(g2, sq2)
-        acc += tl.dot(g3, sq3)
-        acc += tl.dot(g4, sq4)
-        acc += tl.dot(g5, sq5)
-        acc += tl.dot(g6, sq6)
-        acc += tl.dot(g7, sq7)
+            g0 = _plus_minus_one(sb, 0)
+            g1 = _plus_minus_one(sb, 1)
+            g2 = _plus_minus_one(sb, 2)
+            g3 = _plus_minus_one(sb, 3)
+            g4 = _plus_minus_one(sb, 4)
+            g5 = _plus_minus_one(sb, 5)
+            g6 = _plus_minus_one(sb, 6)
+            g7 = _plus_minus_one(sb, 7)
     else:
         o_e = tl.arange(0, 2 * H)
         p_s = KS + row[:, None] * H + (o_e % H)[None, :]
@@ -661,15 +653,27 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.cons
             )
         else:
             sb = sb.to(tl.int32) >> hh.to(tl.int32)
-            g0 = ((sb & 1) * 2 - 1).to(tl.float16)
-            g1 = (((sb >> 2) & 1) * 2 - 1).to(tl.float16)
-            g2 = (((sb >> 4) & 1) * 2 - 1).to(tl.float16)
-            g3 = (((sb >> 6) & 1) * 2 - 1).to(tl.float16)
-        acc = tl.dot(g0, sq0)
-        acc += tl.dot(g1, sq1)
-        acc += tl.dot(g2, sq2)
-        acc += tl.dot(g3, sq3)
+            g0 = _plus_minus_one(sb, 0)
+            g1 = _plus_minus_one(sb, 2)
+            g2 = _plus_minus_one(sb, 4)
+            g3 = _plus_minus_one(sb, 6)
+    acc = tl.dot(g0, sq0)
+    acc += tl.dot(g1, sq1)
+    acc += tl.dot(g2, sq2)
+    acc += tl.dot(g3, sq3)
+    if P_K == 8:
+        acc += tl.dot(g4, sq4)
+        acc += tl.dot(g5, sq5)
+        acc += tl.dot(g6, sq6)
+        acc += tl.dot(g7, sq7)
     return acc
+
+
+@triton.jit
+def _plus_minus_one(sb, bit: tl.constexpr):
+    """Bit ``bit`` of every element of sb as +1.0 (set) or -1.0 (clear), fp16: the portable twin of the sign
+    assembly."""
+    return (((sb >> bit) & 1) * 2 - 1).to(tl.float16)
 
 
 @triton.jit
@@ -1221,9 +1225,8 @@ class DecodePlan:
             tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
             if tables_in_asm and key_table_words is None:
                 key_table_words = tuple(key_tables.tolist())
-            pairs = layout_2d["P_K"] == 8 or layout_2d["KEY_BITS"] == 4
-            key_asm = key_asm_code(layout_2d["KEY_BITS"], key_table_words if tables_in_asm else None, pairs)
-            key_asm = key_asm if use_asm else ""
+            words = key_table_words if tables_in_asm else None
+            key_asm = key_asm_code(layout_2d["KEY_BITS"], words, layout_2d["P_K"] == 8) if use_asm else ""
             self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
                                  buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
             if launch["max_registers"] is not None:

@@ -598,6 +598,17 @@ class EncodePlan:
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search}"
                       + (" one launch" if self._one_launch else values))  # fmt: skip
 
+    @property
+    def key_kernel_constants(self) -> dict:
+        """The compile-time constants and launch options (num_warps, num_stages) of the key kernel."""
+        return dict(self._key_consts)
+
+    def key_kernel_args(self, k: torch.Tensor, slots: torch.Tensor, key_mean: torch.Tensor,
+                        key_scale: torch.Tensor) -> tuple:  # fmt: skip
+        """The runtime arguments of the key kernel (_encode_keys_kernel) for a chunk k at slots, in its order;
+        key_mean, key_scale: float32 tensors (any, where the plan was built without them)."""
+        return (k, slots, *self._key_args, key_mean, key_scale, *self._rows, k.stride(0), k.stride(1), k.stride(2))
+
     def __call__(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, key_mean: torch.Tensor | None = None,
                  key_scale: torch.Tensor | None = None) -> None:  # fmt: skip
         """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N], keys as (k - key_mean)
@@ -614,8 +625,7 @@ class EncodePlan:
                         GROUP=self._value_consts["GROUP"], **self._key_consts,
                     )  # fmt: skip
                     return
-                _encode_keys_kernel[self._grids[0]](k, slots, *self._key_args, km, ks, *self._rows, k.stride(0),
-                                                    k.stride(1), k.stride(2), **self._key_consts)  # fmt: skip
+                _encode_keys_kernel[self._grids[0]](*self.key_kernel_args(k, slots, km, ks), **self._key_consts)
                 _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0),
                                                       v.stride(1), v.stride(2), **self._value_consts)  # fmt: skip
             except OutOfResources as err:  # raised at the first launch of a configuration
