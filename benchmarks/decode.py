@@ -16,6 +16,7 @@ do not hit the 60 MB L2. GB/s counts the compressed bytes the kernel must read.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         "rel err vs ref | graph == eager | cos vs bf16 | launch |"
     )
     print(header)
-    for d, (batch, context) in ((d, bc) for d in args.head_dim for bc in shapes):
+    for d, (batch, context) in itertools.product(args.head_dim, shapes):
         shape = f"({batch}, {context})" + ("" if d == D else f" D={d}")
         kv_bytes = batch * H_KV * context * d * 2 * 2
         n_copies_bf16 = max(1, math.ceil(3 * L2_BYTES / kv_bytes))

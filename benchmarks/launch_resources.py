@@ -18,6 +18,7 @@ first on the path (see benchmarks/decode_sass.py).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -78,16 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"triton {triton.__version__}; H200 shared memory per block: {H200_SHARED_PER_BLOCK} B")
     print("| head_dim | key | dtype | centred | launch | shared KB | registers | stack B |")
     too_big = []
-    for d in args.head_dim:
-        for key in args.key:
-            for dt in args.dtype:
-                for centred in map(bool, args.centred):
-                    dtype = torch.bfloat16 if dt == "bf16" else torch.float32
-                    label, use = key_launch(d, key, dtype, centred)
-                    print(f"| {d} | {key} | {dt} | {centred} | {label} | {use['shared'] / 1024:.0f} | "
-                          f"{use.get('registers', '?')} | {use.get('stack', '?')} |", flush=True)  # fmt: skip
-                    if use["shared"] > H200_SHARED_PER_BLOCK:
-                        too_big.append((d, key, dt, centred, use["shared"]))
+    for d, key, dt, centred in itertools.product(args.head_dim, args.key, args.dtype, map(bool, args.centred)):
+        label, use = key_launch(d, key, torch.bfloat16 if dt == "bf16" else torch.float32, centred)
+        print(f"| {d} | {key} | {dt} | {centred} | {label} | {use['shared'] / 1024:.0f} | "
+              f"{use.get('registers', '?')} | {use.get('stack', '?')} |", flush=True)  # fmt: skip
+        if use["shared"] > H200_SHARED_PER_BLOCK:
+            too_big.append((d, key, dt, centred, use["shared"]))
     if too_big:
         print(f"launches that do not fit an H200: {too_big}")
         if args.check:
