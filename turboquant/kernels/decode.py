@@ -760,16 +760,27 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 
 @triton.jit
+def _block_scalars(KN, KR, i_bh, C, n0, end, BN: tl.constexpr, PROD: tl.constexpr):
+    """The key norms and (PROD; else the norms again) γ of tokens [n0, n0 + BN) of head i_bh, 0 past `end`: [BN]."""
+    o_n = n0 + tl.arange(0, BN)
+    row = i_bh * C + o_n.to(tl.int64)
+    norm = tl.load(KN + row, mask=o_n < end, other=0.0)
+    gamma = tl.load(KR + row, mask=o_n < end, other=0.0) if PROD else norm
+    return norm, gamma
+
+
+@triton.jit
 def _attend_block_2d(
     n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD: tl.constexpr,
+    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
     DP_V: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Tokens [n0, n0 + BN) of one head folded into the online softmax. MASKED: the block may reach past `end`
-    or past a query's causal limit (the last block of a split); other blocks load and score without masks."""
+    """Tokens [n0, n0 + BN) of one head folded into the online softmax; norm, gamma [BN]: their key norms and (prod
+    keys) γ, loaded one block ahead by the caller (_block_scalars). MASKED: the block may reach past `end` or past a
+    query's causal limit (the last block of a split); other blocks load and score without masks."""
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < end
     row = i_bh * C + o_n.to(tl.int64)
@@ -784,16 +795,8 @@ def _attend_block_2d(
         s_t += tl.dot(k5, qt5)
         s_t += tl.dot(k6, qt6)
         s_t += tl.dot(k7, qt7)
-    if MASKED:
-        norm = tl.load(KN + row, mask=m_n, other=0.0)
-    else:
-        norm = tl.load(KN + row)
     s_t = s_t * norm.to(tl.float32)[:, None]
     if PROD:  # the QJL term: γ · ⟨S q, sign(S r)⟩ (its constant folded into S q)
-        if MASKED:
-            gamma = tl.load(KR + row, mask=m_n, other=0.0)
-        else:
-            gamma = tl.load(KR + row)
         s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D, P_K, VALUE_ASM, MASKED)
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
@@ -875,18 +878,25 @@ def _decode_split_kernel_2d(
     if CAUSAL:
         full_end = tl.minimum(full_end, q_start + 1)
     n_full = tl.maximum(full_end - start, 0) // BN
+    # the key norms (and γ) one block ahead: their loads are not pipelined with the tiles' (which feed products),
+    # so each would otherwise stall its block for a global-memory round trip
+    norm, gamma = _block_scalars(KN, KR, i_bh, C, start, end, BN, PROD)
     for n0 in range(start, start + n_full * BN, BN):
+        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD)
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False)  # fmt: skip
+        norm, gamma = norm_next, gamma_next
     for n0 in range(start + n_full * BN, end, BN):
+        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD)
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, KC, KN, KS, KR, VC, VA, C, PROD, D,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD, D,
             KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
+        norm, gamma = norm_next, gamma_next
 
     part = (i_bh * tl.num_programs(1) + i_s) * (tl.num_programs(2) * BM)
     b_l = tl.max(l_acc, axis=1)
