@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--centred",
         action="store_true",
-        help="keys centred and scaled per channel in the kernel (TurboQuantCache's defaults)",
+        help="keys centred and scaled per channel in the kernel, and norm correction (TurboQuantCache's defaults)",
     )
     ap.add_argument("--out", type=Path, default=Path("results/encode.md"))
     args = ap.parse_args(argv)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         t_copy = median_ms([copy], rep_ms)
         copy_bytes = 2 * 2 * (batch * H_KV * n * d * 2)
         for name in args.configs:
-            cfg = KVCacheConfig(head_dim=d, **CONFIGS[name])
+            cfg = KVCacheConfig(head_dim=d, norm_correction=args.centred, **CONFIGS[name])
             cache = TurboQuantKVCache(cfg, batch, H_KV, device="cuda", dtype=torch.bfloat16, capacity=capacity)
             bufs = {key: t for key, t in cache.buffers().items() if key in cache._buffer_specs()}
             kw = dict(key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer, check_slots=False)

@@ -44,25 +44,28 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool) -> tuple[str
         raise RuntimeError("compiling for sm_90 needs Triton's compiler: unset TRITON_INTERPRET")
     mode, bits = KEYS[key]
     cfg = KVCacheConfig(head_dim=d, key_bits=bits, value_bits=4, key_mode=mode, norm_correction=True)
-    n = encode.LAUNCH_DEFAULTS["small_rows"] + 1  # rows past the one-launch path of small chunks
-    cache = TurboQuantKVCache(cfg, 1, 1, device="cpu", capacity=n)
-    k = torch.zeros(1, 1, n, d, dtype=dtype)
+    heads, n = 8, 2048  # 16 384 rows: past the one-launch path of small chunks
+    cache = TurboQuantKVCache(cfg, 1, heads, device="cpu", capacity=n)
+    k = torch.zeros(1, heads, n, d, dtype=dtype)
     bufs = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}
     plan = encode.EncodePlan(k, k, bufs, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
                              launch=dict(encode.LAUNCH_DEFAULTS), centred=centred, scaled=centred)  # fmt: skip
-    mean = torch.zeros(1, 1, d)
+    mean = torch.zeros(1, heads, d)
     args = plan.key_kernel_args(k, torch.arange(n), mean, mean)
     consts = {**plan.key_kernel_constants, "UPCAST": False}  # (UPCAST: the CPU interpreter's workaround, off on a GPU)
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
     fn = encode._encode_keys_kernel
     names = fn.arg_names
     signature = {name: "constexpr" for name in consts}
+    aligned = set()  # as Triton specialises a launch: pointers, and integers divisible by 16
     for name, arg in zip([x for x in names if x not in consts], args, strict=True):
         signature[name] = "*" + _TYPES[arg.dtype] if isinstance(arg, torch.Tensor) else "i32"
+        if isinstance(arg, torch.Tensor) or arg % 16 == 0:
+            aligned.add(name)
     src = ASTSource(
         fn=fn, signature={name: signature[name] for name in names},
         constexprs={(names.index(name),): value for name, value in consts.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in names if signature[name][0] == "*"},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )  # fmt: skip
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     return plan.label, {"shared": kernel.metadata.shared, **resource_usage(kernel)}

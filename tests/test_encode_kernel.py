@@ -134,6 +134,9 @@ CASES = [
     ("prod", 4, 4, 256, "haar", False, 15, (1, 1), {}),
     ("mse", 4, 4, 256, "haar", True, 80, (1, 1), {"small_rows": 0}),  # head_dim 256's own launch (32 rows)
     ("prod", 3, 2, 256, "hadamard", True, 70, (1, 1), {"small_rows": 0}),
+    # float32 MSE keys are rotated as the unit vector in two fp16 parts by default; split=False: one fp32 dot
+    ("mse", 4, 4, 128, "haar", True, 300, (1, 2), {"small_rows": 0, "split": False}),
+    ("prod", 3, 2, 64, "hadamard", True, 63, (1, 2), {"split": False}),
     # the default searches 4-bit key indices by magnitude (symmetric), the rest by every boundary (full): each
     # search on the other widths, the same indices
     ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {"search": "symmetric"}),
@@ -177,6 +180,26 @@ def test_encode_ring_slots_and_degenerate_rows():
     _check_rows(cache, k, v, bufs, slots)
     assert bufs["key_norms"][0, 0, slots[3]].item() == 0.0
     assert bufs["value_affine"][0, 1, slots[5], :, 0].eq(0).all()  # zero scales
+
+
+@pytest.mark.parametrize("vb", [2, 4])
+def test_encode_values_on_half_steps(vb):
+    """Values exactly halfway between two levels round half to even, as the reference (torch.round)."""
+    cache, k, v, slots = _setup("mse", 2, vb, 64, "haar", False, 24, (1, 2))
+    levels = 2**vb - 1
+    gen = torch.Generator().manual_seed(7)
+    half = torch.randint(0, levels, (1, 2, 24, 64), generator=gen).float() + 0.5  # k + 1/2, scale 1 below
+    half[..., ::32] = 0.0  # each group of 32 spans [0, levels]: zero 0, scale 1
+    half[..., 1::32] = float(levels)
+    v = (half * 0.25 - 3.0).to(DEVICE)  # scale 1/4, zero -3: exact in fp16, and (x - zero) / scale = k + 1/2
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots)
+    codes = unpack_planar(bufs["value_codes"][:, :, slots], vb, 64).float()
+    inner = torch.ones(64, dtype=torch.bool)
+    inner[::32] = inner[1::32] = False
+    expect = torch.round(half)[..., inner]  # ties to even
+    assert torch.equal(codes[..., inner].cpu(), expect) and not torch.equal(expect, torch.floor(half[..., inner] + 0.5))
 
 
 def test_encode_keys_on_decision_boundaries():

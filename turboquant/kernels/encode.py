@@ -41,8 +41,10 @@ Numerics (why the codes match the reference's bit for bit away from ties):
   the correctly rounded quotient);
 - 16-bit keys (bf16, fp16) are rotated as x Πᵀ / ‖x‖ with Πᵀ split into three 16-bit parts
   (Πᵀ = P0 + s·P1 + s²·P2): three tensor-core products of the stored x with fp32 accumulation,
-  exact products and fp32 accuracy; fp32 keys use u Πᵀ with ``input_precision="tf32x3"``, as does
-  (Π r)(Π Sᵀ) for prod keys (the CPU interpreter computes every dot in exact fp32 products);
+  exact products and fp32 accuracy; float32 MSE keys, and MSE keys centred or scaled in the kernel
+  (float32 values), as u Πᵀ with the unit vector u = x / ‖x‖ in two fp16 parts (u0 + s·u1, as many
+  bits as float32) and five fp16 products; those of prod keys, and (Π r)(Π Sᵀ), with
+  ``input_precision="tf32x3"`` (the CPU interpreter computes every dot in exact fp32 products);
 - so codes equal the reference's except where √d·y lies within float rounding of a decision
   boundary (or S r within rounding of 0); norms, γ, scales and zeros are equal up to the last
   fp16 bit (γ with norm correction is formed as ‖Π x‖² - 2f⟨Π x, c⟩ + f²‖c‖², f = stored norm / √d,
@@ -115,7 +117,7 @@ def _encode_keys(
     p_x, p_m, p_s, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
@@ -126,11 +128,13 @@ def _encode_keys(
 
     TAB: [3·NC] float32 = boundaries (NC - 1) and a pad, centroids c (NC), c / √d (NC).
     RT: Πᵀ [D, D] float32.  MT: Π Sᵀ [D, D] float32 (PROD).
-    SPLIT (16-bit keys): RS = [3, D, D] parts of Πᵀ in the keys' dtype, Πᵀ = P0 + s·P1 + s²·P2 with
-    s = SPLIT_SCALE, so that x Πᵀ is three 16-bit tensor-core products with fp32 accumulation,
-    exact products of the stored x and fp32 accuracy; otherwise u Πᵀ is one fp32 (PRECISION) dot.
-    UPCAST: multiply the split parts as fp32 instead (same products; Triton's CPU interpreter
-    mishandles bf16 dot operands). SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the
+    ROTATE, how y = u Πᵀ is computed, with RS = [3, D, D] 16-bit parts of Πᵀ = P0 + s·P1 + s²·P2, s = SPLIT_SCALE:
+    "x16" (keys stored in 16 bits, RS in their dtype): x Πᵀ / ‖x‖ by three tensor-core products of the stored x
+    with fp32 accumulation, exact products and fp32 accuracy; "u16" (float32 keys, centred or scaled ones; RS in
+    fp16): the unit vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and five products
+    u0·P0 + s·(u0·P1 + u1·P0) + s²·(u0·P2 + u1·P1) (the dropped s³ term is below float32 rounding); "fp32": one
+    fp32 (PRECISION) dot. UPCAST: multiply the x16 parts as fp32 instead (same products; Triton's CPU
+    interpreter mishandles bf16 dot operands). SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the
     comparisons, the same indices; encode_kv checks the codebook).
     """
     o_d = tl.arange(0, D)
@@ -139,12 +143,17 @@ def _encode_keys(
     b_x = b_xs.to(tl.float32)
     if CENTER:
         b_x = b_x - tl.load(p_m, mask=m_r[:, None], other=0.0)
-    if KEY_SCALE:
-        b_x = tl.div_rn(b_x, tl.load(p_s, mask=m_r[:, None], other=1.0))
+    if KEY_SCALE:  # the "fp32" path divides as IEEE, the others by the hardware's division (within 2 ulps)
+        b_ks = tl.load(p_s, mask=m_r[:, None], other=1.0)
+        b_x = tl.div_rn(b_x, b_ks) if ROTATE == "fp32" else tl.fdiv(b_x, b_ks)
     b_n = tl.sqrt_rn(tl.sum(b_x * b_x, axis=1))  # [BN] ‖x‖
-    if SPLIT:
+    b_inv = tl.div_rn(tl.full((BN,), 1.0, tl.float32), tl.maximum(b_n, TINY))  # 1 / ‖x‖
+    if ROTATE == "x16":
         b_xd = b_x if UPCAST else b_xs  # the split products' left operand
-        b_inv = tl.div_rn(tl.full((BN,), 1.0, tl.float32), tl.maximum(b_n, TINY))  # 1 / ‖x‖
+    elif ROTATE == "u16":  # u = x · (1 / ‖x‖) = u0 + s·u1: u - u0 is exact, and |u1| ≤ |u| / 2 rounds at 2^-12 of that
+        b_u = b_x * b_inv[:, None]
+        b_u0 = b_u.to(tl.float16)
+        b_u1 = ((b_u - b_u0.to(tl.float32)) * (1.0 / SPLIT_SCALE)).to(tl.float16)
     else:
         b_u = tl.div_rn(b_x, tl.broadcast_to(tl.maximum(b_n, TINY)[:, None], (BN, D)))  # [BN, D] x / ‖x‖
     if PROD and not NORM_CORRECTION:
@@ -167,12 +176,21 @@ def _encode_keys(
             b_pc = tl.zeros((BN,), dtype=tl.float32)
             b_cc = tl.zeros((BN,), dtype=tl.float32)
     for j in tl.static_range(D // DC):
-        if SPLIT:  # Π x from three exact 16-bit products, smallest part first
-            p_rs = RS + o_d[:, None] * D + (j * DC + o_c)[None, :]  # [D, DC] columns j·DC.. of each part
+        p_rs = RS + o_d[:, None] * D + (j * DC + o_c)[None, :]  # [D, DC] columns j·DC.. of each part
+        if ROTATE == "x16":  # Π x from three exact 16-bit products, smallest part first
             b_px = tl.dot(b_xd, tl.load(p_rs + 2 * D * D).to(b_xd.dtype), input_precision=PRECISION)
             b_px = tl.dot(b_xd, tl.load(p_rs + D * D).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
             b_px = tl.dot(b_xd, tl.load(p_rs).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
             b_y = b_px * b_inv[:, None]  # y = Π x / ‖x‖
+        elif ROTATE == "u16":  # y = Π u from five exact fp16 products, smallest terms first (Horner in s)
+            b_p0 = tl.load(p_rs)
+            b_p1 = tl.load(p_rs + D * D)
+            b_y = tl.dot(b_u0, tl.load(p_rs + 2 * D * D))
+            b_y = tl.dot(b_u1, b_p1, b_y)
+            b_y = tl.dot(b_u0, b_p1, b_y * SPLIT_SCALE)
+            b_y = tl.dot(b_u1, b_p0, b_y)
+            b_y = tl.dot(b_u0, b_p0, b_y * SPLIT_SCALE)
+            b_px = b_n[:, None] * b_y
         else:
             b_rt = tl.load(RT + o_d[:, None] * D + (j * DC + o_c)[None, :])  # [D, DC] columns j·DC.. of Πᵀ
             b_y = tl.dot(b_u, b_rt, input_precision=PRECISION)  # [BN, DC] y = u Πᵀ
@@ -235,37 +253,43 @@ def _encode_keys(
 
 @triton.jit
 def _encode_values(
-    p_x, row, m_r, VC, VA,
+    V, SLOTS, VC, VA, R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """Per-group min/max affine codes of BN value rows p_x [BN, D] -> buffer rows ``row`` [BN]: the codes, and
-    per group the (scale, zero) pair."""
+    """Per-group min/max affine codes of program i's BN value rows of V (strides s_b, s_h, s_n; see _rows) -> their
+    buffer rows: the codes, and per group the (scale, zero) pair.
+
+    The rows are read as BN·D/g group rows [BN·D/g, g] (each contiguous: 16-byte loads), so that a group's min and
+    max reduce within the few threads that hold it, and its scale, zero and reciprocal are computed once."""
     NG: tl.constexpr = D // GROUP
     LEVELS: tl.constexpr = (1 << VALUE_BITS) - 1
     VB: tl.constexpr = D * VALUE_BITS // 8
-    m_w = m_r[:, None]
-    b_x = tl.reshape(tl.load(p_x, mask=m_w, other=0.0).to(tl.float32), (BN, NG, GROUP))  # [BN, NG, GROUP]
-    b_min = tl.min(b_x, axis=2)  # [BN, NG]
-    b_max = tl.max(b_x, axis=2)
+    i_b, i_h, i_n, m_g, row_g = _rows(SLOTS, R, N, H, C, BN, NG)  # [BN·NG] each: the row of each group row
+    o_g = (tl.arange(0, BN * NG) % NG) * GROUP  # its first column
+    p_x = V + (i_b * s_b + i_h * s_h + i_n * s_n + o_g)[:, None] + tl.arange(0, GROUP)[None, :]
+    b_x = tl.load(p_x, mask=m_g[:, None], other=0.0).to(tl.float32)  # [BN·NG, GROUP]
+    b_min = tl.min(b_x, axis=1)  # [BN·NG]
+    b_max = tl.max(b_x, axis=1)
     b_z = b_min.to(tl.float16)
-    b_sc = tl.div_rn(b_max - b_min, tl.full((BN, NG), LEVELS, tl.float32)).to(tl.float16)
-    o_g = row[:, None] * NG + tl.arange(0, NG)[None, :]  # [BN, NG]
-    tl.store(VA + 2 * o_g, b_sc, mask=m_w)
-    tl.store(VA + 2 * o_g + 1, b_z, mask=m_w)
+    b_sc = tl.div_rn(b_max - b_min, tl.full((BN * NG,), LEVELS, tl.float32)).to(tl.float16)
+    # one 4-byte word per (scale, zero) pair, scale in the low half (the layout of value_affine [..., NG, 2])
+    b_w = b_sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF | (b_z.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    tl.store(VA.to(tl.pointer_type(tl.int32)) + row_g * NG + o_g // GROUP, b_w, mask=m_g)
     b_s = b_sc.to(tl.float32)
-    b_d = tl.maximum(b_s, 1e-30)[:, :, None]  # the reference's clamp_min
-    b_r = tl.div_rn(tl.full((BN, NG), 1.0, tl.float32), tl.maximum(b_s, 1e-30))[:, :, None]  # RN(1 / scale)
+    b_d = tl.maximum(b_s, 1e-30)[:, None]  # the reference's clamp_min
+    b_r = tl.div_rn(tl.full((BN * NG,), 1.0, tl.float32), tl.maximum(b_s, 1e-30))[:, None]  # RN(1 / scale)
     # (x - zero) / scale correctly rounded from the rounded reciprocal (Markstein): q = RN(a·r),
     # then q + RN(a - q·scale)·r with both steps fused multiply-adds
-    b_a = b_x - b_z.to(tl.float32)[:, :, None]  # [BN, NG, GROUP]
+    b_a = b_x - b_z.to(tl.float32)[:, None]  # [BN·NG, GROUP]
     b_q = b_a * b_r
     b_q = tl.fma(tl.fma(-b_q, b_d, b_a), b_r, b_q)
-    b_q = tl.where(b_s[:, :, None] > 0, b_q, 0.0)
-    b_fl = tl.floor(b_q)  # round half to even, as torch.round
-    b_fr = b_q - b_fl
-    b_odd = (b_fl - 2.0 * tl.floor(b_fl * 0.5)) == 1.0
-    b_q = b_fl + tl.where((b_fr > 0.5) | ((b_fr == 0.5) & b_odd), 1.0, 0.0)
-    b_q = tl.reshape(tl.minimum(tl.maximum(b_q, 0.0), LEVELS).to(tl.int32), (BN, D))  # [BN, D]
+    b_q = tl.minimum(tl.maximum(tl.where(b_s[:, None] > 0, b_q, 0.0), 0.0), LEVELS)  # (clamping first: same codes)
+    # round half to even, as torch.round: 1.5·2^23 + q lies where the float32 spacing is 1, so the addition rounds q
+    # to the nearest integer, ties to even, and leaves it in the low mantissa bits
+    b_q = (b_q + 1.5 * 2.0**23).to(tl.int32, bitcast=True) & 0xFF
+    b_q = tl.reshape(b_q, (BN, D))  # [BN, D]
+    _, _, _, m_r, row = _rows(SLOTS, R, N, H, C, BN, 1)
+    m_w = m_r[:, None]
     if VALUE_BITS == 8:
         tl.store(VC + row[:, None] * VB + tl.arange(0, D)[None, :], b_q.to(tl.uint8), mask=m_w)
     elif VALUE_BITS == 3:
@@ -279,12 +303,13 @@ def _encode_values(
 
 
 @triton.jit
-def _rows(SLOTS, R, N, H, C, BN: tl.constexpr):
-    """Program i's BN flattened (batch, head, token) rows: (batch, head, token, mask, buffer row), [BN] each.
+def _rows(SLOTS, R, N, H, C, BN: tl.constexpr, REP: tl.constexpr):
+    """Program i's BN flattened (batch, head, token) rows: (batch, head, token, mask, buffer row), [BN·REP] each
+    (each row REP times in a row).
 
     Row numbers in int32 (R < 2^31, checked by encode_kv): int64 division is a long subroutine; the batch,
     head and token indices come back as int64 for the address arithmetic."""
-    o_r = tl.program_id(0) * BN + tl.arange(0, BN)
+    o_r = tl.program_id(0) * BN + tl.arange(0, BN * REP) // REP
     m_r = o_r < R
     i_bh = o_r // N
     i_n = o_r - i_bh * N
@@ -299,15 +324,15 @@ def _encode_keys_kernel(
     R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
-    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
+    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN, 1)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]  # [BN, D] the row's head's μ and s
     _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
                  KEY_SCALE)  # fmt: skip
 
 
@@ -316,9 +341,7 @@ def _encode_values_kernel(
     V, SLOTS, VC, VA, R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
-    p_v = V + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
-    _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
+    _encode_values(V, SLOTS, VC, VA, R, N, H, C, s_b, s_h, s_n, D, VALUE_BITS, GROUP, BN)
 
 
 @triton.jit
@@ -327,52 +350,55 @@ def _encode_kv_kernel(
     R, N, H, C, s_b, s_h, s_n, v_b, v_h, v_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """Keys and values of the same BN rows in one program: the single launch of a small chunk (a decode step),
     where the two kernels would take the same rows and warps and the launches, not the work, cost the time."""
-    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN)
+    i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN, 1)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]
     _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, SPLIT, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
                  KEY_SCALE)  # fmt: skip
-    p_v = V + (i_b * v_b + i_h * v_h + i_n * v_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
-    _encode_values(p_v, row, m_r, VC, VA, D, VALUE_BITS, GROUP, BN)
+    _encode_values(V, SLOTS, VC, VA, R, N, H, C, v_b, v_h, v_n, D, VALUE_BITS, GROUP, BN)
 
 
 # Launch configuration (defaults from H200 sweeps at D = 128): key rows per program (block_n), columns of Πᵀ per
-# rotation chunk (chunk, capped at D) and warps (num_warps) of the key kernel, None = per key kind from _KEY_LAUNCHES;
+# rotation chunk (chunk, capped at D) and warps (num_warps) of the key kernel, None = per key kind (_key_launch);
 # a chunk of at most small_rows rows (e.g. a decode step) takes one launch for keys and values at 16 rows and 4 warps
-# (head_dim 256: the warps of _key_launch)
-# (for longer chunks one launch was slower at every size tried: the value work then runs at the key kernel's
-# occupancy); pipeline depth; the precision of the fp32 dots
-# ("tf32x3" keeps fp32 accuracy on tensor cores; "ieee" uses FMAs); whether 16-bit keys use the split 16-bit
-# rotation (split); rows / warps per program of the value kernel; and the codebook search ("full": a comparison per
-# decision boundary; "symmetric": by magnitude in an antisymmetric codebook, half the comparisons and the same
-# indices; None: symmetric for 4-bit key indices, where it pays on the H200 (32k chunk K4/V4 0.228 ms vs 0.248),
-# full for the rest).
+# (head_dim 256: the warps of _key_launch) (for longer chunks one launch was slower at every size tried: the value
+# work then runs at the key kernel's occupancy); pipeline depth; the precision of the fp32 dots ("tf32x3" keeps fp32
+# accuracy on tensor cores; "ieee" uses FMAs); whether keys are rotated by 16-bit products (split: the stored 16-bit
+# keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel; and
+# the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an antisymmetric
+# codebook, half the comparisons and the same indices; None: symmetric for 4-bit key indices, where it pays on the
+# H200 (32k chunk K4/V4 0.228 ms vs 0.248), full for the rest).
 LAUNCH_DEFAULTS = dict(
     block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
     value_block_n=32, value_num_warps=2, search=None,
 )  # fmt: skip
-# (block_n, chunk, num_warps) of the key kernel, from the seventh session's sweep of a 32k-token chunk
-# (benchmarks/RESULTS.md): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
-# 128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). At head_dim
-# 256 (ninth session's sweep, H200, Triton 3.6): MSE keys rotated by the split 16-bit product 64 rows and 4 warps
-# (0.62 ms for K4/V4, 0.51 for K3/V2); prod keys, and keys rotated in float32 (float32 keys, or centred or scaled
-# ones), 16 rows and 8 warps: with more rows their per-thread tiles overflow the registers into a stack of 2-50 KB
-# (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps; centred K4/V4 4.5 ms vs 20 ms), and 64 rows of float32 keys
-# need 256 KB of shared memory, more than the H200's 227 KB.
-_KEY_LAUNCHES = {"mse4": (64, 64, 4), "other": (128, 64, 8), "256 split mse": (64, 64, 4), "256 other": (16, 64, 8)}
 
 
-def _key_launch(bits: int, prod: bool, d: int, split: bool) -> tuple[int, int, int]:
+def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, int]:
+    """(block_n, chunk, num_warps) of the key kernel's long launch, by rotation path (see _encode_keys), from H200
+    sweeps of a 32k-token chunk (benchmarks/RESULTS.md).
+
+    Keys as stored ("x16"): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
+    128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). Centred and
+    scaled MSE keys ("u16", the cache's defaults, with norm correction): 64 rows and 4 warps (K3/V2 0.279 ms vs 0.314
+    at 128 and 8; K4/V4 0.296 vs 0.313). At head_dim 256: MSE keys 64 rows and 4 warps (x16 K4/V4 0.62 ms, K3/V2
+    0.51; u16 K4/V4 1.86 ms), u16 keys of 2 or 3 index bits 8 warps (K3/V2 1.68 ms vs 2.16 at 4 warps); prod keys,
+    and keys rotated by one fp32 dot, 16 rows and 8 warps: with more rows their per-thread tiles overflow the
+    registers into a stack of 2-50 KB (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps), and 64 rows of float32
+    operands need 256 KB of shared memory, more than the H200's 227 KB.
+    """
     if d > 128:
-        return _KEY_LAUNCHES["256 split mse" if split and not prod else "256 other"]
-    return _KEY_LAUNCHES["mse4" if bits == 4 and not prod else "other"]
+        if prod or rotate == "fp32":
+            return 16, 64, 8
+        return (64, 64, 8) if rotate == "u16" and bits < 4 else (64, 64, 4)
+    return (64, 64, 4) if not prod and (bits == 4 or rotate == "u16") else (128, 64, 8)
 
 
 SEARCHES = ("full", "symmetric")
@@ -558,32 +584,37 @@ class EncodePlan:
         mse = key_quantizer.mse if prod else key_quantizer
         b, h, n, d = k.shape
         c = buffers["key_codes"].shape[2]
-        prep = _prepare(key_quantizer, k.dtype)
+        # the rotation: the stored 16-bit keys times 16-bit parts of Πᵀ, exactly ("x16"); MSE keys in float32, and
+        # centred or scaled ones (float32 values), as the unit vector in two fp16 parts ("u16"); see _encode_keys.
+        # Prod keys take one fp32 dot there: on the H200 (Triton 3.6) their u16 launches wrote wrong codes or faulted
+        # (an illegal memory access) where the CPU interpreter writes the reference's rows
+        stored16 = k.dtype in _SPLIT_SCALES and not (centred or scaled)
+        rotate = ("x16" if stored16 else "fp32" if prod else "u16") if launch["split"] else "fp32"
+        parts = k.dtype if rotate == "x16" else torch.float16  # the dtype of Πᵀ's parts
+        prep = _prepare(key_quantizer, parts)
         search = launch["search"] or ("symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full")
         symmetric = search == "symmetric"
         if symmetric and not prep["antisymmetric"]:
             raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
-        # the split rotation multiplies the stored 16-bit keys exactly; centred or scaled keys are float32 values
-        split = k.dtype in _SPLIT_SCALES and launch["split"] and not (centred or scaled)
         rows = b * h * n
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
         small = rows <= launch["small_rows"]
-        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d, split)
+        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d, rotate)
         block_n = 16 if small else launch["block_n"] or auto_n
         # a small chunk: 4 warps, at head_dim 256 those of its kind's long launch (the same registers per thread)
         num_warps = (4 if d <= 128 else auto_warps) if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
         self._key_args = (
-            prep["table"], prep["rot_t"], prep[k.dtype] if split else prep["rot_t"],
+            prep["table"], prep["rot_t"], prep[parts] if rotate != "fp32" else prep["rot_t"],
             prep["m_t"] if prod else prep["rot_t"],
             buffers["key_codes"], buffers["key_norms"], buffers["key_signs"] if prod else buffers["key_codes"],
             buffers["key_rnorms"] if prod else buffers["key_norms"],
         )  # fmt: skip
         self._key_consts = dict(
             D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
-            SCALE=mse.scale, TINY=_TINY, SPLIT=split, SPLIT_SCALE=_SPLIT_SCALES.get(k.dtype, 1.0),
-            UPCAST=split and k.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            SCALE=mse.scale, TINY=_TINY, ROTATE=rotate, SPLIT_SCALE=_SPLIT_SCALES[parts],
+            UPCAST=rotate == "x16" and parts == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
             BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
             CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
@@ -595,7 +626,7 @@ class EncodePlan:
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
         self._one_launch = small  # keys and values of the same rows in one program
         values = "" if self._one_launch else f" values {value_block_n} rows {launch['value_num_warps']} warps"
-        self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search}"
+        self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search} {rotate}"
                       + (" one launch" if self._one_launch else values))  # fmt: skip
 
     @property
