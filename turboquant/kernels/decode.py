@@ -760,27 +760,34 @@ def _store_chunk(O_PART, part, o_m, m_m, acc, l_div, ch: tl.constexpr, W: tl.con
 
 
 @triton.jit
-def _block_scalars(KN, KR, i_bh, C, n0, end, BN: tl.constexpr, PROD: tl.constexpr):
-    """The key norms and (PROD; else the norms again) γ of tokens [n0, n0 + BN) of head i_bh, 0 past `end`: [BN]."""
-    o_n = n0 + tl.arange(0, BN)
-    row = i_bh * C + o_n.to(tl.int64)
-    norm = tl.load(KN + row, mask=o_n < end, other=0.0)
-    gamma = tl.load(KR + row, mask=o_n < end, other=0.0) if PROD else norm
+def _block_scalars(KN, KR, i_bh, C, n0, end, BN: tl.constexpr, PROD: tl.constexpr, LOAD: tl.constexpr):
+    """The key norms and (PROD; else the norms again) γ of tokens [n0, n0 + BN) of head i_bh, 0 past `end`: [BN]
+    (not LOAD: zeros, loading nothing)."""
+    if LOAD:
+        o_n = n0 + tl.arange(0, BN)
+        row = i_bh * C + o_n.to(tl.int64)
+        norm = tl.load(KN + row, mask=o_n < end, other=0.0)
+        gamma = tl.load(KR + row, mask=o_n < end, other=0.0) if PROD else norm
+    else:
+        norm = tl.zeros([BN], tl.float16)
+        gamma = norm
     return norm, gamma
 
 
 @triton.jit
 def _attend_block_2d(
     n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD: tl.constexpr,
+    b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KN, KS, KR, VC, VA, C,
+    AHEAD: tl.constexpr, PROD: tl.constexpr,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
     DP_V: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
     MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Tokens [n0, n0 + BN) of one head folded into the online softmax; norm, gamma [BN]: their key norms and (prod
-    keys) γ, loaded one block ahead by the caller (_block_scalars). MASKED: the block may reach past `end` or past a
-    query's causal limit (the last block of a split); other blocks load and score without masks."""
+    """Tokens [n0, n0 + BN) of one head folded into the online softmax. AHEAD: norm, gamma [BN] are their key norms
+    and (prod keys) γ, loaded one block ahead by the caller (_block_scalars); else they are loaded here. MASKED: the
+    block may reach past `end` or past a query's causal limit (the last block of a split); other blocks load and
+    score without masks."""
     o_n = n0 + tl.arange(0, BN)
     m_n = o_n < end
     row = i_bh * C + o_n.to(tl.int64)
@@ -795,8 +802,12 @@ def _attend_block_2d(
         s_t += tl.dot(k5, qt5)
         s_t += tl.dot(k6, qt6)
         s_t += tl.dot(k7, qt7)
+    if not AHEAD:
+        norm = tl.load(KN + row, mask=m_n, other=0.0) if MASKED else tl.load(KN + row)
     s_t = s_t * norm.to(tl.float32)[:, None]
     if PROD:  # the QJL term: γ · ⟨S q, sign(S r)⟩ (its constant folded into S q)
+        if not AHEAD:
+            gamma = tl.load(KR + row, mask=m_n, other=0.0) if MASKED else tl.load(KR + row)
         s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D, P_K, VALUE_ASM, MASKED)
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
@@ -879,22 +890,25 @@ def _decode_split_kernel_2d(
         full_end = tl.minimum(full_end, q_start + 1)
     n_full = tl.maximum(full_end - start, 0) // BN
     # the key norms (and γ) one block ahead: their loads are not pipelined with the tiles' (which feed products),
-    # so each would otherwise stall its block for a global-memory round trip
-    norm, gamma = _block_scalars(KN, KR, i_bh, C, start, end, BN, PROD)
+    # so each would otherwise stall its block for a global-memory round trip (H200: 1-8% faster at head_dim 64 and
+    # 128). Prod keys at head_dim 256 load them in the block, after the key products: with the loads outside the
+    # block, one block ahead or not, they ran 10% slower there (1.78 vs 1.62 ms at (16, 65536))
+    AHEAD: tl.constexpr = not (PROD and D > 128)
+    norm, gamma = _block_scalars(KN, KR, i_bh, C, start, end, BN, PROD, AHEAD)
     for n0 in range(start, start + n_full * BN, BN):
-        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD)
+        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD, AHEAD)
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD, D,
-            KEY_BITS, VALUE_BITS,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KN, KS, KR, VC, VA, C,
+            AHEAD, PROD, D, KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False)  # fmt: skip
         norm, gamma = norm_next, gamma_next
     for n0 in range(start + n_full * BN, end, BN):
-        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD)
+        norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD, AHEAD)
         b_m, l_acc, acc0, acc1, acc2, acc3 = _attend_block_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
-            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KS, VC, VA, C, PROD, D,
-            KEY_BITS, VALUE_BITS,
+            b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KN, KS, KR, VC, VA, C,
+            AHEAD, PROD, D, KEY_BITS, VALUE_BITS,
             GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
         norm, gamma = norm_next, gamma_next
 
