@@ -5,10 +5,12 @@ the SASS instructions of its main loop over full blocks (one block of block_n to
 over a split's last block is reported beside it): warp-instructions per token is the
 figure to compare with the budget (an SM issues at most 4 warp-instructions per cycle; at the H200's memory
 rate a K4/V4 token of one KV head leaves about 43). Pointers and the capacity are assumed 16-aligned, as
-Triton specialises them at launch; the register cap is the launch default's (168 per thread).
+Triton specialises them at launch; block size, pipeline depth and register cap are DecodePlan's
+(``decode.kernel_2d_constants``) unless given.
 
     python benchmarks/decode_sass.py                       # K4/V4, inline PTX and portable unpacking
     python benchmarks/decode_sass.py --bits 4,2 --warps 4 --block-n 64 128
+    python benchmarks/decode_sass.py --bits 2,2 --prod --head-dim 256   # K3/V2 prod keys (2 index bits + QJL)
 
 The counts depend on the Triton version (layout conversions especially). To see what a GPU machine's Triton
 compiles without that machine, install its version beside the project's and put it first on the path:
@@ -39,35 +41,36 @@ POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8"
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
             "Q_START": "*i64", "O_PART": "*fp32", "L_PART": "*fp32"}  # fmt: skip
 SCALARS = {"Q_SCALE": "fp32"}
-MAXNREG = decode.THREE_PER_SM_REGISTERS  # the launch default (_auto_blocks)
 
 
 # shared-memory stores and loads, and barriers: the cost of the layout conversions Triton routes through shared memory
 SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 
-def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int, block_n: int, d: int = 128,
-                   prod: bool = False, key_table_source: str = "operands", num_stages: int = 3):  # fmt: skip
-    """key_bits: codebook index bits (prod adds the QJL bit); key_table_source: the launch option of that name."""
+def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4, block_n: int | None = None,
+                   d: int = 128, prod: bool = False, key_table_source: str = "immediates",
+                   num_stages: int | None = None):  # fmt: skip
+    """(compiled _decode_split_kernel_2d, its block_n) with the constants DecodePlan gives it on a GPU for a decode
+    step (16 query rows), launch options as given (None: the plan's own). key_bits: codebook index bits (prod adds
+    the QJL bit); key_table_source: the launch option of that name."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
-    in_asm = asm and key_table_source == "immediates"
     words = None
-    if in_asm:  # the tables of the codebook the cache hands the kernel (antisymmetrised, divided by √d)
-        cb = get_codebook(d, key_bits, "cpu").double() / d**0.5
-        cb = ((cb - cb.flip(0)) / 2).float()[from_key_codes(torch.arange(2**key_bits), key_bits)]  # by stored code
+    if asm and key_table_source == "immediates":  # the tables of the codebook the cache hands the kernel
+        cb = get_codebook(d, key_bits, "cpu").double() / d**0.5  # (antisymmetrised, divided by √d, by stored code)
+        cb = ((cb - cb.flip(0)) / 2).float()[from_key_codes(torch.arange(2**key_bits), key_bits)]
         words = tuple(decode.key_lookup_tables(cb).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
-    key_asm = decode.key_asm_code(key_bits, words, layout["P_K"] == 8) if asm else ""
-    const = dict(D=d, VALUE_BITS=value_bits, GROUP=32, CAUSAL=True, BM=16, BN=block_n,
-                 VALUE_ASM=asm, KEY_ASM=key_asm, TABLES_IN_ASM=in_asm, **layout)  # fmt: skip
+    launch = dict(decode.LAUNCH_DEFAULTS, inline_asm=asm, num_warps=num_warps, block_n=block_n,
+                  num_stages=num_stages, key_table_source=key_table_source)  # fmt: skip
+    const = decode.kernel_2d_constants(d, layout, value_bits, 32, True, 16, launch, True, words)
+    options = {name: const.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in const}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
     src = ASTSource(
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
     )  # fmt: skip
-    options = dict(num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), const["BN"]
 
 
 def _cubin_tool(kernel, tool: str, *args: str) -> str:
@@ -126,8 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--prod", action="store_true", help="prod keys: the index bits plus the QJL plane")
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
-    ap.add_argument("--block-n", nargs="*", type=int, default=[128])
-    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--block-n", nargs="*", type=int, default=[0], help="tokens per block (0: the plan's choice)")
+    ap.add_argument("--stages", type=int, default=0, help="pipeline depth (0: the plan's choice)")
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument(
         "--key-table-source", choices=decode.KEY_TABLE_SOURCES, default=decode.LAUNCH_DEFAULTS["key_table_source"]
@@ -139,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    kernel = compile_kernel(kb, vb, asm, warps, bn, d=args.head_dim, prod=args.prod,
-                                            key_table_source=args.key_table_source, num_stages=args.stages)  # fmt: skip
+                    kernel, bn = compile_kernel(kb, vb, asm, warps, bn or None, d=args.head_dim, prod=args.prod,
+                                            key_table_source=args.key_table_source,
+                                            num_stages=args.stages or None)  # fmt: skip
                     loops = main_loops(sass(kernel))
                     if not loops:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")

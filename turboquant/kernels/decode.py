@@ -43,7 +43,14 @@ import triton.language as tl
 
 from .launch import on_device
 
-__all__ = ["decode_attention", "key_asm_code", "key_lookup_tables", "num_splits_for", "tiles_2d_layout"]
+__all__ = [
+    "decode_attention",
+    "kernel_2d_constants",
+    "key_asm_code",
+    "key_lookup_tables",
+    "num_splits_for",
+    "tiles_2d_layout",
+]
 
 LOG2E = 1.4426950408889634
 LOG2E_C = tl.constexpr(LOG2E)
@@ -1027,6 +1034,34 @@ THREE_PER_SM_REGISTERS = 168
 MAX_ROWS = 64
 
 
+def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, causal: bool, rows: int,
+                        launch: dict, cuda: bool, table_words: tuple[int, ...] | None) -> dict:  # fmt: skip
+    """The compile-time constants and launch options (num_warps, num_stages, maxnreg) of _decode_split_kernel_2d, as
+    DecodePlan launches it (and benchmarks/decode_sass.py compiles it offline).
+
+    layout: tiles_2d_layout(...) of the configuration; rows: query rows per program (BM); launch: LAUNCH_DEFAULTS
+    with overrides; cuda: whether it runs on a GPU (inline assembly and the register cap only there); table_words:
+    key_lookup_tables(codebook) as ints, needed where the tables go into the assembly (key_table_source
+    "immediates")."""
+    block_n, num_stages, _, max_registers = _auto_blocks(True, d, rows)
+    use_asm = launch["inline_asm"] and cuda
+    tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
+    key_asm = (
+        key_asm_code(layout["KEY_BITS"], table_words if tables_in_asm else None, layout["P_K"] == 8) if use_asm else ""
+    )
+    if launch["max_registers"] is not None:
+        max_registers = launch["max_registers"]
+    elif not cuda or launch["num_warps"] != 4:
+        max_registers = 0
+    consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=rows,
+                  BN=launch["block_n"] or block_n, KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm,
+                  VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"] or num_stages,
+                  **layout)  # fmt: skip
+    if max_registers:
+        consts["maxnreg"] = max_registers
+    return consts
+
+
 def _auto_blocks(tiles_2d: bool, d: int, rows: int) -> tuple[int, int, int, int]:
     """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
     --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source): 128-token
@@ -1237,31 +1272,21 @@ class DecodePlan:
         row_tiles = triton.cdiv(m, bm)
         mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-        block_n, num_stages, per_sm, max_registers = _auto_blocks(layout_2d is not None, d, bm)
+        block_n, num_stages, per_sm, _ = _auto_blocks(layout_2d is not None, d, bm)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
         num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes
         rnorms = buffers["key_rnorms"] if prod else key_codes
         if layout_2d is not None:
-            use_asm = launch["inline_asm"] and q_rot.is_cuda
             if key_tables is None:
                 key_tables = key_lookup_tables(codebook)
-            tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
-            if tables_in_asm and key_table_words is None:
+            in_asm = q_rot.is_cuda and launch["inline_asm"] and launch["key_table_source"] == "immediates"
+            if in_asm and key_table_words is None:
                 key_table_words = tuple(key_tables.tolist())
-            words = key_table_words if tables_in_asm else None
-            key_asm = key_asm_code(layout_2d["KEY_BITS"], words, layout_2d["P_K"] == 8) if use_asm else ""
             self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
                                  buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
-            if launch["max_registers"] is not None:
-                max_registers = launch["max_registers"]
-            elif not q_rot.is_cuda or launch["num_warps"] != 4:
-                max_registers = 0
-            consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BN=block_n,
-                          KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm, VALUE_ASM=use_asm,
-                          num_warps=launch["num_warps"], num_stages=num_stages, **layout_2d)  # fmt: skip
-            if max_registers:
-                consts["maxnreg"] = max_registers
+            consts = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, bm, launch, q_rot.is_cuda,
+                                         key_table_words)  # fmt: skip
             one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
             if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
                 key = (q_rot.device, *sorted(consts.items()))
