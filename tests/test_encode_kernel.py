@@ -308,6 +308,9 @@ def _bad_inputs(case):
         bufs = {**bufs, "key_norms": bufs["key_norms"].float()}
     elif case == "buffer_shape":
         bufs = {**bufs, "value_affine": bufs["value_affine"][:, :1]}
+    elif case == "buffer_alignment":  # contiguous, but one float16 past a 4-byte boundary
+        va = bufs["value_affine"]
+        bufs = {**bufs, "value_affine": torch.empty(va.numel() + 1, dtype=va.dtype, device=DEVICE)[1:].view(va.shape)}
     elif case == "buffer_contiguous":
         bufs = {**bufs, "value_codes": bufs["value_codes"].transpose(2, 3).contiguous().transpose(2, 3)}
     elif case == "quantizer":
@@ -340,6 +343,7 @@ BAD = {
     "buffer_dtype": "buffer key_norms",
     "buffer_shape": "buffer value_affine",
     "buffer_contiguous": "buffer value_codes",
+    "buffer_alignment": "value_affine must start at a 4-byte aligned address",
     "quantizer": "TurboQuantMSE or TurboQuantProd",
     "quantizer_head_dim": "head_dim=128",
     "group_size": "group_size=3 must divide D=64",

@@ -151,6 +151,22 @@ def test_decode_kernel_launch_options_beside_cache_inputs(source):
     assert _rel(out.reshape(ref.shape), ref) < TOL
 
 
+def test_decode_kernel_rejects_misaligned_value_scales():
+    """The (scale, zero) pairs are read as 4-byte words: a contiguous buffer one float16 past a 4-byte boundary is
+    refused by name, not read misaligned."""
+    from turboquant.kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(13)
+    cache = _filled_cache(KVCacheConfig(head_dim=64, key_bits=4, value_bits=4), 1, 1, 8, gen)
+    inputs = cache.decode_inputs(torch.randn(1, 1, 1, 64, generator=gen).to(DEVICE), 1, 0.125)
+    va = inputs["buffers"]["value_affine"]
+    shifted = torch.empty(va.numel() + 1, dtype=va.dtype, device=va.device)[1:].view(va.shape)
+    shifted.copy_(va)
+    inputs["buffers"] = {**inputs["buffers"], "value_affine": shifted}
+    with pytest.raises(ValueError, match="value_affine must start at a 4-byte aligned address"):
+        decode_attention(**inputs)
+
+
 def test_decode_kernel_rejects_unknown_key_table_source():
     from turboquant.kernels.decode import decode_attention
 

@@ -1222,6 +1222,8 @@ def decode_attention(
     for name, t in buffers.items():
         if t.device != q_rot.device or not t.is_contiguous():
             raise ValueError(f"buffer {name} must be contiguous and on {q_rot.device}")
+    if buffers["value_affine"].data_ptr() % 4:  # (read as one 4-byte word per (scale, zero) pair)
+        raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
     if exact is not None:
         qx, kx, vx = exact
         if not (qx.shape == q_rot.shape and qx.dtype == torch.float32 and qx.is_contiguous()):

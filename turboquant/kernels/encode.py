@@ -541,6 +541,8 @@ def encode_kv(
             raise ValueError(f"buffer {name} must be {dtype} [B, H_kv, C, ...] = {expect}, got {got}")
         if t.device != k.device or not t.is_contiguous():
             raise ValueError(f"buffer {name} must be contiguous and on {k.device}")
+    if buffers["value_affine"].data_ptr() % 4:  # (written as one 4-byte word per (scale, zero) pair)
+        raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
 
     if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.shape != (n,):
         got = f"{slots.dtype} {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__
