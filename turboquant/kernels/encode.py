@@ -130,8 +130,8 @@ def _encode_keys(
     RT: Πᵀ [D, D] float32.  MT: Π Sᵀ [D, D] float32 (PROD).
     ROTATE, how y = u Πᵀ is computed, with RS = [3, D, D] 16-bit parts of Πᵀ = P0 + s·P1 + s²·P2, s = SPLIT_SCALE:
     "x16" (keys stored in 16 bits, RS in their dtype): x Πᵀ / ‖x‖ by three tensor-core products of the stored x
-    with fp32 accumulation, exact products and fp32 accuracy; "u16" (float32 keys, centred or scaled ones; RS in
-    fp16): the unit vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and five products
+    with fp32 accumulation, exact products and fp32 accuracy; "u16" (MSE keys in float32, or centred or scaled; RS
+    in fp16): the unit vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and five products
     u0·P0 + s·(u0·P1 + u1·P0) + s²·(u0·P2 + u1·P1) (the dropped s³ term is below float32 rounding); "fp32": one
     fp32 (PRECISION) dot. UPCAST: multiply the x16 parts as fp32 instead (same products; Triton's CPU
     interpreter mishandles bf16 dot operands). SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the
