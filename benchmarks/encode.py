@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8], help="key kernel warps (sweep)")
     ap.add_argument("--value-block-n", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_block_n"]],
                     help="value rows per program (sweep)")  # fmt: skip
-    ap.add_argument("--value-warps", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_num_warps"]],
-                    help="value kernel warps (sweep)")  # fmt: skip
+    ap.add_argument("--value-warps", nargs="*", type=int, default=[0],
+                    help="value kernel warps (sweep; 0: the default, 2 or 4 at head_dim 256)")  # fmt: skip
     ap.add_argument("--prefill-only", action="store_true", help="only the 32k-token prefill chunk")
     ap.add_argument("--kernel-times", action="store_true",
                     help="also print each kernel's GPU time (torch.profiler) at the chosen launch")  # fmt: skip

@@ -371,13 +371,14 @@ def _encode_kv_kernel(
 # (head_dim 256: the warps of _key_launch) (for longer chunks one launch was slower at every size tried: the value
 # work then runs at the key kernel's occupancy); pipeline depth; the precision of the fp32 dots ("tf32x3" keeps fp32
 # accuracy on tensor cores; "ieee" uses FMAs); whether keys are rotated by 16-bit products (split: the stored 16-bit
-# keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel; and
+# keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel (None
+# warps: 2, 4 at head_dim 256); and
 # the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an antisymmetric
 # codebook, half the comparisons and the same indices; None: symmetric for 4-bit key indices, where it pays on the
 # H200 (32k chunk K4/V4 0.228 ms vs 0.248), full for the rest).
 LAUNCH_DEFAULTS = dict(
     block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
-    value_block_n=32, value_num_warps=2, search=None,
+    value_block_n=32, value_num_warps=None, search=None,
 )  # fmt: skip
 
 
@@ -621,13 +622,16 @@ class EncodePlan:
             CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
         value_block_n = 16 if small else launch["value_block_n"]
+        # 2 warps up to head_dim 128, 4 at 256: the same values per thread (at 256, 32 rows on 2 warps take 245-255
+        # registers and spill 2-bit values, in the offline sm_90 compile; 128 and no spill on 4)
+        value_warps = launch["value_num_warps"] or (4 if d > 128 else 2)
         self._value_args = (buffers["value_codes"], buffers["value_affine"])
         self._value_consts = dict(D=d, VALUE_BITS=value_quantizer.bits, GROUP=value_quantizer.group_size,
-                                  BN=value_block_n, num_warps=launch["value_num_warps"])  # fmt: skip
+                                  BN=value_block_n, num_warps=value_warps)  # fmt: skip
         self._rows = (rows, n, h, c)
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
         self._one_launch = small  # keys and values of the same rows in one program
-        values = "" if self._one_launch else f" values {value_block_n} rows {launch['value_num_warps']} warps"
+        values = "" if self._one_launch else f" values {value_block_n} rows {value_warps} warps"
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search} {rotate}"
                       + (" one launch" if self._one_launch else values))  # fmt: skip
 
