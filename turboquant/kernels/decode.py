@@ -664,15 +664,22 @@ def _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D: tl.cons
             g1 = _plus_minus_one(sb, 2)
             g2 = _plus_minus_one(sb, 4)
             g3 = _plus_minus_one(sb, 6)
-    acc = tl.dot(g0, sq0)
-    acc += tl.dot(g1, sq1)
-    acc += tl.dot(g2, sq2)
-    acc += tl.dot(g3, sq3)
-    if P_K == 8:
-        acc += tl.dot(g4, sq4)
-        acc += tl.dot(g5, sq5)
-        acc += tl.dot(g6, sq6)
-        acc += tl.dot(g7, sq7)
+        g4, g5, g6, g7 = g0, g1, g2, g3  # (unused with 4 tiles)
+    return _tile_dots(g0, g1, g2, g3, g4, g5, g6, g7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, P_K)
+
+
+@triton.jit
+def _tile_dots(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7, P: tl.constexpr):
+    """Σ_j a_j @ b_j over the P (4 or 8) field tiles of a key or sign tile and their query tiles."""
+    acc = tl.dot(a0, b0)
+    acc += tl.dot(a1, b1)
+    acc += tl.dot(a2, b2)
+    acc += tl.dot(a3, b3)
+    if P == 8:
+        acc += tl.dot(a4, b4)
+        acc += tl.dot(a5, b5)
+        acc += tl.dot(a6, b6)
+        acc += tl.dot(a7, b7)
     return acc
 
 
@@ -800,15 +807,7 @@ def _attend_block_2d(
     row = i_bh * C + o_n.to(tl.int64)
     k0, k1, k2, k3, k4, k5, k6, k7 = _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS, D, P_K, DP_K,
                                                  KEY_ASM, TABLES_IN_ASM, MASKED)  # fmt: skip
-    s_t = tl.dot(k0, qt0)
-    s_t += tl.dot(k1, qt1)
-    s_t += tl.dot(k2, qt2)
-    s_t += tl.dot(k3, qt3)
-    if P_K == 8:
-        s_t += tl.dot(k4, qt4)
-        s_t += tl.dot(k5, qt5)
-        s_t += tl.dot(k6, qt6)
-        s_t += tl.dot(k7, qt7)
+    s_t = _tile_dots(k0, k1, k2, k3, k4, k5, k6, k7, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, P_K)
     if not AHEAD:
         norm = tl.load(KN + row, mask=m_n, other=0.0) if MASKED else tl.load(KN + row)
     s_t = s_t * norm.to(tl.float32)[:, None]
