@@ -28,14 +28,13 @@ import re
 import subprocess
 import tempfile
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from turboquant.codebook import get_codebook
+from turboquant.cache import kernel_codebook
 from turboquant.kernels import decode
-from turboquant.packing import from_key_codes
+from turboquant.quantizers import TurboQuantMSE
 
 POINTERS = {"Q": "*fp32", "SQ": "*fp32", "KC": "*u8", "KN": "*fp16", "KS": "*u8", "KR": "*fp16", "VC": "*u8",
             "VA": "*i32", "CB": "*fp32", "KT": "*i32", "SEQ_LEN": "*i64", "KV_START": "*i64",
@@ -57,9 +56,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4
     names = fn.arg_names
     words = None
     if asm and key_table_source == "immediates":  # the tables of the codebook the cache hands the kernel
-        cb = get_codebook(d, key_bits, "cpu").double() / d**0.5  # (antisymmetrised, divided by √d, by stored code)
-        cb = ((cb - cb.flip(0)) / 2).float()[from_key_codes(torch.arange(2**key_bits), key_bits)]
-        words = tuple(decode.key_lookup_tables(cb).tolist())
+        words = tuple(decode.key_lookup_tables(kernel_codebook(TurboQuantMSE(d, key_bits))).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
     launch = dict(decode.LAUNCH_DEFAULTS, inline_asm=asm, num_warps=num_warps, block_n=block_n,
                   num_stages=num_stages, key_table_source=key_table_source)  # fmt: skip

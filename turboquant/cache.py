@@ -49,7 +49,7 @@ from .quantizers import (
 )
 from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED, ROTATIONS, _device_key
 
-__all__ = ["KVCacheConfig", "TurboQuantKVCache", "get_quantizers"]
+__all__ = ["KVCacheConfig", "TurboQuantKVCache", "get_quantizers", "kernel_codebook"]
 
 _ATTEND_BLOCK = 1024  # tokens per block of the reference attention
 
@@ -122,6 +122,15 @@ class KVCacheConfig:
 _QUANTIZERS: dict[tuple, tuple] = {}
 
 
+def kernel_codebook(mse: TurboQuantMSE) -> torch.Tensor:
+    """The fused kernels' codebook [2^b], indexed by the stored key codes (packing.to_key_codes): centroids / √d
+    made exactly antisymmetric (they are, up to float rounding), so that the 4-bit lookup by magnitude and sign
+    (kernels.decode.key_lookup_tables) holds the same values."""
+    cb = mse.centroids / mse.scale
+    order = from_key_codes(torch.arange(cb.numel(), device=cb.device), mse.bits)
+    return ((cb - cb.flip(0)) / 2)[order]
+
+
 def get_quantizers(config: KVCacheConfig, device) -> tuple[TurboQuantMSE | TurboQuantProd, ValueQuantizer]:
     """(key quantizer, value quantizer) for a config, built once per (config, device) and shared."""
     device = _device_key(device)
@@ -174,12 +183,7 @@ class TurboQuantKVCache:
         self.key_quantizer, self.value_quantizer = get_quantizers(config, self.device)
         # the codebook stage of the keys: the key quantizer itself, or the MSE part of a prod quantizer
         self.mse_quantizer = self.key_quantizer if config.key_mode == "mse" else self.key_quantizer.mse
-        # the kernels' codebook, indexed by the stored codes: centroids / √d made exactly antisymmetric (they are,
-        # up to float rounding), so that the 4-bit lookup by magnitude and sign (kernels.decode.key_lookup_tables)
-        # holds the same values, in the order of the stored key codes (packing.to_key_codes)
-        cb = self.mse_quantizer.centroids / self.mse_quantizer.scale
-        order = from_key_codes(torch.arange(cb.numel(), device=cb.device), config.key_index_bits)
-        self._kernel_codebook = ((cb - cb.flip(0)) / 2)[order]  # [2^b]
+        self._kernel_codebook = kernel_codebook(self.mse_quantizer)
         self._key_tables = None  # byte tables of the kernel's key lookup, built on the first kernel call
         self._key_table_words: tuple[int, ...] | None = None  # the same on the host
         self._store_names = tuple(self._buffer_specs())
