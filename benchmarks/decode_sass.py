@@ -48,10 +48,10 @@ SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4, block_n: int | None = None,
                    d: int = 128, prod: bool = False, key_table_source: str = "immediates",
-                   num_stages: int | None = None):  # fmt: skip
+                   num_stages: int | None = None, max_registers: int | None = None):  # fmt: skip
     """(compiled _decode_split_kernel_2d, its block_n) with the constants DecodePlan gives it on a GPU for a decode
     step (16 query rows), launch options as given (None: the plan's own). key_bits: codebook index bits (prod adds
-    the QJL bit); key_table_source: the launch option of that name."""
+    the QJL bit); key_table_source, max_registers: the launch options of those names (max_registers 0: no cap)."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
     words = None
@@ -59,7 +59,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4
         words = tuple(decode.key_lookup_tables(kernel_codebook(TurboQuantMSE(d, key_bits))).tolist())
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
     launch = dict(decode.LAUNCH_DEFAULTS, inline_asm=asm, num_warps=num_warps, block_n=block_n,
-                  num_stages=num_stages, key_table_source=key_table_source)  # fmt: skip
+                  num_stages=num_stages, key_table_source=key_table_source, max_registers=max_registers)  # fmt: skip
     const = decode.kernel_2d_constants(d, layout, value_bits, 32, True, 16, launch, True, words)
     options = {name: const.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in const}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4])
     ap.add_argument("--block-n", nargs="*", type=int, default=[0], help="tokens per block (0: the plan's choice)")
     ap.add_argument("--stages", type=int, default=0, help="pipeline depth (0: the plan's choice)")
+    ap.add_argument("--cap", type=int, default=None, help="register cap per thread (0: none; default: the plan's)")
     ap.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     ap.add_argument(
         "--key-table-source", choices=decode.KEY_TABLE_SOURCES, default=decode.LAUNCH_DEFAULTS["key_table_source"]
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 for bn in args.block_n:
                     kernel, bn = compile_kernel(kb, vb, asm, warps, bn or None, d=args.head_dim, prod=args.prod,
                                             key_table_source=args.key_table_source,
-                                            num_stages=args.stages or None)  # fmt: skip
+                                            num_stages=args.stages or None, max_registers=args.cap)  # fmt: skip
                     loops = main_loops(sass(kernel))
                     if not loops:
                         print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")
