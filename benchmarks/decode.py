@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="try block_n × register cap, each at its one-wave split count")
     ap.add_argument("--stages", nargs="*", type=int, default=[2, 3], help="pipeline depths the sweep tries")
     ap.add_argument("--block-n", nargs="*", type=int, default=[64, 128], help="block sizes the sweep tries")
+    ap.add_argument("--warps", nargs="*", type=int, default=[4], help="warps per program the sweep tries")
     ap.add_argument("--caps", nargs="*", type=int, default=[0, THREE_PER_SM_REGISTERS],
                     help="register caps per thread the sweep tries (0: none; 168: three programs per SM)")  # fmt: skip
     ap.add_argument("--key-table-source", nargs="*", default=[LAUNCH_DEFAULTS["key_table_source"]],
@@ -100,8 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.sweep:
         launches = [  # programs_per_sm None: one wave, from the compiled kernel's occupancy
             dict(
-                LAUNCH_DEFAULTS, block_n=bn, num_warps=4, num_stages=stages, max_registers=cap, key_table_source=tables
+                LAUNCH_DEFAULTS,
+                block_n=bn,
+                num_warps=warps,
+                num_stages=stages,
+                max_registers=cap,
+                key_table_source=tables,
             )
+            for warps in args.warps
             for tables in args.key_table_source
             for bn in args.block_n
             for cap in args.caps
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                 line = (
                     f"| {shape} | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
-                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps']} s{launch['num_stages'] or 'auto'}"
+                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps'] or 'auto'} s{launch['num_stages'] or 'auto'}"
                     f" {launch['programs_per_sm'] or 'auto'}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(d, **layout_args(cfg)) else ''}"

@@ -46,12 +46,13 @@ SCALARS = {"Q_SCALE": "fp32"}
 SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 
-def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4, block_n: int | None = None,
+def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int | None = None, block_n: int | None = None,
                    d: int = 128, prod: bool = False, key_table_source: str = "immediates",
                    num_stages: int | None = None, max_registers: int | None = None):  # fmt: skip
-    """(compiled _decode_split_kernel_2d, its block_n) with the constants DecodePlan gives it on a GPU for a decode
-    step (16 query rows), launch options as given (None: the plan's own). key_bits: codebook index bits (prod adds
-    the QJL bit); key_table_source, max_registers: the launch options of those names (max_registers 0: no cap)."""
+    """(compiled _decode_split_kernel_2d, its block_n, its warps) with the constants DecodePlan gives it on a GPU for
+    a decode step (16 query rows), launch options as given (None: the plan's own). key_bits: codebook index bits
+    (prod adds the QJL bit); key_table_source, max_registers: the launch options of those names (max_registers 0:
+    no cap)."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
     words = None
@@ -67,7 +68,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int = 4
         fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS or n == "C"},
     )  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), const["BN"]
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options), const["BN"], options["num_warps"]
 
 
 def _cubin_tool(kernel, tool: str, *args: str) -> str:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "--bits", nargs="*", default=["4,4"], help="key_bits,value_bits pairs (MSE keys 2-4, values 2 or 4)"
     )
     ap.add_argument("--prod", action="store_true", help="prod keys: the index bits plus the QJL plane")
-    ap.add_argument("--warps", nargs="*", type=int, default=[4])
+    ap.add_argument("--warps", nargs="*", type=int, default=[0], help="warps per program (0: the plan's choice)")
     ap.add_argument("--block-n", nargs="*", type=int, default=[0], help="tokens per block (0: the plan's choice)")
     ap.add_argument("--stages", type=int, default=0, help="pipeline depth (0: the plan's choice)")
     ap.add_argument("--cap", type=int, default=None, help="register cap per thread (0: none; default: the plan's)")
@@ -140,20 +141,20 @@ def main(argv: list[str] | None = None) -> None:
         for asm in (True, False):
             for warps in args.warps:
                 for bn in args.block_n:
-                    kernel, bn = compile_kernel(kb, vb, asm, warps, bn or None, d=args.head_dim, prod=args.prod,
-                                            key_table_source=args.key_table_source,
-                                            num_stages=args.stages or None, max_registers=args.cap)  # fmt: skip
+                    kernel, bn, w = compile_kernel(kb, vb, asm, warps or None, bn or None, d=args.head_dim,
+                                                   prod=args.prod, key_table_source=args.key_table_source,
+                                                   num_stages=args.stages or None, max_registers=args.cap)  # fmt: skip
                     loops = main_loops(sass(kernel))
                     if not loops:
-                        print(f"K{kb}/V{vb} asm={asm} warps {warps} block_n {bn}: no loop in the SASS")
+                        print(f"K{kb}/V{vb} asm={asm} warps {w} block_n {bn}: no loop in the SASS")
                         continue
                     n = [sum(ops.values()) for ops in loops]
                     top = " ".join(f"{k}:{v}" for k, v in loops[0].most_common(12))
                     smem = " ".join(f"{k}:{loops[0][k]}" for k in SHARED_MEMORY)
-                    print(f"K{kb}/V{vb} D={args.head_dim} {'inline PTX' if asm else 'portable  '} warps {warps} "
+                    print(f"K{kb}/V{vb} D={args.head_dim} {'inline PTX' if asm else 'portable  '} warps {w} "
                           f"block_n {bn} ({resources(kernel)}): "
-                          f"{n[0] * warps / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
-                          f"per block), {n[-1] * warps / bn:.1f} in the masked last block | shared memory and "
+                          f"{n[0] * w / bn:.1f} warp-instructions per token in full blocks ({n[0]} per thread "
+                          f"per block), {n[-1] * w / bn:.1f} in the masked last block | shared memory and "
                           f"barriers {smem}, {kernel.metadata.shared // 1024} KB | {top}", flush=True)  # fmt: skip
 
 

@@ -1012,19 +1012,19 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     tl.store(LSE + i_bh * M + i_m, lse)
 
 
-# Launch configuration of the split kernels: tokens per block, warps, pipeline depth, programs per SM that the
-# splits aim for, codebook lookup (registers or global memory), the orientation of the score dot (see
-# _fields_scores), the 2-D kernel's register cap (0: none; None: per configuration, see _auto_blocks) and where
-# its key lookup tables live: "immediates" (written into the assembly, see key_asm_code; the codes are then read
-# from shared memory straight into the tensor-core operand layout) or "operands" (registers loaded once per
-# program; the centroids then pass through shared memory as an fp16 tile).
+# Launch configuration of the split kernels: tokens per block, warps (None: per configuration, see _auto_blocks),
+# pipeline depth, programs per SM that the splits aim for, codebook lookup (registers or global memory), the
+# orientation of the score dot (see _fields_scores), the 2-D kernel's register cap (0: none; None: per
+# configuration, see _auto_blocks) and where its key lookup tables live: "immediates" (written into the assembly, see
+# key_asm_code; the codes are then read from shared memory straight into the tensor-core operand layout) or
+# "operands" (registers loaded once per program; the centroids then pass through shared memory as an fp16 tile).
 LAUNCH_DEFAULTS = dict(
-    block_n=None, num_warps=4, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
+    block_n=None, num_warps=None, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
     tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates",
 )  # fmt: skip
 KEY_TABLE_SOURCES = ("operands", "immediates")
-# 2-D kernel, 4 warps: at most 168 registers per thread lets three programs share an SM's 64K registers (128-token
-# blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling)
+# 2-D kernel: at most 168 registers per thread lets three 4-warp programs share an SM's 64K registers (128-token
+# blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling), or six 2-warp programs
 THREE_PER_SM_REGISTERS = 168
 # Query rows (G·N_q) per split-kernel program: more rows take more programs (a third grid axis), each reading the
 # whole key/value range again, so that a long chunk of queries (a prompt attending to a compressed past) compiles
@@ -1042,7 +1042,7 @@ def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, 
     with overrides; cuda: whether it runs on a GPU (inline assembly and the register cap only there); table_words:
     key_lookup_tables(codebook) as ints, needed where the tables go into the assembly (key_table_source
     "immediates")."""
-    block_n, num_stages, _, max_registers = _auto_blocks(True, d, rows)
+    block_n, num_stages, _, max_registers, num_warps = _auto_blocks(True, d, rows, layout["W"])
     use_asm = launch["inline_asm"] and cuda
     tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
     key_asm = (
@@ -1050,32 +1050,39 @@ def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, 
     )
     if launch["max_registers"] is not None:
         max_registers = launch["max_registers"]
-    elif not cuda or launch["num_warps"] != 4:
+    elif not cuda or launch["num_warps"] not in (None, num_warps):  # (the cap was chosen for the plan's warps)
         max_registers = 0
+    if launch["num_warps"] is not None or launch["block_n"] is not None:  # (block and warps were chosen together)
+        num_warps = launch["num_warps"] or 4
     consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=rows,
                   BN=launch["block_n"] or block_n, KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm,
-                  VALUE_ASM=use_asm, num_warps=launch["num_warps"], num_stages=launch["num_stages"] or num_stages,
+                  VALUE_ASM=use_asm, num_warps=num_warps, num_stages=launch["num_stages"] or num_stages,
                   **layout)  # fmt: skip
     if max_registers:
         consts["maxnreg"] = max_registers
     return consts
 
 
-def _auto_blocks(tiles_2d: bool, d: int, rows: int) -> tuple[int, int, int, int]:
-    """(block_n, num_stages, programs_per_sm, max_registers) from H200 sweeps (benchmarks/RESULTS.md, `decode.py
-    --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source): 128-token
-    blocks, three pipeline stages and a cap of 168 registers, so that three programs share an SM instead of two
-    (K4/V4 (16, 65536): 0.722 ms vs 0.758 with two stages and 0.766 uncapped; K3/V2 prod 0.778 vs 0.805 and 0.853);
-    at other head dims the blocks that hold the same tile bytes per thread, 256 tokens at head_dim 64 and 64 at 256
-    (in the same cap and the shared memory of three programs per SM; at 64, 128-token blocks route 2-bit values
-    and 2- and 3-bit keys through shared memory element by element, 1.5x the instructions per token in the offline
-    SASS) — at head_dim 64 for up to 16 query rows per program (rows, a decode step), as 256-token blocks with 64
-    rows take 120 KB of shared memory (one program per SM). On CUDA its split count comes from its occupancy
+def _auto_blocks(tiles_2d: bool, d: int, rows: int, value_width: int = 32) -> tuple[int, int, int, int, int]:
+    """(block_n, num_stages, programs_per_sm, max_registers, num_warps) from H200 sweeps (benchmarks/RESULTS.md,
+    `decode.py --graphs --sweep`). The 2-D kernel (with its key tables as immediates, the default key_table_source):
+    128-token blocks, three pipeline stages, 4 warps and a cap of 168 registers, so that three programs share an SM
+    instead of two (K4/V4 (16, 65536): 0.722 ms vs 0.758 with two stages and 0.766 uncapped; K3/V2 prod 0.778 vs
+    0.805 and 0.853); at other head dims the blocks that hold the same tile bytes per thread, 256 tokens at head_dim
+    64 and 64 at 256 (in the same cap and the shared memory of three programs per SM; at 64, 128-token blocks on 4
+    warps route 2-bit values and 2- and 3-bit keys through shared memory element by element, 1.5x the instructions
+    per token in the offline SASS) — at head_dim 64 for up to 16 query rows per program (rows, a decode step), as
+    256-token blocks with 64 rows take 120 KB of shared memory (one program per SM). Value chunks 16 columns wide
+    (value_width: 2-bit values at head_dim 64) with up to 16 rows take 2 warps and 128-token blocks instead, so that
+    each warp computes its own 8 of the 16 columns of every P·V product (on 4 warps two computed each column; K3/V2
+    (16, 65536) 0.409 ms vs 0.509, prod keys 0.398 vs 0.585). On CUDA its split count comes from its occupancy
     (decode_attention: one wave of programs), so programs_per_sm applies only elsewhere. The generic kernel:
-    64-token blocks, three stages, 2 programs per SM."""
+    64-token blocks, three stages, 2 programs per SM, 4 warps."""
+    if tiles_2d and value_width < 32 and rows <= 16:
+        return 128, 3, 2, THREE_PER_SM_REGISTERS, 2
     if tiles_2d:
-        return 128 * 128 // d if d > 64 or rows <= 16 else 128, 3, 2, THREE_PER_SM_REGISTERS
-    return 64, 3, 2, 0
+        return 128 * 128 // d if d > 64 or rows <= 16 else 128, 3, 2, THREE_PER_SM_REGISTERS, 4
+    return 64, 3, 2, 0, 4
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -1273,7 +1280,7 @@ class DecodePlan:
         row_tiles = triton.cdiv(m, bm)
         mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-        block_n, num_stages, per_sm, _ = _auto_blocks(layout_2d is not None, d, bm)
+        block_n, num_stages, per_sm, _, num_warps = _auto_blocks(layout_2d is not None, d, bm)
         block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
         num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes
@@ -1288,6 +1295,7 @@ class DecodePlan:
                                  buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
             consts = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, bm, launch, q_rot.is_cuda,
                                          key_table_words)  # fmt: skip
+            block_n = consts["BN"]
             one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
             if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
                 key = (q_rot.device, *sorted(consts.items()))
@@ -1298,7 +1306,7 @@ class DecodePlan:
                             q_rot, sq if prod else q_rot, *self._buffer_args, seq_lens, kv_start, q_start, o_part,
                             l_part, h_kv, c, m, n_q, c, 1.0, grid=(1, 1, 1), **consts,
                         )  # fmt: skip
-                        _RESIDENT[key] = _resident_programs(compiled, q_rot.device, launch["num_warps"])
+                        _RESIDENT[key] = _resident_programs(compiled, q_rot.device, consts["num_warps"])
                 per_sm = _RESIDENT[key]
             splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
                                                              mp, d, one_wave)  # fmt: skip
@@ -1314,7 +1322,7 @@ class DecodePlan:
                 D=d, KEY_BITS=key_bits, VALUE_BITS=value_bits, GROUP=group_size, PROD=prod, CAUSAL=causal,
                 BM=bm, BN=block_n, P_K=p_k, DP_K=d // p_k, P_V=p_v, DP_V=d // p_v, NUM_SPLITS=splits,
                 REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
-                num_warps=launch["num_warps"], num_stages=num_stages,
+                num_warps=launch["num_warps"] or num_warps, num_stages=num_stages,
             )  # fmt: skip
             self._kernel = _decode_split_kernel
         self.buffers = buffers
