@@ -391,13 +391,17 @@ def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, i
     128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). Centred and
     scaled MSE keys ("u16", the cache's defaults, with norm correction): 64 rows and 4 warps (K3/V2 0.279 ms vs 0.314
     at 128 and 8; K4/V4 0.296 vs 0.313). At head_dim 256: MSE keys 64 rows and 4 warps (x16 K4/V4 0.62 ms, K3/V2
-    0.51; u16 K4/V4 1.86 ms), u16 keys of 2 or 3 index bits 8 warps (K3/V2 1.68 ms vs 2.16 at 4 warps); prod keys,
-    and keys rotated by one fp32 dot, 16 rows and 8 warps: with more rows their per-thread tiles overflow the
-    registers into a stack of 2-50 KB (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps), and 64 rows of float32
-    operands need 256 KB of shared memory, more than the H200's 227 KB.
+    0.51; u16 K4/V4 1.86 ms), u16 keys of 2 or 3 index bits 8 warps (K3/V2 1.68 ms vs 2.16 at 4 warps); prod keys as
+    stored (x16) 16 rows and 8 warps: with more rows their per-thread tiles overflow the registers into a stack of
+    2-50 KB (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps), and 64 rows of float32 operands need 256 KB of
+    shared memory, more than the H200's 227 KB; keys rotated by one fp32 dot (prod keys centred or scaled, the
+    cache's defaults) 16 rows, 32-column chunks and 4 warps (K3/V2 prod 17.8 ms vs 53.9 with 64-column chunks and 8
+    warps, where the chunk's [256, 64] float32 operands put ptxas on a 15 KB stack).
     """
     if d > 128:
-        if prod or rotate == "fp32":
+        if rotate == "fp32":
+            return 16, 32, 4
+        if prod:
             return 16, 64, 8
         return (64, 64, 8) if rotate == "u16" and bits < 4 else (64, 64, 4)
     return (64, 64, 4) if not prod and (bits == 4 or rotate == "u16") else (128, 64, 8)
