@@ -1041,19 +1041,20 @@ def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, 
     layout: tiles_2d_layout(...) of the configuration; rows: query rows per program (BM); launch: LAUNCH_DEFAULTS
     with overrides; cuda: whether it runs on a GPU (inline assembly and the register cap only there); table_words:
     key_lookup_tables(codebook) as ints, needed where the tables go into the assembly (key_table_source
-    "immediates")."""
+    "immediates"). Block size and warps are _auto_blocks' unless the launch gives them (a block size given without
+    warps runs on 4)."""
     block_n, num_stages, _, max_registers, num_warps = _auto_blocks(True, d, rows, layout["W"])
     use_asm = launch["inline_asm"] and cuda
     tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
     key_asm = (
         key_asm_code(layout["KEY_BITS"], table_words if tables_in_asm else None, layout["P_K"] == 8) if use_asm else ""
     )
-    if launch["max_registers"] is not None:
-        max_registers = launch["max_registers"]
-    elif not cuda or launch["num_warps"] not in (None, num_warps):  # (the cap was chosen for the plan's warps)
-        max_registers = 0
     if launch["num_warps"] is not None or launch["block_n"] is not None:  # (block and warps were chosen together)
         num_warps = launch["num_warps"] or 4
+    if launch["max_registers"] is not None:
+        max_registers = launch["max_registers"]
+    elif not cuda or num_warps not in (2, 4):  # (the cap fits three 4-warp or six 2-warp programs in an SM)
+        max_registers = 0
     consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=rows,
                   BN=launch["block_n"] or block_n, KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm,
                   VALUE_ASM=use_asm, num_warps=num_warps, num_stages=launch["num_stages"] or num_stages,
