@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                 line = (
                     f"| {shape} | {name} | {t:.4f} | {comp_bytes / t / 1e6:.0f} | {t_bf16:.4f} | "
                     f"{t_bf16 / t:.2f}x | {err:.2e} | {graph_ok} | {cos:.4f} | "
-                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps'] or 'auto'} s{launch['num_stages'] or 'auto'}"
+                    f"bn{launch['block_n'] or 'auto'} w{launch['num_warps'] or 'auto'}"
+                    f" s{launch['num_stages'] or 'auto'}"
                     f" {launch['programs_per_sm'] or 'auto'}/SM"
                     f"{' regcb' if launch['register_codebook'] else ''}{' keymajor' if launch['key_major'] else ''}"
                     f"{' 2d' if launch['tiles_2d'] and tiles_2d_layout(d, **layout_args(cfg)) else ''}"
