@@ -10,7 +10,10 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
 - ``uniform``: TurboQuant MSE (Haar rotation, Lloyd-Max codebook) at 4 bits over all D channels, or
 - ``halves``: the D channels split in two by the fitted weight √(E[k̃_c²]E[q_c²]) of each channel, the heavier half
   at 5 bits and the other at 3 (each half its own rotation, codebook and norm: 4 bits on average, one more norm per
-  key).
+  key), or
+- ``qdir1``, ``qdir2``: uniform, plus each key's projection on the top 1 or 2 eigenvectors u of the prompt's scaled
+  queries' second moment Σ q qᵀ stored exactly (fp16), so that a score's quantization error is only that of the
+  query's part orthogonal to u (one or two more scalars per key).
 Values exact, or 4-bit per-group affine (ValueQuantizer, groups of 32). Prints KL(16-bit ‖ method) of the
 next-token distributions over the T positions, and perplexity, for each.
 
@@ -33,7 +36,7 @@ from turboquant.quantizers import ValueQuantizer
 from turboquant.rotation import get_rotation_matrix
 
 SINKS = DEMO_SETTINGS["sink_tokens"]  # TurboQuantCache's default
-METHODS = ("uniform", "halves")
+METHODS = ("uniform", "halves", "qdir1", "qdir2")
 
 
 @functools.cache
@@ -71,6 +74,12 @@ class Study:
         ks = kc / s[:, None]
         if self.method == "uniform":
             rec = fake_quantize(ks, 4)
+        elif self.method.startswith("qdir"):  # 4 bits, plus ⟨u, k⟩ exact (fp16) along the top query directions u
+            rec = fake_quantize(ks, 4)
+            qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D] scaled queries
+            u = torch.linalg.eigh(qs.transpose(1, 2) @ qs).eigenvectors[..., -int(self.method[4:]) :]  # [H_kv, D, r]
+            a = (ks @ u).half().double()  # the stored projections
+            rec = rec + (a - rec @ u) @ u.transpose(1, 2)
         else:
             rec = torch.empty_like(ks)
             order = torch.argsort(k2 * q2, dim=-1, descending=True)
