@@ -126,6 +126,20 @@ def test_two_d_kernel_takes_every_supported_head_dim(d):
         assert tiles_2d_layout(d, kb, mode, vb, default_group_size(d)) is not None, (mode, kb, vb)
 
 
+@pytest.mark.parametrize("d,vb,rows,warps,block_n", [(64, 2, 16, 2, 128), (64, 2, 64, 4, 128), (64, 4, 16, 4, 256),
+                                                      (128, 2, 16, 4, 128), (256, 2, 16, 4, 64)])  # fmt: skip
+def test_two_d_kernel_warps_per_configuration(d, vb, rows, warps, block_n):
+    """16-column value chunks (2-bit values at head_dim 64) in a decode step run on 2 warps, one per 8-column half of
+    each P·V product (on 4, two warps computed each half); the rest on 4; a block size given alone takes 4."""
+    from turboquant.kernels.decode import LAUNCH_DEFAULTS, kernel_2d_constants, tiles_2d_layout
+
+    layout = tiles_2d_layout(d, 3, "mse", vb, 32)
+    consts = kernel_2d_constants(d, layout, vb, 32, True, rows, dict(LAUNCH_DEFAULTS), True, None)
+    assert (consts["num_warps"], consts["BN"], consts["maxnreg"]) == (warps, block_n, 168)
+    given = kernel_2d_constants(d, layout, vb, 32, True, rows, dict(LAUNCH_DEFAULTS, block_n=64), True, None)
+    assert (given["num_warps"], given["BN"]) == (4, 64)
+
+
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[::2])
 def test_decode_kernel_tables_in_assembly(mode, kb, vb, d, group, n_q, n, monkeypatch):
     """Key lookup tables written into the inline assembly (launch option key_table_source="immediates"; on the GPU: the
