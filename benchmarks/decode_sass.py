@@ -95,8 +95,10 @@ def resource_usage(kernel) -> dict[str, int]:
 
 
 def resources(kernel) -> str:
+    """Registers per thread and the bytes it spills (ptxas puts spilled registers on the stack; cuobjdump's local
+    memory is reported apart and stays 0 for them)."""
     use = resource_usage(kernel)
-    return f"{use['registers']} registers, {use['local']} B spilled" if use else "resources unknown"
+    return f"{use['registers']} registers, {use['stack']} B stack" if use else "resources unknown"
 
 
 def main_loops(text: str) -> list[collections.Counter]:
