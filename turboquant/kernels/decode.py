@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_device
+from .launch import check_value_affine, on_device
 
 __all__ = [
     "decode_attention",
@@ -1229,8 +1229,7 @@ def decode_attention(
     for name, t in buffers.items():
         if t.device != q_rot.device or not t.is_contiguous():
             raise ValueError(f"buffer {name} must be contiguous and on {q_rot.device}")
-    if buffers["value_affine"].data_ptr() % 4:  # (read as one 4-byte word per (scale, zero) pair)
-        raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
+    check_value_affine(buffers["value_affine"])
     if exact is not None:
         qx, kx, vx = exact
         if not (qx.shape == q_rot.shape and qx.dtype == torch.float32 and qx.is_contiguous()):

@@ -62,7 +62,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
-from .launch import on_device
+from .launch import check_value_affine, on_device
 
 __all__ = ["ENCODE_HEAD_DIMS", "LAUNCH_DEFAULTS", "encode_kv"]
 
@@ -547,8 +547,7 @@ def encode_kv(
             raise ValueError(f"buffer {name} must be {dtype} [B, H_kv, C, ...] = {expect}, got {got}")
         if t.device != k.device or not t.is_contiguous():
             raise ValueError(f"buffer {name} must be contiguous and on {k.device}")
-    if buffers["value_affine"].data_ptr() % 4:  # (written as one 4-byte word per (scale, zero) pair)
-        raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
+    check_value_affine(buffers["value_affine"])
 
     if not isinstance(slots, torch.Tensor) or slots.dtype != torch.int64 or slots.shape != (n,):
         got = f"{slots.dtype} {tuple(slots.shape)}" if isinstance(slots, torch.Tensor) else type(slots).__name__

@@ -16,3 +16,10 @@ def on_device(device: torch.device):
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)
+
+
+def check_value_affine(value_affine: torch.Tensor) -> None:
+    """The kernels read and write the (scale, zero) pairs of value_affine [..., 2] float16 as one 4-byte word each:
+    refuse, by name, a buffer that does not start on a 4-byte boundary (a view at an odd float16 offset)."""
+    if value_affine.data_ptr() % 4:
+        raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
