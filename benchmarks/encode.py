@@ -31,7 +31,7 @@ from timing import median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.encode import LAUNCH_DEFAULTS, SEARCHES, EncodePlan, encode_kv
-from turboquant.packing import from_key_codes, unpack_planar
+from turboquant.packing import unpack_key_codes, unpack_planar
 
 CONFIGS = {
     "K4/V4 mse": dict(key_bits=4, value_bits=4, key_mode="mse"),
@@ -73,8 +73,8 @@ def check(cache: TurboQuantKVCache, k, v, bufs: dict, slots: torch.Tensor) -> tu
         if not kept:
             notes.append(f"{name}: untouched slots overwritten")
     # stored key codes -> codebook indices (a near tie is then ±1)
-    idx_ref = from_key_codes(unpack_planar(ref["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
-    idx_got = from_key_codes(unpack_planar(got["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
+    idx_ref = unpack_key_codes(ref["key_codes"], cfg.key_index_bits, d).long()
+    idx_got = unpack_key_codes(got["key_codes"], cfg.key_index_bits, d).long()
     bad = idx_ref != idx_got
     frac = bad.float().mean().item()
     if frac > 1e-3:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.packing import from_key_codes, unpack_planar
+from turboquant.packing import unpack_key_codes, unpack_planar
 from turboquant.quantizers import TurboQuantMSE, ValueQuantizer
 
 triton = pytest.importorskip("triton")
@@ -86,8 +86,8 @@ def _check_rows(cache, k, v, bufs, slots, max_mismatch=MAX_MISMATCH):
 
     # key codes: equal, or at a boundary of the reference's rotated, scaled coordinate
     # stored key codes -> codebook indices (a near tie is then ±1)
-    idx_ref = from_key_codes(unpack_planar(ref["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
-    idx_got = from_key_codes(unpack_planar(got["key_codes"], cfg.key_index_bits, d), cfg.key_index_bits).long()
+    idx_ref = unpack_key_codes(ref["key_codes"], cfg.key_index_bits, d).long()
+    idx_got = unpack_key_codes(got["key_codes"], cfg.key_index_bits, d).long()
     xf = k.float()
     unit = xf / xf.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     coord = mse.rotate(unit) * mse.scale  # what the reference bucketizes

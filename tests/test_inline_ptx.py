@@ -148,10 +148,13 @@ def test_key4_lookup_matches_the_codebook(tables):
         regs = run_ptx(decode.key_asm_code(4), {4: w, **_table_operands(cb, 5, len(w), pack=2)})
     else:  # the tables written into the assembly: the codes are its only input
         regs = run_ptx(decode.key_asm_code(4, _table_words(cb)), {4: w})
-    elements = (w & 0xFFFF, w >> 16)  # two int16 elements of 4 codes
-    for j in range(4):  # register j: nibble j of element 0 (low half) and of element 1 (high half)
+    elements = (w & 0xFFFF, w >> 16)  # two int16 elements of 4 codes (packing.pack_key_codes)
+    sign_bits = (7, 15, 3, 11)  # nibble j's rank in bits 4j..4j+2, its sign at sign_bits[j]
+    for j in range(4):  # register j: the code of nibble j of element 0 (low half) and of element 1 (high half)
         for half, got in enumerate(_f16x2(regs[j])):
-            want = table[((elements[half] >> (4 * j)) & 15).astype(np.int64)]
+            e = elements[half]
+            code = ((e >> (4 * j)) & 7) | (((e >> sign_bits[j]) & 1) << 3)
+            want = table[code.astype(np.int64)]
             np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 

@@ -153,3 +153,34 @@ def test_key_codes_are_sign_magnitude_at_4_bits() -> None:
     magnitudes = cb[8:]
     assert torch.equal(cb[idx.long()].abs(), magnitudes[(codes & 7).long()])
     assert torch.equal(cb[idx.long()] < 0, (codes & 8) > 0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_key_rows_round_trip(bits: int) -> None:
+    from turboquant.packing import pack_key_codes, pack_planar, unpack_key_codes
+
+    gen = torch.Generator().manual_seed(bits)
+    idx = torch.randint(0, 2**bits, (3, 5, 128), generator=gen).to(torch.uint8)
+    rows = pack_key_codes(idx, bits)
+    assert rows.dtype == torch.uint8 and rows.shape == (3, 5, 128 * bits // 8)
+    assert torch.equal(unpack_key_codes(rows, bits, 128), idx)
+    if bits < 4:  # the planar layout of the indices
+        assert torch.equal(rows, pack_planar(idx, bits))
+
+
+def test_key_rows_4_bit_layout() -> None:
+    """At 4 bits the ranks stay in the planar nibbles and each 16-bit element's signs move: column 2e's to bit 7,
+    2e + d/2's to bit 15, 2e + 1's to bit 3, 2e + 1 + d/2's to bit 11 (the decode kernel's lookup reads them there)."""
+    from turboquant.packing import pack_key_codes, to_key_codes
+
+    d = 64
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 16, (7, d), generator=gen).to(torch.uint8)
+    codes = to_key_codes(idx, 4).long()
+    rows = pack_key_codes(idx, 4).long()
+    element = rows[:, 0::2] | rows[:, 1::2] << 8  # [7, d/4]
+    e = torch.arange(d // 4)
+    nibbles = ((2 * e, 7), (2 * e + d // 2, 15), (2 * e + 1, 3), (2 * e + 1 + d // 2, 11))  # (column, sign bit)
+    for nibble, (col, sign_bit) in enumerate(nibbles):
+        assert torch.equal((element >> (4 * nibble)) & 7, codes[:, col] & 7)
+        assert torch.equal((element >> sign_bit) & 1, codes[:, col] >> 3)

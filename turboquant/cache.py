@@ -4,9 +4,9 @@ Buffer layout (B = batch, H = KV heads, C = capacity in tokens, D = head_dim; ev
 contiguous with tokens of one (batch, head) pair adjacent, so a program that owns one KV head
 streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 16 at D = 128):
 
-    key_codes      uint8   [B, H, C, D·kb/8]   planar-packed codebook indices (packing.pack_planar),
-                                               kb = key_bits for "mse", key_bits - 1 for "prod"; as key codes
-                                               (packing.to_key_codes: 4-bit indices sign-magnitude)
+    key_codes      uint8   [B, H, C, D·kb/8]   planar-packed codebook indices (packing.pack_key_codes),
+                                               kb = key_bits for "mse", key_bits - 1 for "prod"; 4-bit indices
+                                               sign-magnitude, the sign bits where the decode kernel reads them
     key_norms      float16 [B, H, C]           ‖k‖ (or ‖k‖/‖ŷ‖ with norm correction)
     key_signs      uint8   [B, H, C, D/8]      prod only: planar-packed sign(S r)
     key_rnorms     float16 [B, H, C]           prod only: γ = ‖r‖
@@ -36,7 +36,7 @@ import torch
 
 from .attention import KEY_MODES, chunk_attention, merge_attention, softmax_block
 from .codebook import SUPPORTED_BITS
-from .packing import from_key_codes, pack_planar, planar_size, to_key_codes, unpack_planar
+from .packing import from_key_codes, pack_key_codes, pack_planar, planar_size, unpack_key_codes, unpack_planar
 from .quantizers import (
     FLOAT_DTYPES,
     PROD_BITS,
@@ -460,7 +460,7 @@ class TurboQuantKVCache:
             idx, norms, signs, rnorms = self.key_quantizer.quantize(k)
             rows["key_signs"] = pack_planar(signs, 1)
             rows["key_rnorms"] = rnorms
-        rows["key_codes"] = pack_planar(to_key_codes(idx, c.key_index_bits), c.key_index_bits)
+        rows["key_codes"] = pack_key_codes(idx, c.key_index_bits)
         rows["key_norms"] = norms
         codes, scales, zeros = self.value_quantizer.quantize(v)
         rows.update(value_codes=pack_planar(codes, c.value_bits), value_affine=torch.stack((scales, zeros), -1))
@@ -527,7 +527,7 @@ class TurboQuantKVCache:
     def _dequantize_block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated basis, norm applied) and values of store slots [start, stop): [B, H, n, D] f32."""
         c, d = self.config, self.config.head_dim
-        idx = from_key_codes(unpack_planar(self.key_codes[:, :, start:stop], c.key_index_bits, d), c.key_index_bits)
+        idx = unpack_key_codes(self.key_codes[:, :, start:stop], c.key_index_bits, d)
         k_rot = self.mse_quantizer.dequantize_indices(idx, self.key_norms[:, :, start:stop])
         codes = unpack_planar(self.value_codes[:, :, start:stop], c.value_bits, d)
         affine = self.value_affine[:, :, start:stop]

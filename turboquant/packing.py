@@ -8,6 +8,13 @@ Key codes (what a cache stores for b-bit codebook indices of an antisymmetric co
 themselves, except at 4 bits, where they are sign-magnitude: code i - 8 for an index i ≥ 8 (the positive centroids,
 ascending) and 15 - i below, so that bits 0-2 are the rank of |c[i]| and bit 3 its sign; the decode kernel looks
 the magnitude up by the low bits and takes the sign from the top one.
+
+Key rows (pack_key_codes): the key codes in the planar layout, except that at 4 bits the four sign bits of every
+16-bit element (bytes 2e, 2e + 1: the codes of columns 2e, 2e + d/2, 2e + 1, 2e + 1 + d/2, its nibbles 0-3) are
+permuted: nibble j keeps its rank in bits 4j..4j+2, and the sign of nibble 0 sits at bit 7, of nibble 1 at bit 15,
+of nibble 2 at bit 3, of nibble 3 at bit 11. Those are the positions the decode kernel's lookup needs them at (bit 7
+of every byte of the element pair, and of the pair shifted by 4), so that it ors them into the looked-up high
+bytes with one instruction per four codes instead of moving each one.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ __all__ = [
     "PLANAR_BITS",
     "from_key_codes",
     "pack_indices",
+    "pack_key_codes",
     "pack_planar",
     "packed_size",
     "planar_size",
     "to_key_codes",
     "unpack_indices",
+    "unpack_key_codes",
     "unpack_planar",
 ]
 
@@ -150,3 +159,33 @@ def from_key_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits != 4:
         return codes
     return torch.where(codes < 8, codes + 8, 15 - codes).to(codes.dtype)
+
+
+# sign bits of a 16-bit element of 4-bit key codes: (bit in the planar layout, bit in the key rows), nibbles 0-3
+_KEY4_SIGN_BITS = ((3, 7), (7, 15), (11, 3), (15, 11))
+
+
+def _move_key4_signs(packed: torch.Tensor, to_rows: bool) -> torch.Tensor:
+    """Permute the sign bits of every 16-bit element of 4-bit planar key codes (see the module docstring):
+    [..., d/2] uint8 -> the same shape; to_rows: planar -> key rows, else back."""
+    elements = packed.to(torch.int32).unflatten(-1, (-1, 2))
+    e = elements[..., 0] | elements[..., 1] << 8  # [..., d/4]
+    out = e & 0x7777
+    for planar, row in _KEY4_SIGN_BITS:
+        src, dst = (planar, row) if to_rows else (row, planar)
+        out |= ((e >> src) & 1) << dst
+    return torch.stack((out & 0xFF, out >> 8), dim=-1).flatten(-2).to(torch.uint8)
+
+
+def pack_key_codes(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codebook indices -> the key rows a cache stores: [..., d] -> [..., d·bits/8] uint8 (the planar layout of
+    to_key_codes(indices), with the 4-bit sign bits where the decode kernel reads them; module docstring)."""
+    packed = pack_planar(to_key_codes(indices, bits), bits)
+    return _move_key4_signs(packed, True) if bits == 4 else packed
+
+
+def unpack_key_codes(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+    """Inverse of :func:`pack_key_codes`: [..., d·bits/8] uint8 -> [..., d] codebook indices (uint8)."""
+    if bits == 4 and packed.dtype == torch.uint8 and packed.shape[-1] == planar_size(d, 4):
+        packed = _move_key4_signs(packed, False)
+    return from_key_codes(unpack_planar(packed, bits, d), bits)

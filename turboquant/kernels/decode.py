@@ -80,6 +80,27 @@ def _load_fields(p_row, m_n, BITS: tl.constexpr, D: tl.constexpr, BN: tl.constex
 
 
 @triton.jit
+def _load_key_fields(p_row, m_n, BITS: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, P: tl.constexpr,
+                     DP: tl.constexpr):  # fmt: skip
+    """Key codes of BN rows (packing.pack_key_codes) -> [P, BN, DP] int32, as _load_fields. At 4 bits the sign of
+    a nibble may sit in the other byte of its 16-bit element: byte 2e holds the signs of its own low nibble (bit 7)
+    and of byte 2e + 1's low nibble (bit 3); byte 2e + 1 those of byte 2e's high nibble (bit 7) and of its own
+    high nibble (bit 3)."""
+    if BITS == 4:
+        o_c = tl.arange(0, DP)
+        b = tl.load(p_row[:, None] + o_c[None, :], mask=m_n[:, None], other=0).to(tl.int32)  # [BN, DP]
+        b_o = tl.load(p_row[:, None] + (o_c ^ 1)[None, :], mask=m_n[:, None], other=0).to(tl.int32)  # the other
+        even = (o_c % 2 == 0)[None, :]
+        s_lo = tl.where(even, b >> 7, b_o >> 3) & 1
+        s_hi = tl.where(even, b_o >> 7, b >> 3) & 1
+        o_f = tl.arange(0, P)[:, None, None]
+        sign = tl.where(o_f == 0, s_lo[None, :, :], s_hi[None, :, :])
+        return ((b[None, :, :] >> (o_f * 4)) & 7) | (sign << 3)
+    else:
+        return _load_fields(p_row, m_n, BITS, D, BN, P, DP)
+
+
+@triton.jit
 def _fields_scores(q, q_t, k, DP: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Σ_f q[f] @ k[f]ᵀ: q [P, M, DP] (q_t = q permuted to [P, DP, M]), k [P, N, DP] -> [M, N] float32.
 
@@ -173,7 +194,7 @@ def _decode_split_kernel(
         m_n = o_n < end
         row = i_bh * C + o_n.to(tl.int64)  # [BN] token rows of this head
         # scores: [BM, BN]
-        k_idx = _load_fields(KC + row * KB, m_n, KEY_BITS - PROD, D, BN, P_K, DP_K)
+        k_idx = _load_key_fields(KC + row * KB, m_n, KEY_BITS - PROD, D, BN, P_K, DP_K)
         if REGISTER_CODEBOOK:  # centroids held in registers, looked up with a gather
             b_k = tl.gather(tl.broadcast_to(b_cb[None, None, :], (P_K, BN, NC)), k_idx, axis=2)
         else:  # centroids gathered from global memory (L1-resident)
@@ -283,28 +304,31 @@ def _table_registers(words: tuple[int, ...] | None, operands: list[str]) -> tupl
 
 def _key4_asm(words: tuple[int, ...] | None = None) -> str:
     """4-bit centroids: two int16 elements of 4 codes each (one 32-bit register, pack=2) -> 4 tiles of fp16
-    pairs: output j holds nibble j of element 0 and of element 1, the pairing of a tensor-core operand register.
+    pairs: output j holds the code of nibble j of element 0 and of element 1, the pairing of a tensor-core operand
+    register.
 
-    The codes are sign-magnitude (packing.to_key_codes): bits 0-2 the rank of |c|, whose fp16 patterns are
-    the tables (key_lookup_tables), bit 3 the sign. The bytes are reordered (0, 2, 1, 3) so that each looked-up
-    pair comes from the two elements; then per register of 8 codes: the low and high bytes of |c| looked up four
-    ranks at a time with prmt, interleaved into f16x2 pairs, the sign bits moved to bit 15 of each half and or-ed
-    in: 19 instructions. Operands: outputs $0-$3, the codes $4, then (without ``words``) the four tables $5, $7,
-    $9, $11 (pack=2 gives each 32-bit input two registers)."""
+    The codes are sign-magnitude (packing.to_key_codes): nibble j holds the rank of |c| in bits 0-2 (the tables,
+    key_lookup_tables, hold the fp16 patterns of the ranks), and its sign sits where packing.pack_key_codes puts
+    it: nibble 0's at bit 7 of the element, 1's at bit 15, 2's at bit 3, 3's at bit 11. The bytes are reordered
+    (0, 2, 1, 3) so that each looked-up pair comes from the two elements; the low and high bytes of |c| are looked
+    up four ranks at a time with prmt; the signs of nibbles 0 and 1 are then bit 7 of every byte of the codes as
+    given, those of nibbles 2 and 3 bit 7 of every byte of the codes shifted left by 4, each or-ed into the high
+    bytes with one lop3; last the bytes are interleaved into f16x2 pairs: 14 instructions per 8 codes. Operands:
+    outputs $0-$3, the codes $4, then (without ``words``) the four tables $5, $7, $9, $11 (pack=2 gives each
+    32-bit input two registers)."""
     (l0, l1, h0, h1), extra, moves = _table_registers(words, ["$5", "$7", "$9", "$11"])
     return (
-        f"{{ .reg .b32 {', '.join(['w', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 'u', 'v', 't', *extra])};\n"
+        f"{{ .reg .b32 {', '.join(['w', 'r', 'sb', 'la', 'ha', 'lb', 'hb', 't', *extra])};\n"
         + moves
         + "prmt.b32 w, $4, 0, 0x3120;\n"  # bytes (0, 2, 1, 3): element 0's byte k beside element 1's
         "and.b32 r, w, 0x77777777;\n"  # the rank of every code
         "shr.u32 sb, r, 16;\n"
         f"prmt.b32 la, {l0}, {l1}, r;\n prmt.b32 ha, {h0}, {h1}, r;\n"
         f"prmt.b32 lb, {l0}, {l1}, sb;\n prmt.b32 hb, {h0}, {h1}, sb;\n"
+        "lop3.b32 ha, ha, $4, 0x80808080, 0xF8;\n"  # ha | ($4 & 0x80808080): the signs of nibbles 0 and 1
+        "shl.b32 t, $4, 4;\n lop3.b32 hb, hb, t, 0x80808080, 0xF8;\n"  # those of nibbles 2 and 3
         "prmt.b32 $0, la, ha, 0x6240;\n prmt.b32 $1, la, ha, 0x7351;\n"
-        "prmt.b32 $2, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n"
-        "prmt.b32 u, w, 0, 0x1404;\n prmt.b32 v, w, 0, 0x3424;\n"  # sign bits of bytes (0, 1), (2, 3) of w
-        "shl.b32 t, u, 4;\n lop3.b32 $0, $0, t, 0x80008000, 0xF8;\n lop3.b32 $1, $1, u, 0x80008000, 0xF8;\n"
-        "shl.b32 t, v, 4;\n lop3.b32 $2, $2, t, 0x80008000, 0xF8;\n lop3.b32 $3, $3, v, 0x80008000, 0xF8;\n}"
+        "prmt.b32 $2, lb, hb, 0x6240;\n prmt.b32 $3, lb, hb, 0x7351;\n}"
     )
 
 
@@ -493,12 +517,12 @@ def _key_fields(KC, row, m_n, b_cb, kt0, kt1, kt2, kt3, KEY_BITS: tl.constexpr, 
                 dtype=(tl.float16,) * 4, is_pure=False, pack=4)  # fmt: skip
     else:
         kb = kb.to(tl.int32)
-        if KEY_BITS == 4:
+        if KEY_BITS == 4:  # nibble j's rank, and its sign from bit 7, 15, 3 or 11 (packing.pack_key_codes)
             kb = kb & 0xFFFF
-            k0 = tl.gather(b_cb, kb & 15, axis=1)
-            k1 = tl.gather(b_cb, (kb >> 4) & 15, axis=1)
-            k2 = tl.gather(b_cb, (kb >> 8) & 15, axis=1)
-            k3 = tl.gather(b_cb, kb >> 12, axis=1)
+            k0 = tl.gather(b_cb, (kb & 7) | ((kb >> 4) & 8), axis=1)
+            k1 = tl.gather(b_cb, ((kb >> 4) & 7) | ((kb >> 12) & 8), axis=1)
+            k2 = tl.gather(b_cb, ((kb >> 8) & 7) | (kb & 8), axis=1)
+            k3 = tl.gather(b_cb, ((kb >> 12) & 7) | ((kb >> 8) & 8), axis=1)
         elif PAIRS:
             kb = kb & 0xFFFF
             if KEY_BITS == 3:  # field f of byte b's high bit, bit 8b + 2f + e // H, moved to bit 8b + 2f + 2

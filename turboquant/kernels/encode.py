@@ -2,7 +2,8 @@
 
 What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
 ``TurboQuantMSE.quantize`` / ``TurboQuantProd.quantize`` / ``ValueQuantizer.quantize`` followed by
-``packing.pack_planar``), reading each input row once and writing nothing but the packed rows:
+``packing.pack_key_codes`` and ``packing.pack_planar``), reading each input row once and writing nothing but the
+packed rows:
 
 - keys, TurboQuant (arXiv:2504.19874) Algorithm 1: norm ‖x‖, unit vector u = x / ‖x‖, rotation
   y = u Πᵀ (a dense tl.dot for both the Haar and the randomized-Hadamard Π), index of the nearest
@@ -15,7 +16,7 @@ What the encode computes (the reference is ``TurboQuantKVCache._encode``, i.e.
 - values: per group of g coordinates, zero = fp16(min), scale = fp16((max - min) / (2^b - 1)),
   code = round_half_even((x - zero) / scale) clamped to [0, 2^b - 1] (0 where scale = 0);
 - every index plane packed in the planar layout of ``pack_planar`` (3 bits = a 2-bit plane then
-  a 1-bit plane; key indices as the key codes of ``packing.to_key_codes``, sign-magnitude at 4 bits) and
+  a 1-bit plane; key indices as the key rows of ``packing.pack_key_codes``, sign-magnitude at 4 bits) and
   stored at slot ``slots[n]`` of every (batch, head).
 
 Two launches, one pass over each input: grid (cdiv(B·H·N, BN),) over the flattened
@@ -88,6 +89,16 @@ def _pack_chunk(idx, j: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr, DC: 
         o_s = tl.arange(0, NS)
         part = tl.where((o_s == S)[None, :, None], (idx << (F * BITS))[:, None, :], 0)  # [BN, NS, DC]
         return tl.reshape(part, (BN, DP))
+
+
+@triton.jit
+def _key4_rows(b_pk, BN: tl.constexpr, KB: tl.constexpr):
+    """Planar bytes of 4-bit key codes [BN, KB] int32 -> the key rows (packing.pack_key_codes): in every 16-bit
+    element, the sign bits of nibbles 0-3 moved from bits 3, 7, 11, 15 to bits 7, 15, 3, 11."""
+    lo, hi = tl.split(tl.reshape(b_pk, (BN, KB // 2, 2)))
+    e = lo | (hi << 8)
+    e = (e & 0x7777) | ((e << 4) & 0x80) | ((e << 8) & 0x8000) | ((e >> 8) & 0x8) | ((e >> 4) & 0x800)
+    return tl.reshape(tl.join(e & 0xFF, e >> 8), (BN, KB))
 
 
 @triton.jit
@@ -212,7 +223,7 @@ def _encode_keys(
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
-        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes)
+        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes; sign bits moved by _key4_rows)
             b_pk += _pack_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, KEY_BITS, KB, DC, BN)
         else:
             b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
@@ -235,6 +246,8 @@ def _encode_keys(
         tl.store(KC + row[:, None] * KB + tl.arange(0, D // 4)[None, :], b_lo.to(tl.uint8), mask=m_w)
         tl.store(KC + row[:, None] * KB + D // 4 + tl.arange(0, D // 8)[None, :], b_hi.to(tl.uint8), mask=m_w)
     else:
+        if KEY_BITS == 4:
+            b_pk = _key4_rows(b_pk, BN, KB)
         tl.store(KC + row[:, None] * KB + tl.arange(0, KB)[None, :], b_pk.to(tl.uint8), mask=m_w)
     if NORM_CORRECTION:
         b_nk = tl.div_rn(b_n, tl.sqrt_rn(b_cn)).to(tl.float16)  # ‖x‖ / ‖c[idx] / √d‖
