@@ -11,6 +11,7 @@ do not hit the 60 MB L2. GB/s counts the compressed bytes the kernel must read.
     python benchmarks/decode.py --sweep         # also try launch configurations per shape
     python benchmarks/decode.py --graphs        # time CUDA-graph replays (no host launch overhead)
     python benchmarks/decode.py --head-dim 64 256   # other head dims (default 128)
+    python benchmarks/decode.py --kernel-times  # also the GPU time of each kernel of a step
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import capture, median_ms
+from timing import capture, kernel_times, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.decode import (
@@ -87,6 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs, e.g. 8,32768 1,131072")
     ap.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--head-dim", nargs="*", type=int, default=[D], help="head dims to time (64, 128, 256)")
+    ap.add_argument(
+        "--kernel-times",
+        action="store_true",
+        help="also print the GPU time of each kernel of a step (torch.profiler, eager launches)",
+    )
     ap.add_argument("--out", type=Path, default=Path("results/decode.md"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
             print(line, flush=True)
             rows.append(line)
+            if args.kernel_times and best is not None:
+                print(f"  kernels {shape} {name}: {kernel_times(prepared_call(caches[0], q, **best[1]))}", flush=True)
             del caches
             torch.cuda.empty_cache()
         del ks, vs

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import median_ms
+from timing import kernel_times, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.encode import LAUNCH_DEFAULTS, SEARCHES, EncodePlan, encode_kv
@@ -115,23 +115,6 @@ def check(cache: TurboQuantKVCache, k, v, bufs: dict, slots: torch.Tensor) -> tu
                 notes.append(f"sign flipped at |S r| = {rel:.1e}·‖x‖‖S_j‖")
     detail = f"{int(bad.sum())} near-tie key codes, {int((vdiff > 0).sum())} value codes ±1"
     return not notes, "; ".join(notes) if notes else detail
-
-
-def kernel_times(step, calls: int = 20) -> str:
-    """Mean GPU µs per call of each kernel that ``step`` launches (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    times = {}
-    for event in prof.key_averages():
-        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
-            times[event.key] = event.self_device_time_total / calls
-    return ", ".join(f"{key} {us:.1f} µs" for key, us in sorted(times.items(), key=lambda kv: -kv[1]))
 
 
 def row_bytes(cfg: KVCacheConfig) -> int:

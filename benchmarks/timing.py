@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["capture", "median_ms"]
+__all__ = ["capture", "kernel_times", "median_ms"]
 
 
 def capture(fn: Callable):
@@ -31,3 +31,20 @@ def median_ms(fns: Sequence[Callable], rep_ms: int = 200, graphs: bool = False) 
 
     cycle = itertools.cycle([capture(fn)[0] for fn in fns] if graphs else fns)
     return triton.testing.do_bench(lambda: next(cycle)(), warmup=25, rep=rep_ms, return_mode="median")
+
+
+def kernel_times(step, calls: int = 20) -> str:
+    """Mean GPU µs per call of each kernel that ``step`` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
+            times[event.key] = event.self_device_time_total / calls
+    return ", ".join(f"{key} {us:.1f} µs" for key, us in sorted(times.items(), key=lambda kv: -kv[1]))
