@@ -27,6 +27,7 @@ from timing import capture, kernel_times, median_ms
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.kernels.decode import (
+    DEPENDENT_LAUNCHES,
     KEY_TABLE_SOURCES,
     LAUNCH_DEFAULTS,
     THREE_PER_SM_REGISTERS,
@@ -80,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4], help="warps per program the sweep tries")
     ap.add_argument("--caps", nargs="*", type=int, default=[0, THREE_PER_SM_REGISTERS],
                     help="register caps per thread the sweep tries (0: none; 168: three programs per SM)")  # fmt: skip
+    ap.add_argument(
+        "--dependent-launch",
+        nargs="*",
+        default=[LAUNCH_DEFAULTS["dependent_launch"]],
+        choices=DEPENDENT_LAUNCHES,
+        help="how the merge kernel follows the split kernel (several: each timed)",
+    )
     ap.add_argument("--key-table-source", nargs="*", default=[LAUNCH_DEFAULTS["key_table_source"]],
                     choices=KEY_TABLE_SOURCES,
                     help="where the sweep's kernels keep the key lookup tables")  # fmt: skip
@@ -113,13 +121,17 @@ def main(argv: list[str] | None = None) -> None:
                 num_stages=stages,
                 max_registers=cap,
                 key_table_source=tables,
+                dependent_launch=dependent,
             )
+            for dependent in args.dependent_launch
             for warps in args.warps
             for tables in args.key_table_source
             for bn in args.block_n
             for cap in args.caps
             for stages in args.stages
         ]
+    elif len(args.dependent_launch) > 1:
+        launches = [dict(LAUNCH_DEFAULTS, dependent_launch=dependent) for dependent in args.dependent_launch]
     elif args.ab:  # same run: portable unpacking, and the generic 3-D-field kernel
         launches = [
             dict(LAUNCH_DEFAULTS),
@@ -175,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"  {shape} {name} {launch}: CHECK FAILED ({launch_err:.2e})", flush=True)
                         continue
                     t = median_ms(fns, graphs=args.graphs)
-                    if args.sweep or args.ab:
+                    if len(launches) > 1:
                         print(f"  sweep {shape} {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:
                         best = (t, launch)

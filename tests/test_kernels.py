@@ -102,6 +102,17 @@ def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypat
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
+@pytest.mark.parametrize("dependent_launch", ["off", "wait"])
+@pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[1:4])
+def test_decode_kernel_dependent_launch(mode, kb, vb, d, group, n_q, n, dependent_launch, monkeypatch):
+    """The merge kernel as a plain launch and as a programmatic dependent launch that waits for the split kernel (on
+    sm_90+; elsewhere the plan launches it plainly)."""
+    from turboquant.kernels import decode
+
+    monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "dependent_launch", dependent_launch)
+    _check_decode(mode, kb, vb, d, group, n_q, n)
+
+
 @pytest.mark.parametrize("mode,kb,d,vb,group_size", [("mse", 4, 256, 4, 16), ("prod", 3, 256, 2, 128),
                                                       ("mse", 2, 256, 4, 64), ("mse", 3, 128, 4, 64)])  # fmt: skip
 def test_decode_kernel_value_group_sizes(mode, kb, d, vb, group_size):
@@ -181,7 +192,7 @@ def test_decode_kernel_rejects_misaligned_value_scales():
         decode_attention(**inputs)
 
 
-def test_decode_kernel_rejects_unknown_key_table_source():
+def test_decode_kernel_rejects_unknown_launch_values():
     from turboquant.kernels.decode import decode_attention
 
     gen = torch.Generator().manual_seed(12)
@@ -191,6 +202,8 @@ def test_decode_kernel_rejects_unknown_key_table_source():
         ValueError, match=r"key_table_source must be one of \('operands', 'immediates'\), got 'registers'"
     ):
         decode_attention(**inputs, key_table_source="registers")
+    with pytest.raises(ValueError, match=r"dependent_launch must be one of \('off', 'wait'\), got 'late'"):
+        decode_attention(**inputs, dependent_launch="late")
 
 
 def _check_decode(mode, kb, vb, d, group, n_q, n, **config):

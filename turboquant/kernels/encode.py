@@ -92,13 +92,35 @@ def _pack_chunk(idx, j: tl.constexpr, BITS: tl.constexpr, DP: tl.constexpr, DC: 
 
 
 @triton.jit
-def _key4_rows(b_pk, BN: tl.constexpr, KB: tl.constexpr):
-    """Planar bytes of 4-bit key codes [BN, KB] int32 -> the key rows (packing.pack_key_codes): in every 16-bit
-    element, the sign bits of nibbles 0-3 moved from bits 3, 7, 11, 15 to bits 7, 15, 3, 11."""
-    lo, hi = tl.split(tl.reshape(b_pk, (BN, KB // 2, 2)))
-    e = lo | (hi << 8)
-    e = (e & 0x7777) | ((e << 4) & 0x80) | ((e << 8) & 0x8000) | ((e >> 8) & 0x8) | ((e >> 4) & 0x800)
-    return tl.reshape(tl.join(e & 0xFF, e >> 8), (BN, KB))
+def _pack_key4_chunk(code, j: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr):
+    """The 16-bit elements of 4-bit key rows (packing.pack_key_codes) contributed by column chunk j.
+
+    code: [BN, DC] int32 sign-magnitude codes of columns [j·DC, (j+1)·DC) -> [BN, D/4] int32. Column c = f·D/2 + m
+    is nibble n = 2·(m mod 2) + f of element m // 2: its rank in bits 4n..4n+2, its sign at bit 7, 15, 3 or 11
+    (n = 0..3), so that every element is written whole (the sign of a nibble may lie in the element's other byte).
+    """
+    E: tl.constexpr = D // 4  # elements per row
+    rank = code & 7
+    sign = code >> 3
+    o_p = tl.arange(0, 2)  # column parity m mod 2
+    if DC >= D // 2:  # the chunk spans whole fields j·NF .. j·NF + NF - 1
+        NF: tl.constexpr = DC // (D // 2)
+        n = 2 * o_p[None, :] + (j * NF + tl.arange(0, NF))[:, None]  # [NF, 2]
+        r_sh = (4 * n)[None, :, None, :]
+        s_sh = (7 + 8 * (n % 2) - 4 * (n // 2))[None, :, None, :]
+        part = (tl.reshape(rank, (BN, NF, E, 2)) << r_sh) | (tl.reshape(sign, (BN, NF, E, 2)) << s_sh)
+        return tl.sum(tl.sum(part, axis=3), axis=1)
+    else:  # the chunk is byte block S of field F: elements [S·DC/2, (S+1)·DC/2)
+        F: tl.constexpr = (j * DC) // (D // 2)
+        S: tl.constexpr = ((j * DC) % (D // 2)) // DC
+        NS: tl.constexpr = (D // 2) // DC
+        n = 2 * o_p + F
+        r_sh = (4 * n)[None, None, :]
+        s_sh = (7 + 8 * (n % 2) - 4 * (n // 2))[None, None, :]
+        part = (tl.reshape(rank, (BN, DC // 2, 2)) << r_sh) | (tl.reshape(sign, (BN, DC // 2, 2)) << s_sh)
+        part = tl.sum(part, axis=2)  # [BN, DC/2]
+        o_s = tl.arange(0, NS)
+        return tl.reshape(tl.where((o_s == S)[None, :, None], part[:, None, :], 0), (BN, E))
 
 
 @triton.jit
@@ -174,6 +196,8 @@ def _encode_keys(
     if KEY_BITS == 3:
         b_lo = tl.zeros((BN, D // 4), dtype=tl.int32)  # 2-bit plane
         b_hi = tl.zeros((BN, D // 8), dtype=tl.int32)  # 1-bit plane
+    elif KEY_BITS == 4:
+        b_pk = tl.zeros((BN, D // 4), dtype=tl.int32)  # 16-bit elements
     else:
         b_pk = tl.zeros((BN, KB), dtype=tl.int32)
     if NORM_CORRECTION:
@@ -223,8 +247,8 @@ def _encode_keys(
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
-        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes; sign bits moved by _key4_rows)
-            b_pk += _pack_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, KEY_BITS, KB, DC, BN)
+        elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes), written as the key rows
+            b_pk += _pack_key4_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, D, DC, BN)
         else:
             b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
         if NORM_CORRECTION:
@@ -245,9 +269,10 @@ def _encode_keys(
     if KEY_BITS == 3:
         tl.store(KC + row[:, None] * KB + tl.arange(0, D // 4)[None, :], b_lo.to(tl.uint8), mask=m_w)
         tl.store(KC + row[:, None] * KB + D // 4 + tl.arange(0, D // 8)[None, :], b_hi.to(tl.uint8), mask=m_w)
+    elif KEY_BITS == 4:
+        p_e = KC.to(tl.pointer_type(tl.int16)) + row[:, None] * (KB // 2) + tl.arange(0, KB // 2)[None, :]
+        tl.store(p_e, b_pk.to(tl.int16), mask=m_w)
     else:
-        if KEY_BITS == 4:
-            b_pk = _key4_rows(b_pk, BN, KB)
         tl.store(KC + row[:, None] * KB + tl.arange(0, KB)[None, :], b_pk.to(tl.uint8), mask=m_w)
     if NORM_CORRECTION:
         b_nk = tl.div_rn(b_n, tl.sqrt_rn(b_cn)).to(tl.float16)  # ‖x‖ / ‖c[idx] / √d‖
