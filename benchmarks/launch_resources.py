@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import sys
 
 import torch
 import triton
-from decode_sass import resource_usage
+from decode_sass import resource_usage, sass
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -37,13 +38,15 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 
 
-def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool) -> tuple[str, dict[str, int]]:
-    """(launch label, {"shared", "registers", "stack", "local"}) of the default long launch of the key kernel for
-    bf16/fp32 keys of head_dim d, centred and scaled in the kernel or as stored."""
+def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
+               norm_correction: bool = True) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """(launch label, {"shared", "registers", "stack", "local", "instructions"}) of the default long launch of the key
+    kernel for bf16/fp32 keys of head_dim d, centred and scaled in the kernel or as stored (instructions: the SASS
+    instructions of the kernel, whose column chunks are unrolled)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compiling for sm_90 needs Triton's compiler: unset TRITON_INTERPRET")
     mode, bits = KEYS[key]
-    cfg = KVCacheConfig(head_dim=d, key_bits=bits, value_bits=4, key_mode=mode, norm_correction=True)
+    cfg = KVCacheConfig(head_dim=d, key_bits=bits, value_bits=4, key_mode=mode, norm_correction=norm_correction)
     heads, n = 8, 2048  # 16 384 rows: past the one-launch path of small chunks
     cache = TurboQuantKVCache(cfg, 1, heads, device="cpu", capacity=n)
     k = torch.zeros(1, heads, n, d, dtype=dtype)
@@ -68,7 +71,8 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool) -> tuple[str
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )  # fmt: skip
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    return plan.label, {"shared": kernel.metadata.shared, **resource_usage(kernel)}
+    instructions = sum(1 for line in sass(kernel).splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line))
+    return plan.label, {"shared": kernel.metadata.shared, **resource_usage(kernel), "instructions": instructions}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,15 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--key", nargs="*", default=list(KEYS), choices=list(KEYS))
     ap.add_argument("--dtype", nargs="*", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--centred", nargs="*", type=int, default=[0, 1], help="0: keys as stored, 1: centred and scaled")
+    ap.add_argument("--no-norm-correction", action="store_true", help="keys without norm correction (default: with)")
     ap.add_argument("--check", action="store_true", help="exit 1 if a launch needs more shared memory than an H200")
     args = ap.parse_args(argv)
     print(f"triton {triton.__version__}; H200 shared memory per block: {H200_SHARED_PER_BLOCK} B")
-    print("| head_dim | key | dtype | centred | launch | shared KB | registers | stack B |")
+    print("| head_dim | key | dtype | centred | launch | shared KB | registers | stack B | instructions |")
     too_big = []
     for d, key, dt, centred in itertools.product(args.head_dim, args.key, args.dtype, map(bool, args.centred)):
-        label, use = key_launch(d, key, torch.bfloat16 if dt == "bf16" else torch.float32, centred)
-        print(f"| {d} | {key} | {dt} | {centred} | {label} | {use['shared'] / 1024:.0f} | "
-              f"{use.get('registers', '?')} | {use.get('stack', '?')} |", flush=True)  # fmt: skip
+        dtype = torch.bfloat16 if dt == "bf16" else torch.float32
+        label, use = key_launch(d, key, dtype, centred, not args.no_norm_correction)
+        print(f"| {d} | {key} | {dt} | {centred} | {label} | {use['shared'] / 1024:.0f} | {use.get('registers', '?')} "
+              f"| {use.get('stack', '?')} | {use['instructions']} |", flush=True)  # fmt: skip
         if use["shared"] > H200_SHARED_PER_BLOCK:
             too_big.append((d, key, dt, centred, use["shared"]))
     if too_big:

@@ -127,22 +127,64 @@ def _pack_key4_chunk(code, j: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, B
 def _count_boundaries(b_x, TAB, FIRST: tl.constexpr, NC: tl.constexpr, CENTROIDS: tl.constexpr,
                       SCALED: tl.constexpr):  # fmt: skip
     """m = #{t ≥ FIRST : x > b_t} over the ascending boundaries of TAB (see _encode_keys), per element of b_x, and
-    (CENTROIDS, SCALED; else zeros) the centroid c[FIRST + m] and c[FIRST + m] / √d."""
-    b_m = tl.zeros(b_x.shape, dtype=tl.int32)
+    (CENTROIDS, SCALED; else zeros) the centroid c[FIRST + m] and c[FIRST + m] / √d.
+
+    Seven or three boundaries by binary search where it ran faster on the H200 (benchmarks/RESULTS.md, twelfth
+    session): the magnitude search of 4-bit indices (FIRST > 0), and searches that also select the centroid / √d for
+    norm correction (SCALED) but not the centroid of prod keys. Each comparison halves the candidates, its threshold
+    chosen by the comparisons before (the same count, as the boundaries are sorted), and the centroids come from a
+    select tree on the comparisons. Otherwise one comparison per boundary: a plain 3-bit search by halves took 190
+    registers instead of 128 (one 8-warp program per SM instead of two: 139 vs 101 µs for a 32k chunk), prod keys'
+    spilled."""
+    K: tl.constexpr = NC - 1 - FIRST  # boundaries searched
+    BINARY: tl.constexpr = (K == 7 or K == 3) and (FIRST > 0 or (SCALED and not CENTROIDS))
     b_c = tl.zeros(b_x.shape, dtype=tl.float32)
     b_cs = tl.zeros(b_x.shape, dtype=tl.float32)
-    if CENTROIDS:
-        b_c += tl.load(TAB + NC + FIRST)
-    if SCALED:
-        b_cs += tl.load(TAB + 2 * NC + FIRST)
-    for t in tl.static_range(FIRST, NC - 1):
-        m_t = b_x > tl.load(TAB + t)
-        b_m += m_t.to(tl.int32)
+    if BINARY and K == 7:
+        u1 = b_x > tl.load(TAB + FIRST + 3)
+        u2 = b_x > tl.where(u1, tl.load(TAB + FIRST + 5), tl.load(TAB + FIRST + 1))
+        t3 = tl.where(u1, tl.where(u2, tl.load(TAB + FIRST + 6), tl.load(TAB + FIRST + 4)),
+                      tl.where(u2, tl.load(TAB + FIRST + 2), tl.load(TAB + FIRST + 0)))  # fmt: skip
+        u3 = b_x > t3
+        b_m = u1.to(tl.int32) * 4 + u2.to(tl.int32) * 2 + u3.to(tl.int32)
         if CENTROIDS:
-            b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+            b_c = _select8(TAB + NC + FIRST, u1, u2, u3)
         if SCALED:
-            b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
+            b_cs = _select8(TAB + 2 * NC + FIRST, u1, u2, u3)
+    elif BINARY:  # K == 3
+        u1 = b_x > tl.load(TAB + FIRST + 1)
+        u2 = b_x > tl.where(u1, tl.load(TAB + FIRST + 2), tl.load(TAB + FIRST + 0))
+        b_m = u1.to(tl.int32) * 2 + u2.to(tl.int32)
+        if CENTROIDS:
+            b_c = _select4(TAB + NC + FIRST, u1, u2)
+        if SCALED:
+            b_cs = _select4(TAB + 2 * NC + FIRST, u1, u2)
+    else:
+        b_m = tl.zeros(b_x.shape, dtype=tl.int32)
+        if CENTROIDS:
+            b_c += tl.load(TAB + NC + FIRST)
+        if SCALED:
+            b_cs += tl.load(TAB + 2 * NC + FIRST)
+        for t in tl.static_range(FIRST, NC - 1):
+            m_t = b_x > tl.load(TAB + t)
+            b_m += m_t.to(tl.int32)
+            if CENTROIDS:
+                b_c = tl.where(m_t, tl.load(TAB + NC + t + 1), b_c)
+            if SCALED:
+                b_cs = tl.where(m_t, tl.load(TAB + 2 * NC + t + 1), b_cs)
     return b_m, b_c, b_cs
+
+
+@triton.jit
+def _select4(C, u1, u2):
+    """C[2·u1 + u2] (C: 4 scalars in memory), per element of the comparisons u1, u2."""
+    return tl.where(u1, tl.where(u2, tl.load(C + 3), tl.load(C + 2)), tl.where(u2, tl.load(C + 1), tl.load(C)))
+
+
+@triton.jit
+def _select8(C, u1, u2, u3):
+    """C[4·u1 + 2·u2 + u3] (C: 8 scalars in memory), per element of the comparisons u1, u2, u3."""
+    return tl.where(u1, _select4(C + 4, u2, u3), _select4(C, u2, u3))
 
 
 @triton.jit
