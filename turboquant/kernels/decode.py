@@ -1053,7 +1053,7 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 # How the merge kernel follows the split kernel on CUDA (sm_90+): "off" (a plain launch after it) or "wait" (a
 # programmatic dependent launch, which waits for the split kernel's results: its launch overlaps the split kernel's
-# end; H200, CUDA graphs: 0.3-1.6% less time per step, benchmarks/RESULTS.md)
+# end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md)
 DEPENDENT_LAUNCHES = ("off", "wait")
 KEY_TABLE_SOURCES = ("operands", "immediates")
 # 2-D kernel: at most 168 registers per thread lets three 4-warp programs share an SM's 64K registers (128-token

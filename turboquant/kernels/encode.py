@@ -134,8 +134,8 @@ def _count_boundaries(b_x, TAB, FIRST: tl.constexpr, NC: tl.constexpr, CENTROIDS
     norm correction (SCALED) but not the centroid of prod keys. Each comparison halves the candidates, its threshold
     chosen by the comparisons before (the same count, as the boundaries are sorted), and the centroids come from a
     select tree on the comparisons. Otherwise one comparison per boundary: a plain 3-bit search by halves took 190
-    registers instead of 128 (one 8-warp program per SM instead of two: 139 vs 101 µs for a 32k chunk), prod keys'
-    spilled."""
+    registers instead of 128 (one 8-warp program per SM instead of two: 139 vs 101 µs for a 32k chunk), and the
+    prod-key kernel spilled registers with it."""
     K: tl.constexpr = NC - 1 - FIRST  # boundaries searched
     BINARY: tl.constexpr = (K == 7 or K == 3) and (FIRST > 0 or (SCALED and not CENTROIDS))
     b_c = tl.zeros(b_x.shape, dtype=tl.float32)
