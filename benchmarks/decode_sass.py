@@ -101,6 +101,17 @@ def resources(kernel) -> str:
     return f"{use['registers']} registers, {use['stack']} B stack" if use else "resources unknown"
 
 
+def _instruction(line: str) -> str | None:
+    """The instruction of one line of nvdisasm's output (its text before the `;`), or None."""
+    m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+    return m.group(1) if m else None
+
+
+def instruction_count(text: str) -> int:
+    """How many instructions nvdisasm's output lists."""
+    return sum(_instruction(line) is not None for line in text.splitlines())
+
+
 def main_loops(text: str) -> list[collections.Counter]:
     """Opcode counts of the kernel's two longest loops (spans between a label and a backward branch to it),
     shortest first: the loop over full blocks (no masks), then the one over a split's last block (masked)."""
@@ -109,9 +120,9 @@ def main_loops(text: str) -> list[collections.Counter]:
         m = re.match(r"\s*(\.L_x_\d+):", line)
         if m:
             labels[m.group(1)] = len(ins)
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
-        if m:
-            ins.append(m.group(1))
+        op = _instruction(line)
+        if op is not None:
+            ins.append(op)
     loops = []
     for j, t in enumerate(ins):
         m = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", t)

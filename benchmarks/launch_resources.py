@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import re
 import sys
 
 import torch
 import triton
-from decode_sass import resource_usage, sass
+from decode_sass import instruction_count, resource_usage, sass
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -71,8 +70,8 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
     )  # fmt: skip
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    instructions = sum(1 for line in sass(kernel).splitlines() if re.search(r"/\*[0-9a-f]{4,}\*/\s+\S", line))
-    return plan.label, {"shared": kernel.metadata.shared, **resource_usage(kernel), "instructions": instructions}
+    use = {"shared": kernel.metadata.shared, **resource_usage(kernel), "instructions": instruction_count(sass(kernel))}
+    return plan.label, use
 
 
 def main(argv: list[str] | None = None) -> None:
