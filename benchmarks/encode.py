@@ -206,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
             if ok:
                 for launch in launches:
                     step = functools.partial(encode_kv, k, v, bufs, slots, **kw, **launch)
-                    t = median_ms([step], rep_ms)
+                    try:
+                        t = median_ms([step], rep_ms)
+                    except ValueError as err:  # a launch that does not fit this GPU (encode_kv names it)
+                        print(f"  sweep {shape_name} {name} {launch}: {err}", flush=True)
+                        continue
                     if len(launches) > 1:
                         print(f"  sweep {shape_name} {name} {launch}: {t:.4f} ms", flush=True)
                     if best is None or t < best[0]:

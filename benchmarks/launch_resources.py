@@ -54,7 +54,7 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
                              launch=dict(encode.LAUNCH_DEFAULTS), centred=centred, scaled=centred)  # fmt: skip
     mean = torch.zeros(1, heads, d)
     args = plan.key_kernel_args(k, torch.arange(n), mean, mean)
-    consts = {**plan.key_kernel_constants, "UPCAST": False}  # (UPCAST: the CPU interpreter's workaround, off on a GPU)
+    consts = plan.key_kernel_constants
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
     fn = encode._encode_keys_kernel
     names = fn.arg_names

@@ -40,12 +40,15 @@ Numerics (why the codes match the reference's bit for bit away from ties):
 - divisions and square roots round as IEEE (``div_rn``, ``sqrt_rn``; the value quotient
   (x - zero) / scale from the rounded reciprocal with Markstein's fused correction, which gives
   the correctly rounded quotient);
-- 16-bit keys (bf16, fp16) are rotated as x Πᵀ / ‖x‖ with Πᵀ split into three 16-bit parts
-  (Πᵀ = P0 + s·P1 + s²·P2): three tensor-core products of the stored x with fp32 accumulation,
-  exact products and fp32 accuracy; float32 MSE keys, and MSE keys centred or scaled in the kernel
-  (float32 values), as u Πᵀ with the unit vector u = x / ‖x‖ in two fp16 parts (u0 + s·u1, as many
-  bits as float32) and five fp16 products; those of prod keys, and (Π r)(Π Sᵀ), with
-  ``input_precision="tf32x3"`` (the CPU interpreter computes every dot in exact fp32 products);
+- Πᵀ is split into two fp16 parts, Πᵀ = P0 + s·P1 (s = 2^-11: 22 significant bits, within 2^-23 of
+  Πᵀ). 16-bit keys (bf16, fp16) are rotated as x Πᵀ / ‖x‖: x times a power of two 2^e that puts ‖x‖ in
+  [2^14, 2^15) is exact in fp16 (bf16's 8 significant bits fit fp16's 11; only elements below 2^-29 ‖x‖
+  round), so two tensor-core products with fp32 accumulation are exact products; float32 MSE keys, and
+  MSE keys centred or scaled in the kernel (float32 values), as u Πᵀ with the unit vector u = x / ‖x‖ in
+  two fp16 parts (u0 + s·u1, as many bits as float32) and three fp16 products (u0·P0 + s·(u0·P1 +
+  u1·P0); the dropped s²·u1·P1 is 2^-22 of y); those of prod keys, and (Π r)(Π Sᵀ), with
+  ``input_precision="tf32x3"`` (the CPU interpreter computes every dot in exact fp32 products). The
+  rotated coordinates are thus within ~2^-22 of the exact ones, as close as float32 computes them;
 - so codes equal the reference's except where √d·y lies within float rounding of a decision
   boundary (or S r within rounding of 0); norms, γ, scales and zeros are equal up to the last
   fp16 bit (γ with norm correction is formed as ‖Π x‖² - 2f⟨Π x, c⟩ + f²‖c‖², f = stored norm / √d,
@@ -54,7 +57,6 @@ Numerics (why the codes match the reference's bit for bit away from ties):
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -192,7 +194,7 @@ def _encode_keys(
     p_x, p_m, p_s, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
@@ -203,14 +205,13 @@ def _encode_keys(
 
     TAB: [3·NC] float32 = boundaries (NC - 1) and a pad, centroids c (NC), c / √d (NC).
     RT: Πᵀ [D, D] float32.  MT: Π Sᵀ [D, D] float32 (PROD).
-    ROTATE, how y = u Πᵀ is computed, with RS = [3, D, D] 16-bit parts of Πᵀ = P0 + s·P1 + s²·P2, s = SPLIT_SCALE:
-    "x16" (keys stored in 16 bits, RS in their dtype): x Πᵀ / ‖x‖ by three tensor-core products of the stored x
-    with fp32 accumulation, exact products and fp32 accuracy; "u16" (MSE keys in float32, or centred or scaled; RS
-    in fp16): the unit vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and five products
-    u0·P0 + s·(u0·P1 + u1·P0) + s²·(u0·P2 + u1·P1) (the dropped s³ term is below float32 rounding); "fp32": one
-    fp32 (PRECISION) dot. UPCAST: multiply the x16 parts as fp32 instead (same products; Triton's CPU
-    interpreter mishandles bf16 dot operands). SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the
-    comparisons, the same indices; encode_kv checks the codebook).
+    ROTATE, how y = u Πᵀ is computed, with RS = [2, D, D] fp16 parts of Πᵀ = P0 + s·P1, s = SPLIT_SCALE: "x16"
+    (keys stored in 16 bits): x·2^e Πᵀ / (‖x‖·2^e) by two tensor-core products of the keys scaled by a power of
+    two into fp16 (exact), with fp32 accumulation; "u16" (MSE keys in float32, or centred or scaled): the unit
+    vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and three products u0·P0 + s·(u0·P1 + u1·P0)
+    (the dropped s²·u1·P1 is 2^-22 of y, below the search's concern); "fp32": one fp32 (PRECISION) dot.
+    SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the comparisons, the same indices; encode_kv
+    checks the codebook).
     """
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, DC)
@@ -223,8 +224,12 @@ def _encode_keys(
         b_x = tl.div_rn(b_x, b_ks) if ROTATE == "fp32" else tl.fdiv(b_x, b_ks)
     b_n = tl.sqrt_rn(tl.sum(b_x * b_x, axis=1))  # [BN] ‖x‖
     b_inv = tl.div_rn(tl.full((BN,), 1.0, tl.float32), tl.maximum(b_n, TINY))  # 1 / ‖x‖
-    if ROTATE == "x16":
-        b_xd = b_x if UPCAST else b_xs  # the split products' left operand
+    if ROTATE == "x16":  # x·2^e in fp16 with 2^e·‖x‖ in [2^14, 2^15) (every |x_i| ≤ ‖x‖ < 2^15 stays finite)
+        e = tl.minimum(tl.maximum(141 - ((b_n.to(tl.int32, bitcast=True) >> 23) & 0xFF), -126), 126)
+        b_up = ((e + 127) << 23).to(tl.float32, bitcast=True)  # 2^e
+        b_down = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e
+        b_xd = (b_x * b_up[:, None]).to(tl.float16)  # the products' left operand
+        b_inv = b_inv * b_down  # 1 / (‖x‖·2^e), exactly
     elif ROTATE == "u16":  # u = x · (1 / ‖x‖) = u0 + s·u1: u - u0 is exact, and |u1| ≤ |u| / 2 rounds at 2^-12 of that
         b_u = b_x * b_inv[:, None]
         b_u0 = b_u.to(tl.float16)
@@ -254,18 +259,16 @@ def _encode_keys(
             b_cc = tl.zeros((BN,), dtype=tl.float32)
     for j in tl.static_range(D // DC):
         p_rs = RS + o_d[:, None] * D + (j * DC + o_c)[None, :]  # [D, DC] columns j·DC.. of each part
-        if ROTATE == "x16":  # Π x from three exact 16-bit products, smallest part first
-            b_px = tl.dot(b_xd, tl.load(p_rs + 2 * D * D).to(b_xd.dtype), input_precision=PRECISION)
-            b_px = tl.dot(b_xd, tl.load(p_rs + D * D).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
-            b_px = tl.dot(b_xd, tl.load(p_rs).to(b_xd.dtype), b_px * SPLIT_SCALE, input_precision=PRECISION)
+        if ROTATE == "x16":  # Π x·2^e from two exact fp16 products, the small part first
+            b_px = tl.dot(b_xd, tl.load(p_rs + D * D))
+            b_px = tl.dot(b_xd, tl.load(p_rs), b_px * SPLIT_SCALE)
             b_y = b_px * b_inv[:, None]  # y = Π x / ‖x‖
-        elif ROTATE == "u16":  # y = Π u from five exact fp16 products, smallest terms first (Horner in s)
+            if PROD:
+                b_px = b_px * b_down[:, None]  # Π x
+        elif ROTATE == "u16":  # y = Π u from three exact fp16 products, the small terms first
             b_p0 = tl.load(p_rs)
-            b_p1 = tl.load(p_rs + D * D)
-            b_y = tl.dot(b_u0, tl.load(p_rs + 2 * D * D))
-            b_y = tl.dot(b_u1, b_p1, b_y)
-            b_y = tl.dot(b_u0, b_p1, b_y * SPLIT_SCALE)
-            b_y = tl.dot(b_u1, b_p0, b_y)
+            b_y = tl.dot(b_u1, b_p0)
+            b_y = tl.dot(b_u0, tl.load(p_rs + D * D), b_y)
             b_y = tl.dot(b_u0, b_p0, b_y * SPLIT_SCALE)
             b_px = b_n[:, None] * b_y
         else:
@@ -404,7 +407,7 @@ def _encode_keys_kernel(
     R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
@@ -412,7 +415,7 @@ def _encode_keys_kernel(
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]  # [BN, D] the row's head's μ and s
     _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SYMMETRIC, CENTER,
                  KEY_SCALE)  # fmt: skip
 
 
@@ -430,7 +433,7 @@ def _encode_kv_kernel(
     R, N, H, C, s_b, s_h, s_n, v_b, v_h, v_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
-    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr, UPCAST: tl.constexpr,
+    ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
     BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
@@ -440,7 +443,7 @@ def _encode_kv_kernel(
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]
     _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, UPCAST, BN, DC, PRECISION, SYMMETRIC, CENTER,
+                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SYMMETRIC, CENTER,
                  KEY_SCALE)  # fmt: skip
     _encode_values(V, SLOTS, VC, VA, R, N, H, C, v_b, v_h, v_n, D, VALUE_BITS, GROUP, BN)
 
@@ -465,59 +468,56 @@ LAUNCH_DEFAULTS = dict(
 
 def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, int]:
     """(block_n, chunk, num_warps) of the key kernel's long launch, by rotation path (see _encode_keys), from H200
-    sweeps of a 32k-token chunk (benchmarks/RESULTS.md).
+    sweeps of a 32k-token chunk (benchmarks/RESULTS.md, thirteenth session: rows 64/128 x warps 4/8, 64-column
+    chunks).
 
-    Keys as stored ("x16"): 4-bit MSE keys 64 rows and 4 warps (0.180 ms vs 0.218 at 128 rows and 8 warps); the rest
-    128 rows and 8 warps (3-bit MSE keys: 0.158 ms vs 0.175 at 64 and 4; prod keys: equal within noise). Centred and
-    scaled MSE keys ("u16", the cache's defaults, with norm correction): 64 rows and 4 warps (K3/V2 0.279 ms vs 0.314
-    at 128 and 8; K4/V4 0.296 vs 0.313). At head_dim 256: MSE keys 64 rows and 4 warps (x16 K4/V4 0.62 ms, K3/V2
-    0.51; u16 K4/V4 1.86 ms), u16 keys of 2 or 3 index bits 8 warps (K3/V2 1.68 ms vs 2.16 at 4 warps); prod keys as
-    stored (x16) 16 rows and 8 warps: with more rows their per-thread tiles overflow the registers into a stack of
-    2-50 KB (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4 warps), and 64 rows of float32 operands need 256 KB of
-    shared memory, more than the H200's 227 KB; keys rotated by one fp32 dot (prod keys centred or scaled, the
-    cache's defaults) 16 rows, 32-column chunks and 4 warps (K3/V2 prod 17.8 ms vs 53.9 with 64-column chunks and 8
-    warps, where the chunk's [256, 64] float32 operands put ptxas on a 15 KB stack).
+    Keys as stored ("x16"): MSE keys 64 rows and 4 warps (head_dim 128, K3/V2: 0.145 ms vs 0.175 at 128 and 8; K4/V4
+    0.160 ms, and 0.154 at 128 rows and 4 warps, which spill 144 B of registers, 704 with norm correction; at 256
+    0.41 / 0.38 ms, 128 and 8 within 1%), but 2- and 3-bit keys at head_dim 64 128 rows and 8 warps (0.084 vs
+    0.132). Centred and scaled MSE keys ("u16", the cache's defaults, with norm correction): 64 rows and 4 warps
+    (head_dim 128 K4/V4 0.241 ms vs 0.258 at 128 and 8, K3/V2 0.231 vs 0.248), but 128 rows and 8 warps at head_dim
+    256 (K4/V4 0.92 vs 1.01 ms, K3/V2 0.78 vs 0.81) and for 4-bit keys at 64 (0.103 vs 0.121). Prod keys as stored:
+    128 rows and 8 warps (0.416 ms vs 0.536 at 32 and 4); at head_dim 256 16 rows and 8 warps: with more rows their
+    per-thread tiles overflow the registers into a stack of 2-50 KB (K3/V2 prod 2.9 ms vs 34 ms at 32 rows and 4
+    warps), and 64 rows of float32 operands need 256 KB of shared memory, more than the H200's 227 KB. Keys rotated
+    by one fp32 dot (prod keys centred or scaled, the cache's defaults): 128 rows and 8 warps (head_dim 128: 1.30
+    ms, the best of six), at head_dim 256 16 rows, 32-column chunks and 4 warps (K3/V2 prod 17.8 ms vs 53.9 with
+    64-column chunks and 8 warps, where the chunk's [256, 64] float32 operands put ptxas on a 15 KB stack).
     """
-    if d > 128:
-        if rotate == "fp32":
-            return 16, 32, 4
-        if prod:
-            return 16, 64, 8
-        return (64, 64, 8) if rotate == "u16" and bits < 4 else (64, 64, 4)
-    return (64, 64, 4) if not prod and (bits == 4 or rotate == "u16") else (128, 64, 8)
+    if prod or rotate == "fp32":
+        if d <= 128:
+            return 128, 64, 8
+        return (16, 32, 4) if rotate == "fp32" else (16, 64, 8)
+    if rotate == "u16":
+        return (128, 64, 8) if d > 128 or (d == 64 and bits == 4) else (64, 64, 4)
+    return (128, 64, 8) if d == 64 and bits < 4 else (64, 64, 4)
 
 
 SEARCHES = ("full", "symmetric")
 
 # Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D], whether
 # the codebook is antisymmetric (for search="symmetric"; read once, not on every call), Π Sᵀ [D, D] (prod keys)
-# and, per 16-bit key dtype, the split parts of Πᵀ. Keyed weakly by the quantizer.
+# and the two fp16 parts of Πᵀ = P0 + SPLIT_SCALE·P1 (the scale keeps P1 a normal fp16 number). Keyed weakly by
+# the quantizer.
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# 16-bit dtypes: the scale between the split parts of Πᵀ. bf16 has fp32's exponent range, so its
-# parts need none; fp16 parts are scaled by 2^11 each so that they stay normal numbers.
-_SPLIT_SCALES = {torch.bfloat16: 1.0, torch.float16: 2.0**-11}
+SPLIT_SCALE = 2.0**-11
 
 
-def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd, dtype: torch.dtype) -> dict[str, torch.Tensor | bool]:
+def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd) -> dict[str, torch.Tensor | bool]:
     if key_quantizer not in _PREPARED:
         mse = key_quantizer if isinstance(key_quantizer, TurboQuantMSE) else key_quantizer.mse
         pad = mse.boundaries.new_zeros(1)
         # centroids / √d as the reference divides them (tensor / Python float on this device)
         table = torch.cat((mse.boundaries, pad, mse.centroids, mse.centroids / mse.scale)).float().contiguous()
-        prep = {"table": table, "rot_t": mse.rotation.T.contiguous().float(),
+        rot_t = mse.rotation.T.contiguous().float()
+        p0 = rot_t.to(torch.float16)
+        p1 = ((rot_t.double() - p0.double()) / SPLIT_SCALE).to(torch.float16)
+        prep = {"table": table, "rot_t": rot_t, "parts": torch.stack((p0, p1)).contiguous(),
                 "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0))}  # fmt: skip
         if isinstance(key_quantizer, TurboQuantProd):
             prep["m_t"] = (mse.rotation.double() @ key_quantizer.qjl.double().T).float().contiguous()
         _PREPARED[key_quantizer] = prep
-    prep = _PREPARED[key_quantizer]
-    if dtype in _SPLIT_SCALES and dtype not in prep:
-        inv = 1.0 / _SPLIT_SCALES[dtype]
-        rest, parts = prep["rot_t"].double(), []
-        for _ in range(3):  # Πᵀ = P0 + s·P1 + s²·P2 (to fp32 accuracy)
-            parts.append(rest.to(dtype))
-            rest = (rest - parts[-1].double()) * inv
-        prep[dtype] = torch.stack(parts).contiguous()
-    return prep
+    return _PREPARED[key_quantizer]
 
 
 def _buffer_specs(d: int, key_bits: int, prod: bool, value_bits: int, group: int) -> dict:
@@ -675,10 +675,9 @@ class EncodePlan:
         # centred or scaled ones (float32 values), as the unit vector in two fp16 parts ("u16"); see _encode_keys.
         # Prod keys take one fp32 dot there: on the H200 (Triton 3.6) their u16 launches wrote wrong codes or faulted
         # (an illegal memory access) where the CPU interpreter writes the reference's rows
-        stored16 = k.dtype in _SPLIT_SCALES and not (centred or scaled)
+        stored16 = k.dtype in (torch.float16, torch.bfloat16) and not (centred or scaled)
         rotate = ("x16" if stored16 else "fp32" if prod else "u16") if launch["split"] else "fp32"
-        parts = k.dtype if rotate == "x16" else torch.float16  # the dtype of Πᵀ's parts
-        prep = _prepare(key_quantizer, parts)
+        prep = _prepare(key_quantizer)
         search = launch["search"] or ("symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full")
         symmetric = search == "symmetric"
         if symmetric and not prep["antisymmetric"]:
@@ -693,15 +692,14 @@ class EncodePlan:
         num_warps = (4 if d <= 128 else auto_warps) if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
         self._key_args = (
-            prep["table"], prep["rot_t"], prep[parts] if rotate != "fp32" else prep["rot_t"],
+            prep["table"], prep["rot_t"], prep["parts"] if rotate != "fp32" else prep["rot_t"],
             prep["m_t"] if prod else prep["rot_t"],
             buffers["key_codes"], buffers["key_norms"], buffers["key_signs"] if prod else buffers["key_codes"],
             buffers["key_rnorms"] if prod else buffers["key_norms"],
         )  # fmt: skip
         self._key_consts = dict(
             D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
-            SCALE=mse.scale, TINY=_TINY, ROTATE=rotate, SPLIT_SCALE=_SPLIT_SCALES[parts],
-            UPCAST=rotate == "x16" and parts == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            SCALE=mse.scale, TINY=_TINY, ROTATE=rotate, SPLIT_SCALE=SPLIT_SCALE,
             BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
             CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
