@@ -22,6 +22,8 @@ import warnings
 import torch
 from model_speed import CACHES, build_model, decode_steps, filled_cache, free_all
 
+from turboquant.integrations.transformers import cache_keyword
+
 
 def count_syncs(model, cache, batch: int) -> str:
     """The synchronising CUDA calls of one decode step, by warning text (torch.cuda.set_sync_debug_mode)."""
@@ -31,7 +33,7 @@ def count_syncs(model, cache, batch: int) -> str:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()

@@ -3,9 +3,9 @@
 A Llama-3-8B-shaped model (32 layers, 32 query / 8 KV heads, head_dim 128, hidden 4096, bf16) is
 built from its config with random weights (no download). For each cache and batch, every layer is
 filled directly with random K/V up to the context (the compressed cache quantizes them on write),
-then decode steps run through ``model(input_ids, past_key_values=cache)``: one new token per
-sequence per step. Reported: median step time over timed steps, tokens/s over the batch, peak GPU
-memory, the cache's bytes, and for one step the split of its time (decode-attention kernels, other
+then decode steps run through ``model(input_ids, cache=cache)`` (``past_key_values=cache`` before transformers
+5.2x): one new token per sequence per step. Reported: median step time over timed steps, tokens/s over the batch,
+peak GPU memory, the cache's bytes, and for one step the split of its time (decode-attention kernels, other
 GPU work, and host time the GPU sits idle). The largest batch that fits is found per cache by
 trying batches downwards from an estimate made from the measured bytes per sequence.
 
@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer
+from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLayer, cache_keyword
 
 # The paper's quantizers (no sink tokens, no key centring or scaling, no norm correction): a decode step merges the
 # step's own token inside the decode kernel (TurboQuantKVCache._fused_step). "defaults": TurboQuantCache as a user
@@ -115,7 +115,7 @@ def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[l
         ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE, generator=gen)
         sync()
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return times, logits
@@ -131,7 +131,7 @@ def step_split(model, cache, batch: int) -> dict[str, float]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
         sync()
         wall = (time.perf_counter() - t0) * 1e3
     attn = other = 0.0
