@@ -35,11 +35,13 @@ is a family, then colon-separated options:
     and quantized again). ``gN``: q_group_size (default 64). It refuses models with sliding-window layers
     (Gemma-3): such rows say "refused".
 ``tq:kAvB`` [``:mse`` | ``:prod``] [``:haar`` | ``:hadamard``] [``:center``] [``:kscale``] [``:sinkN``] [``:winN``]
-[``:nc``] [``:skipL`` ...]
+[``:flushN``] [``:nc``] [``:skipL`` ...]
     ``turboquant.integrations.transformers.TurboQuantCache(model, key_bits=A, value_bits=B, ...)``: key_mode
     (default mse; prod = A-1 MSE bits + 1 QJL bit), rotation (default haar), center_keys, scale_keys, sink_tokens=N,
-    residual_window=N (default 0), norm_correction, and skip_layers (layer L left uncompressed; repeat the option
-    for several layers).
+    residual_window=N (default 0; the window then holds between N and N + flush_block - 1 exact tokens),
+    flush_block=N (default 64), norm_correction, and skip_layers (layer L left uncompressed; repeat the option for
+    several layers). ``win32:flush64`` holds 32-95 exact tokens, 63.5 on average, as many as quanto's default
+    window (0-127).
 
 Examples: ``dynamic quanto:int4:kivi quanto:int2:default tq:k4v4 tq:k3v3:prod tq:k4v4:center:sink4:win128:nc``.
 
@@ -219,12 +221,14 @@ def parse_method(spec: str) -> MethodSpec:
                 kwargs["sink_tokens"] = n
             elif (n := _int_option(opt, "win", spec)) is not None:
                 kwargs["residual_window"] = n
+            elif (n := _int_option(opt, "flush", spec)) is not None:
+                kwargs["flush_block"] = n
             elif (n := _int_option(opt, "skip", spec)) is not None:
                 skip.append(n)
             else:
                 raise ValueError(
-                    f"{spec!r}: unknown tq option {opt!r} (mse, prod, haar, hadamard, center, kscale, sinkN, winN, nc, "
-                    "skipL)"
+                    f"{spec!r}: unknown tq option {opt!r} (mse, prod, haar, hadamard, center, kscale, sinkN, winN, "
+                    "flushN, nc, skipL)"
                 )
         kwargs["skip_layers"] = tuple(sorted(set(skip)))
         words = ["tq", kwargs["key_mode"]]
@@ -237,6 +241,8 @@ def parse_method(spec: str) -> MethodSpec:
         if kwargs["sink_tokens"]:
             words.append(f"sink{kwargs['sink_tokens']}")
         words.append(f"win{kwargs['residual_window']}")
+        if "flush_block" in kwargs:
+            words.append(f"flush{kwargs['flush_block']}")
         if kwargs["norm_correction"]:
             words.append("nc")
         if skip:
