@@ -13,11 +13,14 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
   key), or
 - ``qdir1``, ``qdir2``: uniform, plus each key's projection on the top 1 or 2 eigenvectors u of the prompt's scaled
   queries' second moment Σ q qᵀ stored exactly (fp16), so that a score's quantization error is only that of the
-  query's part orthogonal to u (one or two more scalars per key).
+  query's part orthogonal to u (one or two more scalars per key), or
+- ``plain``, ``proj``: uniform with another stored norm in place of norm correction's ‖x‖ / ‖ĉ‖ (ĉ = c[idx] / √d,
+  the reconstructed unit vector in the rotated basis): ``plain`` ‖x‖ (the paper's), ``proj`` ‖x‖ / ⟨Π u, ĉ⟩, which
+  makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k).
 Values exact, or 4-bit per-group affine (ValueQuantizer, groups of 32). Prints KL(16-bit ‖ method) of the
 next-token distributions over the T positions, and perplexity, for each.
 
-    OMP_NUM_THREADS=1 python benchmarks/channel_bits.py --model smollm2 [--offset N]
+    OMP_NUM_THREADS=1 python benchmarks/channel_bits.py --model smollm2 [--offset N] [--methods uniform proj ...]
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from turboquant.quantizers import ValueQuantizer
 from turboquant.rotation import get_rotation_matrix
 
 SINKS = DEMO_SETTINGS["sink_tokens"]  # TurboQuantCache's default
-METHODS = ("uniform", "halves", "qdir1", "qdir2")
+METHODS = ("uniform", "halves", "qdir1", "qdir2", "plain", "proj")
+NORMS = ("nc", "plain", "proj")  # the stored norm: see fake_quantize
 
 
 @functools.cache
@@ -44,15 +48,20 @@ def _codebook(d: int, bits: int) -> torch.Tensor:
     return generate_lloyd_max_codebook(d, bits).double()
 
 
-def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """TurboQuant MSE with norm correction (fp16 norms) of the rows of x [..., d] float64: the reconstruction."""
+def fake_quantize(x: torch.Tensor, bits: int, norm: str = "nc") -> torch.Tensor:
+    """TurboQuant MSE (fp16 norms) of the rows of x [..., d] float64: the reconstruction ĉ Π · n, ĉ = c[idx] / √d,
+    with the stored norm n = ‖x‖ / ‖ĉ‖ (norm correction, "nc": ‖x̂‖ = ‖x‖), ‖x‖ ("plain") or ‖x‖ / ⟨Π u, ĉ⟩
+    ("proj": ⟨x̂, u⟩ = ‖x‖ for the unit vector u = x / ‖x‖)."""
     d = x.shape[-1]
     rot = get_rotation_matrix(d).double()
     norms = x.norm(dim=-1, keepdim=True)
     y = (x / norms.clamp_min(1e-300)) @ rot.T * math.sqrt(d)
     c = _codebook(d, bits)
-    unit = c[torch.bucketize(y, (c[1:] + c[:-1]) / 2)]
-    unit = unit / unit.norm(dim=-1, keepdim=True)  # norm correction: ‖x̂‖ = ‖x‖
+    unit = c[torch.bucketize(y, (c[1:] + c[:-1]) / 2)] / math.sqrt(d)  # ĉ
+    if norm == "nc":
+        norms = norms / unit.norm(dim=-1, keepdim=True)
+    elif norm == "proj":
+        norms = norms / (unit * y / math.sqrt(d)).sum(-1, keepdim=True)
     return (unit @ rot) * norms.half().double()
 
 
@@ -72,8 +81,8 @@ class Study:
         q2 = q2 + 1e-6 * q2.mean(-1, keepdim=True) + 1e-300
         s = (k2 / q2) ** 0.25
         ks = kc / s[:, None]
-        if self.method == "uniform":
-            rec = fake_quantize(ks, 4)
+        if self.method in ("uniform", *NORMS):
+            rec = fake_quantize(ks, 4, "nc" if self.method == "uniform" else self.method)
         elif self.method.startswith("qdir"):  # 4 bits, plus ⟨u, k⟩ exact (fp16) along the top query directions u
             rec = fake_quantize(ks, 4)
             qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D] scaled queries
@@ -122,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model)
@@ -141,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}, text offset {args.offset}, {p} prefilled + {t} tokens; 16-bit perplexity {ppl_ref:.3f}")
     print("| values | keys | KL | perplexity |\n|---|---|---|---|")
     for values in (False, True):
-        for method in METHODS:
+        for method in args.methods:
             lp = log_probs(method, values)
             kl = (ref.exp() * (ref - lp)).sum(-1).mean().item()
             ppl = math.exp(-lp[torch.arange(t), target].mean().item())
