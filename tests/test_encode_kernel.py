@@ -169,6 +169,21 @@ def test_encode_half_inputs_and_strided_slices(dtype):
     _check_rows(cache, k, v, bufs, slots)
 
 
+@pytest.mark.parametrize("mode,kb", [("mse", 4), ("prod", 3)])
+def test_encode_bf16_keys_outside_the_fp16_range(mode, kb):
+    """bf16 keys are rotated in fp16 after a power-of-two scaling of each row: rows whose elements lie far below
+    fp16's normal range (norms from 2^-24 up to 2^13), and elements 2^-40 below their row's norm, still give the
+    reference's rows."""
+    cache, k, v, slots = _setup(mode, kb, 4, 128, "haar", False, 12, (1, 2), dtype=torch.bfloat16)
+    exps = torch.tensor([-27, -24, -20, -17, -14, -8, -1, 0, 1, 5, 8, 10], dtype=torch.float32, device=k.device)
+    k = (k.float() * torch.exp2(exps)[None, None, :, None]).to(torch.bfloat16)
+    k[:, :, 6, :8] = (k[:, :, 6, :8].float() * 2.0**-40).to(torch.bfloat16)
+    assert (k[:, :, 1].float().abs().max() < 2.0**-14).item()  # every element of that row is subnormal in fp16
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots)
+
+
 def test_encode_ring_slots_and_degenerate_rows():
     """Slots in any order (a wrapped ring); zero and constant rows (zero norm, zero value scale)."""
     cache, k, v, _ = _setup("mse", 4, 4, 64, "haar", True, 20, (1, 2))
