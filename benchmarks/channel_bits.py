@@ -14,6 +14,7 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
 - ``qdir1``, ``qdir2``: uniform, plus each key's projection on the top 1 or 2 eigenvectors u of the prompt's scaled
   queries' second moment Σ q qᵀ stored exactly (fp16), so that a score's quantization error is only that of the
   query's part orthogonal to u (one or two more scalars per key), or
+- ``halves_qdir1``: halves, plus the projection on the top query direction as in qdir1, or
 - ``plain``, ``proj``: uniform with another stored norm in place of norm correction's ‖x‖ / ‖ĉ‖ (ĉ = c[idx] / √d,
   the reconstructed unit vector in the rotated basis): ``plain`` ‖x‖ (the paper's), ``proj`` ‖x‖ / ⟨Π u, ĉ⟩, which
   makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k).
@@ -39,7 +40,7 @@ from turboquant.quantizers import ValueQuantizer
 from turboquant.rotation import get_rotation_matrix
 
 SINKS = DEMO_SETTINGS["sink_tokens"]  # TurboQuantCache's default
-METHODS = ("uniform", "halves", "qdir1", "qdir2", "plain", "proj")
+METHODS = ("uniform", "halves", "qdir1", "qdir2", "plain", "proj", "halves_qdir1")
 NORMS = ("nc", "plain", "proj")  # the stored norm: see fake_quantize
 
 
@@ -83,12 +84,8 @@ class Study:
         ks = kc / s[:, None]
         if self.method in ("uniform", *NORMS):
             rec = fake_quantize(ks, 4, "nc" if self.method == "uniform" else self.method)
-        elif self.method.startswith("qdir"):  # 4 bits, plus ⟨u, k⟩ exact (fp16) along the top query directions u
+        elif self.method.startswith("qdir"):
             rec = fake_quantize(ks, 4)
-            qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D] scaled queries
-            u = torch.linalg.eigh(qs.transpose(1, 2) @ qs).eigenvectors[..., -int(self.method[4:]) :]  # [H_kv, D, r]
-            a = (ks @ u).half().double()  # the stored projections
-            rec = rec + (a - rec @ u) @ u.transpose(1, 2)
         else:
             rec = torch.empty_like(ks)
             order = torch.argsort(k2 * q2, dim=-1, descending=True)
@@ -96,6 +93,12 @@ class Study:
             for h in range(k.shape[0]):
                 for channels, bits in ((order[h, :half], 5), (order[h, half:], 3)):
                     rec[h][:, channels] = fake_quantize(ks[h][:, channels], bits)
+        if "qdir" in self.method:  # plus ⟨u, k⟩ exact (fp16) along the top query directions u
+            qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D] scaled queries
+            r = int(self.method[self.method.index("qdir") + 4 :])
+            u = torch.linalg.eigh(qs.transpose(1, 2) @ qs).eigenvectors[..., -r:]  # [H_kv, D, r]
+            a = (ks @ u).half().double()  # the stored projections
+            rec = rec + (a - rec @ u) @ u.transpose(1, 2)
         rec = rec * s[:, None] + mu
         rec[:, :SINKS] = k[:, :SINKS]
         return rec
