@@ -40,8 +40,17 @@ from turboquant.quantizers import ValueQuantizer
 from turboquant.rotation import get_rotation_matrix
 
 SINKS = DEMO_SETTINGS["sink_tokens"]  # TurboQuantCache's default
-METHODS = ("uniform", "halves", "qdir1", "qdir2", "plain", "proj", "halves_qdir1")
-NORMS = ("nc", "plain", "proj")  # the stored norm: see fake_quantize
+# method -> (bits over the channels: "uniform" 4 or "halves" 5/3; the stored norm, see fake_quantize; the number of
+# top query directions along which each key's projection is stored exactly)
+METHODS = {
+    "uniform": ("uniform", "nc", 0),
+    "halves": ("halves", "nc", 0),
+    "qdir1": ("uniform", "nc", 1),
+    "qdir2": ("uniform", "nc", 2),
+    "plain": ("uniform", "plain", 0),
+    "proj": ("uniform", "proj", 0),
+    "halves_qdir1": ("halves", "nc", 1),
+}
 
 
 @functools.cache
@@ -82,21 +91,19 @@ class Study:
         q2 = q2 + 1e-6 * q2.mean(-1, keepdim=True) + 1e-300
         s = (k2 / q2) ** 0.25
         ks = kc / s[:, None]
-        if self.method in ("uniform", *NORMS):
-            rec = fake_quantize(ks, 4, "nc" if self.method == "uniform" else self.method)
-        elif self.method.startswith("qdir"):
-            rec = fake_quantize(ks, 4)
+        split, norm, directions = METHODS[self.method]
+        if split == "uniform":
+            rec = fake_quantize(ks, 4, norm)
         else:
             rec = torch.empty_like(ks)
             order = torch.argsort(k2 * q2, dim=-1, descending=True)
             half = k.shape[-1] // 2
             for h in range(k.shape[0]):
                 for channels, bits in ((order[h, :half], 5), (order[h, half:], 3)):
-                    rec[h][:, channels] = fake_quantize(ks[h][:, channels], bits)
-        if "qdir" in self.method:  # plus ⟨u, k⟩ exact (fp16) along the top query directions u
+                    rec[h][:, channels] = fake_quantize(ks[h][:, channels], bits, norm)
+        if directions:  # plus ⟨u, k⟩ exact (fp16) along the top query directions u
             qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D] scaled queries
-            r = int(self.method[self.method.index("qdir") + 4 :])
-            u = torch.linalg.eigh(qs.transpose(1, 2) @ qs).eigenvectors[..., -r:]  # [H_kv, D, r]
+            u = torch.linalg.eigh(qs.transpose(1, 2) @ qs).eigenvectors[..., -directions:]  # [H_kv, D, r]
             a = (ks @ u).half().double()  # the stored projections
             rec = rec + (a - rec @ u) @ u.transpose(1, 2)
         rec = rec * s[:, None] + mu
