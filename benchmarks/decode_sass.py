@@ -48,11 +48,11 @@ SHARED_MEMORY = ("STS", "LDS", "LDSM", "BAR")
 
 def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int | None = None, block_n: int | None = None,
                    d: int = 128, prod: bool = False, key_table_source: str = "immediates",
-                   num_stages: int | None = None, max_registers: int | None = None):  # fmt: skip
-    """(compiled _decode_split_kernel_2d, its block_n, its warps) with the constants DecodePlan gives it on a GPU for
-    a decode step (16 query rows), launch options as given (None: the plan's own). key_bits: codebook index bits
-    (prod adds the QJL bit); key_table_source, max_registers: the launch options of those names (max_registers 0:
-    no cap)."""
+                   num_stages: int | None = None, max_registers: int | None = None, rows: int = 8):  # fmt: skip
+    """(compiled _decode_split_kernel_2d, its block_n, its warps) with the constants DecodePlan gives it on a GPU,
+    launch options as given (None: the plan's own). key_bits: codebook index bits (prod adds the QJL bit);
+    key_table_source, max_registers: the launch options of those names (max_registers 0: no cap); rows: query rows
+    per program (8: a decode step of GQA up to 8, in tiles of 16 rows)."""
     fn = decode._decode_split_kernel_2d
     names = fn.arg_names
     words = None
@@ -61,7 +61,7 @@ def compile_kernel(key_bits: int, value_bits: int, asm: bool, num_warps: int | N
     layout = decode.tiles_2d_layout(d, key_bits + prod, "prod" if prod else "mse", value_bits, 32)
     launch = dict(decode.LAUNCH_DEFAULTS, inline_asm=asm, num_warps=num_warps, block_n=block_n,
                   num_stages=num_stages, key_table_source=key_table_source, max_registers=max_registers)  # fmt: skip
-    const = decode.kernel_2d_constants(d, layout, value_bits, 32, True, 16, launch, True, words)
+    const = decode.kernel_2d_constants(d, layout, value_bits, 32, True, rows, launch, True, words)
     options = {name: const.pop(name) for name in ("num_warps", "num_stages", "maxnreg") if name in const}
     sig = {n: "constexpr" if n in const else POINTERS.get(n, SCALARS.get(n, "i32")) for n in names}
     src = ASTSource(

@@ -161,6 +161,34 @@ def test_decode_kernel_tables_in_assembly(mode, kb, vb, d, group, n_q, n, monkey
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
+@pytest.mark.parametrize("mode,kb,vb", [("mse", 4, 4), ("mse", 3, 2), ("prod", 3, 2)])
+def test_decode_kernel_dense_launch(mode, kb, vb, monkeypatch):
+    """The denser launch DecodePlan takes for grids that fill the default's waves badly (decode.DENSE_LAUNCH: four
+    programs per SM, fewer registers and stages) computes the same attention."""
+    from turboquant.kernels import decode
+
+    for name, value in decode.DENSE_LAUNCH.items():
+        monkeypatch.setitem(decode.LAUNCH_DEFAULTS, name, value)
+    _check_decode(mode, kb, vb, 128, 4, 1, 300)
+
+
+@pytest.mark.parametrize(
+    "batch,context,dense",
+    [(32, 8192, True), (64, 8192, True), (128, 8192, False), (16, 65536, False), (8, 32768, False),
+     (1, 131072, False), (1, 8192, False)],
+)  # fmt: skip
+def test_dense_launch_where_the_default_waves_leave_slots_idle(batch, context, dense):
+    """DecodePlan's choice on an H200 (132 SMs, three programs per SM by default, four with DENSE_LAUNCH; H_kv = 8,
+    128-token blocks): the denser launch where it measured faster ((32, 8192): 256 heads fill 65% of the default's
+    396 slots and 97% of the denser launch's 528 with two splits each; (64, 8192): 512 heads, 1.3 waves against
+    0.97), the default where it did."""
+    from turboquant.kernels.decode import DENSE_RATE, slot_use
+
+    heads = batch * 8
+    use, dense_use = (slot_use(heads, context, 128, per_sm * 132) for per_sm in (3, 4))
+    assert (dense_use * DENSE_RATE > use) == dense
+
+
 @pytest.mark.parametrize("source", ["operands", "immediates"])
 def test_decode_kernel_launch_options_beside_cache_inputs(source):
     """Launch options passed as keywords next to the cache's decode_inputs (what benchmarks/decode.py does)."""
@@ -311,25 +339,29 @@ def test_fused_decode_step_with_its_own_exact_token(key_mode, key_bits, value_bi
 
 
 @pytest.mark.parametrize(
-    "mode,kb,vb,d,causal,tiles_2d",
+    "mode,kb,vb,d,causal,tiles_2d,max_rows",
     [
-        ("mse", 4, 4, 128, True, True),
-        ("prod", 3, 2, 64, False, True),
-        ("mse", 3, 3, 64, True, False),  # 3-bit values: the generic kernel
+        ("mse", 4, 4, 128, True, True, 16),
+        ("mse", 4, 4, 128, True, True, 8),  # 8 rows per program in tiles of 16: the padding rows dropped
+        ("prod", 3, 2, 64, False, True, 16),
+        ("prod", 3, 2, 64, False, True, 8),
+        ("mse", 3, 3, 64, True, False, 16),  # 3-bit values: the generic kernel
     ],
 )
-def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, monkeypatch):
-    """A chunk of queries with more rows (G·N_q) than one program holds (MAX_ROWS, lowered to 16 here) is split over
-    programs along a third grid axis; each tile's rows see their own causal limits (a prompt chunk attending to its
-    own cached tokens) or none (after=True: a new prompt attending to the compressed past)."""
+def test_query_rows_beyond_one_program(mode, kb, vb, d, causal, tiles_2d, max_rows, monkeypatch):
+    """A chunk of queries with more rows (G·N_q) than one program holds (MAX_ROWS, lowered to 16 or 8 here) is split
+    over programs along a third grid axis; each tile's rows see their own causal limits (a prompt chunk attending to
+    its own cached tokens) or none (after=True: a new prompt attending to the compressed past). With 8 rows per
+    program, the 2-D kernel's tiles hold 16 (the tensor cores' least): the partial results of rows 8-15 of a tile
+    must not land on the next program's rows."""
     from turboquant.kernels import decode
 
-    monkeypatch.setattr(decode, "MAX_ROWS", 16)
+    monkeypatch.setattr(decode, "MAX_ROWS", max_rows)
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "tiles_2d", tiles_2d)
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, causal)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64)
     cache = _filled_cache(cfg, 2, 2, 150, gen)
-    q = torch.randn(2, 8, 11, d, generator=gen).to(DEVICE)  # G = 4: 44 rows, three programs of 16
+    q = torch.randn(2, 8, 11, d, generator=gen).to(DEVICE)  # G = 4: 44 rows, three programs of 16 (or six of 8)
     _poison_workspaces()
     kw = dict(causal=True) if causal else dict(after=True)
     ref_out, ref_lse = cache.attend_with_lse(q, backend="reference", **kw)

@@ -820,7 +820,7 @@ def _attend_block_2d(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr,
     DP_V: tl.constexpr, KEY_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr, VALUE_ASM: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     """Tokens [n0, n0 + BN) of one head folded into the online softmax. AHEAD: norm, gamma [BN] are their key norms
     and (prod keys) γ, loaded one block ahead by the caller (_block_scalars); else they are loaded here. MASKED: the
@@ -841,6 +841,10 @@ def _attend_block_2d(
         s_qjl = _qjl_scores(KS, row, m_n, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7, D, P_K, VALUE_ASM, MASKED)
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
+    BM: tl.constexpr = b_s.shape[0]
+    real = (tl.arange(0, BM) < BR)[:, None]
+    if BR < BM:  # rows from BR on are padding: constant, so that the compiler drops their products and exponentials
+        b_s = tl.where(real, b_s, float("-inf"))
     if MASKED:
         visible = m_n[None, :]
         if CAUSAL:
@@ -850,7 +854,11 @@ def _attend_block_2d(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(b_m - m_safe)
     b_m = m_new
-    p16 = tl.exp2(b_s - m_safe[:, None]).to(tl.float16)
+    p = tl.exp2(b_s - m_safe[:, None])
+    if BR < BM:
+        p = tl.where(real, p, 0.0)
+        alpha = tl.where(tl.arange(0, BM) < BR, alpha, 1.0)
+    p16 = p.to(tl.float16)
     # the softmax denominator by the tensor cores (P times a ones tile), as the outputs: no sum across warps
     l_acc = l_acc * alpha[:, None] + tl.dot(p16, tl.full([BN, 16], 1.0, tl.float16))
     # value chunk ch = f·NH + h: field f of value bytes [h·W, (h+1)·W)
@@ -875,9 +883,9 @@ def _decode_split_kernel_2d(
     Q, SQ, KC, KN, KS, KR, VC, VA, CB, KT, SEQ_LEN, KV_START, Q_START, O_PART, L_PART,
     H_KV, C, M, N_Q, SPLIT_SIZE, Q_SCALE,
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
-    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr, DP_K: tl.constexpr,
-    NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr, KEY_ASM: tl.constexpr,
-    VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
+    CAUSAL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr,
+    DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr,
+    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
     values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
@@ -887,12 +895,17 @@ def _decode_split_kernel_2d(
     KEY_ASM (from key_asm_code; TABLES_IN_ASM: built with the table words) and VALUE_ASM unpack with inline PTX
     (CUDA only); otherwise portable Triton (the CPU interpreter) computes the same tiles, the key lookup with a
     register-table gather. Blocks that lie wholly inside the split and before every query's causal limit skip
-    all masks."""
+    all masks.
+
+    BR query rows per program in tiles of BM ≥ BR rows (BR = 8 < BM = 16: a decode step of GQA up to 8, as the
+    tensor cores take 16 rows at least); the rows from BR on are constant padding, so that the compiler drops their
+    share of the softmax (sm_90: 7% fewer instructions per token at head_dim 128, 9-15% at 64; H200: 3-11% less
+    time at head_dim 64, 1-6% at 256, 0-4% at 128; benchmarks/RESULTS.md, fourteenth session)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
-    o_m = tl.program_id(2) * BM + tl.arange(0, BM)  # this program's query rows
-    m_m = o_m < M
+    o_m = tl.program_id(2) * BR + tl.arange(0, BM)  # this program's BR query rows, in a tile of BM
+    m_m = (tl.arange(0, BM) < BR) & (o_m < M)
     q_pos = q_start + o_m % N_Q
     # transposed query tiles [DP_K, BM] matching the key tiles, loaded once
     p_q = Q + i_bh * M * D + o_m[None, :] * D
@@ -931,7 +944,7 @@ def _decode_split_kernel_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KN, KS, KR, VC, VA, C,
             AHEAD, PROD, D, KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False)  # fmt: skip
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, False, BR)  # fmt: skip
         norm, gamma = norm_next, gamma_next
     for n0 in range(start + n_full * BN, end, BN):
         norm_next, gamma_next = _block_scalars(KN, KR, i_bh, C, n0 + BN, end, BN, PROD, AHEAD)
@@ -939,10 +952,10 @@ def _decode_split_kernel_2d(
             n0, end, i_bh, q_pos, qt0, qt1, qt2, qt3, qt4, qt5, qt6, qt7, sq0, sq1, sq2, sq3, sq4, sq5, sq6, sq7,
             b_cb, kt0, kt1, kt2, kt3, b_m, l_acc, acc0, acc1, acc2, acc3, norm, gamma, KC, KN, KS, KR, VC, VA, C,
             AHEAD, PROD, D, KEY_BITS, VALUE_BITS,
-            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True)  # fmt: skip
+            GROUP, CAUSAL, BN, P_K, DP_K, NCH, W, NH, DP_V, KEY_ASM, TABLES_IN_ASM, VALUE_ASM, True, BR)  # fmt: skip
         norm, gamma = norm_next, gamma_next
 
-    part = (i_bh * tl.num_programs(1) + i_s) * (tl.num_programs(2) * BM)
+    part = (i_bh * tl.num_programs(1) + i_s) * (tl.num_programs(2) * BR)
     b_l = tl.max(l_acc, axis=1)
     l_div = tl.where(b_l == 0.0, 1.0, b_l)
     _store_chunk(O_PART, part, o_m, m_m, acc0, l_div, 0, W, NH, DP_V, D)
@@ -1071,12 +1084,14 @@ def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, 
     """The compile-time constants and launch options (num_warps, num_stages, maxnreg) of _decode_split_kernel_2d, as
     DecodePlan launches it (and benchmarks/decode_sass.py compiles it offline).
 
-    layout: tiles_2d_layout(...) of the configuration; rows: query rows per program (BM); launch: LAUNCH_DEFAULTS
+    layout: tiles_2d_layout(...) of the configuration; rows: query rows per program (BR; its tiles hold BM =
+    max(16, rows), the tensor cores' least); launch: LAUNCH_DEFAULTS
     with overrides; cuda: whether it runs on a GPU (inline assembly and the register cap only there); table_words:
     key_lookup_tables(codebook) as ints, needed where the tables go into the assembly (key_table_source
     "immediates"). Block size and warps are _auto_blocks' unless the launch gives them (a block size given without
     warps runs on 4)."""
-    block_n, num_stages, _, max_registers, num_warps = _auto_blocks(True, d, rows, layout["W"])
+    bm = max(16, rows)
+    block_n, num_stages, _, max_registers, num_warps = _auto_blocks(True, d, bm, layout["W"])
     use_asm = launch["inline_asm"] and cuda
     tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
     key_asm = (
@@ -1088,7 +1103,7 @@ def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, 
         max_registers = launch["max_registers"]
     elif not cuda or num_warps not in (2, 4):  # (the cap fits three 4-warp or six 2-warp programs in an SM)
         max_registers = 0
-    consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=rows,
+    consts = dict(D=d, VALUE_BITS=value_bits, GROUP=group_size, CAUSAL=causal, BM=bm, BR=rows,
                   BN=launch["block_n"] or block_n, KEY_ASM=key_asm, TABLES_IN_ASM=tables_in_asm,
                   VALUE_ASM=use_asm, num_warps=num_warps, num_stages=launch["num_stages"] or num_stages,
                   **layout)  # fmt: skip
@@ -1139,9 +1154,30 @@ def num_splits_for(
     one_wave: per_sm is how many programs an SM holds at once; round down, so that every program starts in the
     first wave (a partial second wave would double the time of the programs it holds)."""
     target = per_sm * _sm_count(device) if device.type == "cuda" else 4
+    return _split_count(batch_heads, capacity, block_n, target, one_wave)
+
+
+def _split_count(batch_heads: int, capacity: int, block_n: int, target: int, one_wave: bool) -> int:
     blocks = max(1, -(-capacity // block_n))
     per_head = target // batch_heads if one_wave else -(-target // batch_heads)
     return max(1, min(blocks, per_head, 128))
+
+
+# A denser launch of the 2-D kernel at head_dim 128 (4 warps, 16-row tiles): a cap of 128 registers and two stages
+# fit four programs per SM instead of three, each a little slower: on the H200 at (16, 65536), where both fill
+# their slots, an SM does DENSE_RATE of the default's work or more (prod keys 0.559 vs 0.647 ms, K3/V2 0.534 vs
+# 0.566, K4/V4 0.542 vs 0.558). DecodePlan takes it where its busy slots times DENSE_RATE exceed the default's (a
+# grid of heads that fills the default's waves badly): (32, 8192) and (64, 8192), K4/V4 0.152 vs 0.166 and 0.287 vs
+# 0.303 ms (benchmarks/RESULTS.md, fourteenth session).
+DENSE_LAUNCH = dict(max_registers=128, num_stages=2)
+DENSE_RATE = 0.86
+
+
+def slot_use(batch_heads: int, capacity: int, block_n: int, slots: int) -> float:
+    """Share of a one-wave-split launch's program slots (programs per SM × SMs) kept busy over its waves: the
+    split count as num_splits_for(one_wave=True) gives it for that many slots."""
+    programs = batch_heads * _split_count(batch_heads, capacity, block_n, slots, True)
+    return programs / (slots * -(-programs // slots))
 
 
 _RESIDENT: dict[tuple, int] = {}
@@ -1311,10 +1347,12 @@ class DecodePlan:
         c = key_codes.shape[2]
         prod = key_mode == "prod"
         kb = key_bits - 1 if prod else key_bits
-        bm = max(16, triton.next_power_of_2(min(m, MAX_ROWS)))  # query rows per program
-        row_tiles = triton.cdiv(m, bm)
-        mp = row_tiles * bm
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
+        # query rows per program (br) and per tile (bm): the 2-D kernel takes 8 rows in 16-row tiles
+        bm = max(16, triton.next_power_of_2(min(m, MAX_ROWS)))
+        br = max(8, triton.next_power_of_2(min(m, MAX_ROWS))) if layout_2d is not None else bm
+        row_tiles = triton.cdiv(m, br)
+        mp = row_tiles * br
         one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
         # the merge as a programmatic dependent launch: sm_90+
         cuda_90 = q_rot.is_cuda and torch.cuda.get_device_capability(q_rot.device)[0] >= 9
@@ -1332,10 +1370,10 @@ class DecodePlan:
                 key_table_words = tuple(key_tables.tolist())
             self._buffer_args = (key_codes, buffers["key_norms"], signs, rnorms, buffers["value_codes"],
                                  buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
-            consts = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, bm, launch, q_rot.is_cuda,
+            consts = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, br, launch, q_rot.is_cuda,
                                          key_table_words)  # fmt: skip
-            block_n = consts["BN"]
-            if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
+
+            def programs_per_sm(consts: dict) -> int:  # (compiles the kernel once per set of constants)
                 key = (q_rot.device, *sorted(consts.items()))
                 if key not in _RESIDENT:
                     o_part, l_part = _workspace(q_rot.device, b * h_kv, 1, mp, d)
@@ -1345,7 +1383,20 @@ class DecodePlan:
                             l_part, h_kv, c, m, n_q, c, 1.0, grid=(1, 1, 1), **consts,
                         )  # fmt: skip
                         _RESIDENT[key] = _resident_programs(compiled, q_rot.device, consts["num_warps"])
-                per_sm = _RESIDENT[key]
+                return _RESIDENT[key]
+
+            if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
+                per_sm = programs_per_sm(consts)
+                sms, heads = _sm_count(q_rot.device), b * h_kv * row_tiles
+                use = slot_use(heads, c, consts["BN"], per_sm * sms)
+                default = all(launch[k] is None for k in DENSE_LAUNCH)
+                if d == 128 and bm == 16 and consts["num_warps"] == 4 and default and use < DENSE_RATE:
+                    dense = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, br,
+                                                {**launch, **DENSE_LAUNCH}, True, key_table_words)  # fmt: skip
+                    dense_per_sm = programs_per_sm(dense)
+                    if slot_use(heads, c, dense["BN"], dense_per_sm * sms) * DENSE_RATE > use:
+                        consts, per_sm = dense, dense_per_sm
+            block_n = consts["BN"]
             splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
                                                              mp, d, one_wave)  # fmt: skip
             self._kernel = _decode_split_kernel_2d
