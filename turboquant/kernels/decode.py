@@ -6,7 +6,8 @@ Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
 - grid (B·H_kv, splits, row tiles): one program owns one KV head, a range of token slots and up to
   MAX_ROWS (64) of the head's G·N_q query rows (GQA), which share every dequantised K/V tile through
   tl.dot; a decode step (and up to 16 speculative queries at GQA 4) is one row tile, a longer chunk
-  of queries takes more;
+  of queries takes more (the 2-D kernel holds 8 rows of a decode step of GQA up to 8 in 16-row tiles, the
+  tensor cores' least, and drops the padding rows' softmax work);
 - a key's codes are unpacked from the planar layout (packing.pack_planar) into fields of contiguous
   columns, each dotted with the matching slice of the query; the key norm (and, for prod keys, γ) is
   applied once per score;
