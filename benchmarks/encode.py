@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warps", nargs="*", type=int, default=[4, 8], help="key kernel warps (sweep)")
     ap.add_argument("--value-block-n", nargs="*", type=int, default=[LAUNCH_DEFAULTS["value_block_n"]],
                     help="value rows per program (sweep)")  # fmt: skip
+    ap.add_argument("--caps", nargs="*", type=int, default=[0],
+                    help="register caps per thread of the key kernel (sweep; 0: none)")  # fmt: skip
     ap.add_argument("--value-warps", nargs="*", type=int, default=[0],
                     help="value kernel warps (sweep; 0: the default, 2 or 4 at head_dim 256)")  # fmt: skip
     ap.add_argument("--prefill-only", action="store_true", help="only the 32k-token prefill chunk")
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     launches = [{"search": s} for s in args.searches] or [{}]
     if args.sweep:
         launches = [
-            dict(block_n=bn, chunk=ch, num_warps=w, search=s, value_block_n=vbn, value_num_warps=vw)
+            dict(block_n=bn, chunk=ch, num_warps=w, search=s, value_block_n=vbn, value_num_warps=vw, max_registers=cap)
             for s in args.searches or [None]
+            for cap in args.caps
             for bn in args.block_n
             for ch in args.chunks
             for w in args.warps

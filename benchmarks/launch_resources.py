@@ -56,6 +56,8 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
     args = plan.key_kernel_args(k, torch.arange(n), mean, mean)
     consts = plan.key_kernel_constants
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages"))
+    if plan.key_register_cap:  # (the plan, built on the CPU, applies its cap on CUDA only)
+        options["maxnreg"] = plan.key_register_cap
     fn = encode._encode_keys_kernel
     names = fn.arg_names
     signature = {name: "constexpr" for name in consts}

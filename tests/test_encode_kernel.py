@@ -294,6 +294,29 @@ def test_encode_names_a_launch_that_does_not_fit(monkeypatch):
                   value_quantizer=cache.value_quantizer, small_rows=0, chunk=128)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "d,kb,dtype,centred,launch,cap",
+    [(128, 4, torch.bfloat16, False, {}, 168), (128, 4, torch.bfloat16, True, {}, 168),
+     (128, 3, torch.bfloat16, True, {}, 168), (128, 3, torch.bfloat16, False, {}, 0),
+     (64, 4, torch.bfloat16, False, {}, 0), (256, 4, torch.bfloat16, True, {}, 0),
+     (128, 4, torch.bfloat16, False, {"block_n": 128}, 0), (128, 3, torch.bfloat16, False, {"max_registers": 200}, 200),
+     (128, 4, torch.bfloat16, False, {"small_rows": 10**6}, 0)],
+)  # fmt: skip
+def test_encode_key_register_cap(d, kb, dtype, centred, launch, cap):
+    """The key kernel's register cap per launch (H200 sweeps, _key_launch): 168 for the 64-row, 4-warp launches of
+    4-bit keys and of centred keys at head_dim 128 (three programs per SM instead of two), none elsewhere, none when
+    the caller picks the rows or warps, the caller's when given, none for one small launch."""
+    from turboquant.kernels.encode import LAUNCH_DEFAULTS, EncodePlan
+
+    cache = TurboQuantKVCache(KVCacheConfig(head_dim=d, key_bits=kb, value_bits=4), 1, 8, device="cpu", capacity=4096)
+    k = torch.zeros(1, 8, 4096, d, dtype=dtype)
+    bufs = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}
+    plan = EncodePlan(k, k, bufs, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
+                      launch={**LAUNCH_DEFAULTS, **launch}, centred=centred, scaled=centred)  # fmt: skip
+    assert plan.key_register_cap == cap
+    assert "maxnreg" not in plan.key_kernel_constants  # (applied on CUDA only)
+
+
 def _bad_inputs(case):
     cache, k, v, slots = _setup("prod", 3, 4, 64, "haar", False, 4, (1, 2), extra=4)
     bufs = {name: t for name, t in cache.buffers().items() if name in cache._buffer_specs()}

@@ -285,8 +285,7 @@ def _encode_keys(
             b_a = tl.where(b_pos, b_a, (b_a.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True))
             b_i, b_c, b_cs = _count_boundaries(b_a, TAB, HALF, NC, PROD, NORM_CORRECTION)  # |c[idx]| = c[NC/2 + m]
             b_i = tl.where(b_pos, HALF + b_i, HALF - 1 - b_i)
-            b_c = tl.where(b_pos, b_c, -b_c)
-            b_cs = tl.where(b_pos, b_cs, -b_cs)
+            b_c = tl.where(b_pos, b_c, -b_c)  # (b_cs keeps |c| / √d: only its square is used)
         else:  # idx = #{t : √d·y > b_t}
             b_i, b_c, b_cs = _count_boundaries(b_s, TAB, 0, NC, PROD, NORM_CORRECTION)
         if KEY_BITS == 3:
@@ -456,20 +455,20 @@ def _encode_kv_kernel(
 # accuracy on tensor cores; "ieee" uses FMAs); whether keys are rotated by 16-bit products (split: the stored 16-bit
 # keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel (None
 # warps: 2, and 4 at head_dim 256, where a 32k chunk's values take 84 µs on 4 warps against 108 on 2; at 128 the two
-# are equal); and
-# the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an antisymmetric
-# codebook, half the comparisons and the same indices; None: symmetric for 4-bit key indices, where it pays on the
-# H200 (32k chunk K4/V4 0.228 ms vs 0.248), full for the rest).
+# are equal); the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an
+# antisymmetric codebook, half the comparisons and the same indices; None: symmetric for 4-bit key indices, where it
+# pays on the H200 (32k chunk K4/V4 0.228 ms vs 0.248), full for the rest); and a cap on the key kernel's registers
+# per thread in its long launch (max_registers, CUDA only; 0: none; None: per key kind, _key_launch).
 LAUNCH_DEFAULTS = dict(
     block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
-    value_block_n=32, value_num_warps=None, search=None,
+    value_block_n=32, value_num_warps=None, search=None, max_registers=None,
 )  # fmt: skip
 
 
-def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, int]:
-    """(block_n, chunk, num_warps) of the key kernel's long launch, by rotation path (see _encode_keys), from H200
-    sweeps of a 32k-token chunk (benchmarks/RESULTS.md, thirteenth session: rows 64/128 x warps 4/8, 64-column
-    chunks).
+def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, int, int]:
+    """(block_n, chunk, num_warps, max_registers) of the key kernel's long launch, by rotation path (see
+    _encode_keys), from H200 sweeps of a 32k-token chunk (benchmarks/RESULTS.md, thirteenth session: rows 64/128 x
+    warps 4/8, 64-column chunks; fourteenth: register caps).
 
     Keys as stored ("x16"): MSE keys 64 rows and 4 warps (head_dim 128, K3/V2: 0.145 ms vs 0.175 at 128 and 8; K4/V4
     0.160 ms, and 0.154 at 128 rows and 4 warps, which spill 144 B of registers, 704 with norm correction; at 256
@@ -483,14 +482,19 @@ def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, i
     by one fp32 dot (prod keys centred or scaled, the cache's defaults): 128 rows and 8 warps (head_dim 128: 1.30
     ms, the best of six), at head_dim 256 16 rows, 32-column chunks and 4 warps (K3/V2 prod 17.8 ms vs 53.9 with
     64-column chunks and 8 warps, where the chunk's [256, 64] float32 operands put ptxas on a 15 KB stack).
+
+    At head_dim 128 the 64-row, 4-warp launches of 4-bit keys and of centred keys take 173-255 registers (two programs
+    per SM); capped at 168 (three; offline up to 264 B of stack) they ran 7-9% faster (K4/V4 as stored 0.147 vs 0.161
+    ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145).
     """
     if prod or rotate == "fp32":
         if d <= 128:
-            return 128, 64, 8
-        return (16, 32, 4) if rotate == "fp32" else (16, 64, 8)
+            return 128, 64, 8, 0
+        return (16, 32, 4, 0) if rotate == "fp32" else (16, 64, 8, 0)
+    cap = 168 if d == 128 and (bits == 4 or rotate == "u16") else 0
     if rotate == "u16":
-        return (128, 64, 8) if d > 128 or (d == 64 and bits == 4) else (64, 64, 4)
-    return (128, 64, 8) if d == 64 and bits < 4 else (64, 64, 4)
+        return (128, 64, 8, 0) if d > 128 or (d == 64 and bits == 4) else (64, 64, 4, cap)
+    return (128, 64, 8, 0) if d == 64 and bits < 4 else (64, 64, 4, cap)
 
 
 SEARCHES = ("full", "symmetric")
@@ -570,7 +574,7 @@ def encode_kv(
         check_slots: verify 0 <= slots < C on the host (a device sync; pass False inside a
             CUDA graph capture or when the caller guarantees the range).
         launch: overrides of LAUNCH_DEFAULTS (block_n, small_rows, chunk, num_warps, num_stages,
-            precision, split, value_block_n, value_num_warps, search).
+            precision, split, value_block_n, value_num_warps, search, max_registers).
 
     Unlike the reference, values outside the float16 range are stored as ±inf instead of raising.
     """
@@ -660,7 +664,8 @@ class EncodePlan:
     chunk without re-checking it: encode_kv builds one per call after validating its inputs; a cache keeps one
     across steps (its buffers must stay the same tensors). k, v: example chunks, as every call will pass;
     centred, scaled: whether calls pass a key mean, key scales (encode_kv's key_mean, key_scale). ``label`` says
-    what it launches."""
+    what it launches; ``key_register_cap`` is the key kernel's register cap per thread in its long launch (0: none;
+    applied on CUDA only)."""
 
     def __init__(
         self, k: torch.Tensor, v: torch.Tensor, buffers: dict[str, torch.Tensor], *,
@@ -686,7 +691,7 @@ class EncodePlan:
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
         small = rows <= launch["small_rows"]
-        auto_n, auto_chunk, auto_warps = _key_launch(mse.bits, prod, d, rotate)
+        auto_n, auto_chunk, auto_warps, auto_cap = _key_launch(mse.bits, prod, d, rotate)
         block_n = 16 if small else launch["block_n"] or auto_n
         # a small chunk: 4 warps, at head_dim 256 those of its kind's long launch (the same registers per thread)
         num_warps = (4 if d <= 128 else auto_warps) if small else launch["num_warps"] or auto_warps
@@ -703,6 +708,17 @@ class EncodePlan:
             BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
             CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
+        # the key kernel's register cap per thread in the long launch (the automatic one goes with the automatic rows
+        # and warps); applied on CUDA only
+        if small:
+            cap = 0
+        elif launch["max_registers"] is not None:
+            cap = launch["max_registers"]
+        else:
+            cap = 0 if launch["block_n"] or launch["num_warps"] else auto_cap
+        self.key_register_cap = cap
+        if cap and k.is_cuda:
+            self._key_consts["maxnreg"] = cap
         value_block_n = 16 if small else launch["value_block_n"]
         # 2 warps up to head_dim 128, 4 at 256: the same values per thread (at 256, 32 rows on 2 warps take 245-255
         # registers and spill 2-bit values, in the offline sm_90 compile; 128 and no spill on 4)
@@ -715,7 +731,7 @@ class EncodePlan:
         self._one_launch = small  # keys and values of the same rows in one program
         values = "" if self._one_launch else f" values {value_block_n} rows {value_warps} warps"
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search} {rotate}"
-                      + (" one launch" if self._one_launch else values))  # fmt: skip
+                      + (f" cap {cap}" if cap else "") + (" one launch" if self._one_launch else values))  # fmt: skip
 
     @property
     def key_kernel_constants(self) -> dict:
