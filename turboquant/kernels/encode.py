@@ -485,7 +485,8 @@ def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, i
 
     At head_dim 128 the 64-row, 4-warp launches of 4-bit keys and of centred keys take 173-255 registers (two programs
     per SM); capped at 168 (three; offline up to 264 B of stack) they ran 7-9% faster (K4/V4 as stored 0.147 vs 0.161
-    ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145).
+    ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145). Keys
+    given in float32 take the centred keys' rotation ("u16") and its cap (not timed apart).
     """
     if prod or rotate == "fp32":
         if d <= 128:
