@@ -843,9 +843,9 @@ def _attend_block_2d(
         s_t += s_qjl * gamma.to(tl.float32)[:, None]
     b_s = tl.trans(s_t)  # [BM, BN]
     BM: tl.constexpr = b_s.shape[0]
-    real = (tl.arange(0, BM) < BR)[:, None]
+    real = tl.arange(0, BM) < BR  # [BM]
     if BR < BM:  # rows from BR on are padding: constant, so that the compiler drops their products and exponentials
-        b_s = tl.where(real, b_s, float("-inf"))
+        b_s = tl.where(real[:, None], b_s, float("-inf"))
     if MASKED:
         visible = m_n[None, :]
         if CAUSAL:
@@ -857,8 +857,8 @@ def _attend_block_2d(
     b_m = m_new
     p = tl.exp2(b_s - m_safe[:, None])
     if BR < BM:
-        p = tl.where(real, p, 0.0)
-        alpha = tl.where(tl.arange(0, BM) < BR, alpha, 1.0)
+        p = tl.where(real[:, None], p, 0.0)
+        alpha = tl.where(real, alpha, 1.0)
     p16 = p.to(tl.float16)
     # the softmax denominator by the tensor cores (P times a ones tile), as the outputs: no sum across warps
     l_acc = l_acc * alpha[:, None] + tl.dot(p16, tl.full([BN, 16], 1.0, tl.float16))
@@ -1349,9 +1349,10 @@ class DecodePlan:
         prod = key_mode == "prod"
         kb = key_bits - 1 if prod else key_bits
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
-        # query rows per program (br) and per tile (bm): the 2-D kernel takes 8 rows in 16-row tiles
-        bm = max(16, triton.next_power_of_2(min(m, MAX_ROWS)))
-        br = max(8, triton.next_power_of_2(min(m, MAX_ROWS))) if layout_2d is not None else bm
+        # query rows per tile (bm) and per program (br): the 2-D kernel takes 8 rows in 16-row tiles
+        rows = triton.next_power_of_2(min(m, MAX_ROWS))
+        bm = max(16, rows)
+        br = max(8, rows) if layout_2d is not None else bm
         row_tiles = triton.cdiv(m, br)
         mp = row_tiles * br
         one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
