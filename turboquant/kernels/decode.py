@@ -1359,9 +1359,6 @@ class DecodePlan:
         # the merge as a programmatic dependent launch: sm_90+
         cuda_90 = q_rot.is_cuda and torch.cuda.get_device_capability(q_rot.device)[0] >= 9
         pdl = launch["dependent_launch"] if cuda_90 else "off"
-        block_n, num_stages, per_sm, _, num_warps = _auto_blocks(layout_2d is not None, d, bm)
-        block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
-        num_stages = launch["num_stages"] or num_stages
         signs = buffers["key_signs"] if prod else key_codes
         rnorms = buffers["key_rnorms"] if prod else key_codes
         if layout_2d is not None:
@@ -1387,7 +1384,9 @@ class DecodePlan:
                         _RESIDENT[key] = _resident_programs(compiled, q_rot.device, consts["num_warps"])
                 return _RESIDENT[key]
 
-            if one_wave:  # as many splits as the SMs hold programs at once (the splits do not change the code)
+            if not one_wave:
+                per_sm = launch["programs_per_sm"] or _auto_blocks(True, d, bm, layout_2d["W"])[2]
+            else:  # as many splits as the SMs hold programs at once (the splits do not change the code)
                 per_sm = programs_per_sm(consts)
                 sms, heads = _sm_count(q_rot.device), b * h_kv * row_tiles
                 use = slot_use(heads, c, consts["BN"], per_sm * sms)
@@ -1403,6 +1402,9 @@ class DecodePlan:
                                                              mp, d, one_wave)  # fmt: skip
             self._kernel = _decode_split_kernel_2d
         else:
+            block_n, num_stages, per_sm, _, num_warps = _auto_blocks(False, d, bm)
+            block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
+            num_stages = launch["num_stages"] or num_stages
             splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
                                                              mp, d)  # fmt: skip
             p_k = 8 if kb == 3 else 8 // kb
