@@ -145,6 +145,7 @@ CASES = [
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
+    # (rows of one program crossing heads and sequences, read from a token-major layout: the test below)
 ]
 
 
@@ -153,6 +154,20 @@ def test_encode_matches_reference(mode, kb, vb, d, rotation, nc, n, bh, launch):
     cache, k, v, slots = _setup(mode, kb, vb, d, rotation, nc, n, bh, extra=9)
     bufs = _poisoned_buffers(cache)
     encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer, **launch)
+    _check_rows(cache, k, v, bufs, slots)
+
+
+@pytest.mark.parametrize("n,launch", [(70, {"small_rows": 0}), (37, {"small_rows": 0}), (5, {})])
+def test_encode_heads_read_from_a_token_major_layout(n, launch):
+    """K and V as a model holds them before its transpose ([B, N, H, D] in memory, seen as [B, H, N, D]: batch
+    stride ≠ H × head stride), in launches whose programs' rows cross heads and sequences: every row's batch and
+    head are found (_rows), not only its flat offset."""
+    cache, k, v, slots = _setup("mse", 4, 4, 128, "haar", False, n, (2, 3), extra=3)
+    k_t, v_t = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (k, v))
+    assert k_t.stride(0) != 3 * k_t.stride(1)
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k_t, v_t, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer,
+              **launch)  # fmt: skip
     _check_rows(cache, k, v, bufs, slots)
 
 
