@@ -199,6 +199,24 @@ def test_encode_bf16_keys_outside_the_fp16_range(mode, kb):
     _check_rows(cache, k, v, bufs, slots)
 
 
+@pytest.mark.parametrize("vb", [2, 4])
+def test_encode_value_groups_of_every_magnitude(vb):
+    """Value groups at every float32 magnitude (levels 2^-40 to 2^15, spreads from 2^-20 of the level up; the
+    scale (max - min) / (2^b - 1) is computed by the constant's reciprocal and one correction): scales, zeros and
+    codes equal the reference's bit for bit; a range beyond float32 (float32 input) stores an infinite scale."""
+    cache, k, v, slots = _setup("mse", 4, vb, 128, "haar", False, 64, (1, 2), extra=2)
+    gen = torch.Generator().manual_seed(vb)
+    level = torch.exp2(torch.randint(-40, 16, (1, 2, 64, 4, 1), generator=gen).float())
+    spread = torch.exp2(-torch.randint(0, 21, (1, 2, 64, 4, 1), generator=gen).float())
+    v = (level * (1 + spread * torch.rand(1, 2, 64, 4, 32, generator=gen))).flatten(-2).to(v.device)
+    bufs = _poisoned_buffers(cache)
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    _check_rows(cache, k, v, bufs, slots)
+    v[0, 1, 3, :2] = torch.tensor([-3e38, 3e38])  # group 0 of that row: max - min overflows float32
+    encode_kv(k, v, bufs, slots, key_quantizer=cache.key_quantizer, value_quantizer=cache.value_quantizer)
+    assert bufs["value_affine"][0, 1, slots[3], 0, 0].item() == float("inf")
+
+
 def test_encode_ring_slots_and_degenerate_rows():
     """Slots in any order (a wrapped ring); zero and constant rows (zero norm, zero value scale)."""
     cache, k, v, _ = _setup("mse", 4, 4, 64, "haar", True, 20, (1, 2))

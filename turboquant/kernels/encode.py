@@ -345,6 +345,7 @@ def _encode_values(
     max reduce within the few threads that hold it, and its scale, zero and reciprocal are computed once."""
     NG: tl.constexpr = D // GROUP
     LEVELS: tl.constexpr = (1 << VALUE_BITS) - 1
+    INV_LEVELS: tl.constexpr = 1.0 / LEVELS  # (in float32: RN(1 / levels) for every width 1-8)
     VB: tl.constexpr = D * VALUE_BITS // 8
     i_b, i_h, i_n, m_g, row_g = _rows(SLOTS, R, N, H, C, BN, NG)  # [BN·NG] each: the row of each group row
     o_g = (tl.arange(0, BN * NG) % NG) * GROUP  # its first column
@@ -353,19 +354,24 @@ def _encode_values(
     b_min = tl.min(b_x, axis=1)  # [BN·NG]
     b_max = tl.max(b_x, axis=1)
     b_z = b_min.to(tl.float16)
-    b_sc = tl.div_rn(b_max - b_min, tl.full((BN * NG,), LEVELS, tl.float32)).to(tl.float16)
+    # RN((max - min) / levels) by the constant's rounded reciprocal (Markstein, as for the codes below), where
+    # the range is finite (an infinite one stays infinite)
+    b_rg = b_max - b_min
+    b_q = b_rg * INV_LEVELS
+    b_sc = tl.where(b_q == float("inf"), b_q, tl.fma(tl.fma(-b_q, LEVELS, b_rg), INV_LEVELS, b_q)).to(tl.float16)
     # one 4-byte word per (scale, zero) pair, scale in the low half (the layout of value_affine [..., NG, 2])
     b_w = b_sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF | (b_z.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     tl.store(VA.to(tl.pointer_type(tl.int32)) + row_g * NG + o_g // GROUP, b_w, mask=m_g)
     b_s = b_sc.to(tl.float32)
     b_d = tl.maximum(b_s, 1e-30)[:, None]  # the reference's clamp_min
-    b_r = tl.div_rn(tl.full((BN * NG,), 1.0, tl.float32), tl.maximum(b_s, 1e-30))[:, None]  # RN(1 / scale)
+    # RN(1 / scale); 0 where the scale is 0 (or NaN), whose codes are 0: q = a·0 (clamped below if a is not finite)
+    b_r = tl.where(b_s > 0, tl.div_rn(tl.full((BN * NG,), 1.0, tl.float32), tl.maximum(b_s, 1e-30)), 0.0)[:, None]
     # (x - zero) / scale correctly rounded from the rounded reciprocal (Markstein): q = RN(a·r),
     # then q + RN(a - q·scale)·r with both steps fused multiply-adds
     b_a = b_x - b_z.to(tl.float32)[:, None]  # [BN·NG, GROUP]
     b_q = b_a * b_r
     b_q = tl.fma(tl.fma(-b_q, b_d, b_a), b_r, b_q)
-    b_q = tl.minimum(tl.maximum(tl.where(b_s[:, None] > 0, b_q, 0.0), 0.0), LEVELS)  # (clamping first: same codes)
+    b_q = tl.minimum(tl.maximum(b_q, 0.0), LEVELS)  # (clamping first: same codes; max(NaN, 0) = 0)
     # round half to even, as torch.round: 1.5·2^23 + q lies where the float32 spacing is 1, so the addition rounds q
     # to the nearest integer, ties to even, and leaves it in the low mantissa bits
     b_q = (b_q + 1.5 * 2.0**23).to(tl.int32, bitcast=True) & 0xFF
