@@ -1080,18 +1080,24 @@ THREE_PER_SM_REGISTERS = 168
 MAX_ROWS = 64
 
 
+def _tile_rows(rows: int) -> int:
+    """Query rows of a split kernel's tiles for ``rows`` (a power of two) rows per program: 16 at least, the tensor
+    cores' least."""
+    return max(16, rows)
+
+
 def kernel_2d_constants(d: int, layout: dict, value_bits: int, group_size: int, causal: bool, rows: int,
                         launch: dict, cuda: bool, table_words: tuple[int, ...] | None) -> dict:  # fmt: skip
     """The compile-time constants and launch options (num_warps, num_stages, maxnreg) of _decode_split_kernel_2d, as
     DecodePlan launches it (and benchmarks/decode_sass.py compiles it offline).
 
     layout: tiles_2d_layout(...) of the configuration; rows: query rows per program (BR; its tiles hold BM =
-    max(16, rows), the tensor cores' least); launch: LAUNCH_DEFAULTS
+    _tile_rows(rows)); launch: LAUNCH_DEFAULTS
     with overrides; cuda: whether it runs on a GPU (inline assembly and the register cap only there); table_words:
     key_lookup_tables(codebook) as ints, needed where the tables go into the assembly (key_table_source
     "immediates"). Block size and warps are _auto_blocks' unless the launch gives them (a block size given without
     warps runs on 4)."""
-    bm = max(16, rows)
+    bm = _tile_rows(rows)
     block_n, num_stages, _, max_registers, num_warps = _auto_blocks(True, d, bm, layout["W"])
     use_asm = launch["inline_asm"] and cuda
     tables_in_asm = use_asm and launch["key_table_source"] == "immediates"
@@ -1351,7 +1357,7 @@ class DecodePlan:
         layout_2d = tiles_2d_layout(d, key_bits, key_mode, value_bits, group_size) if launch["tiles_2d"] else None
         # query rows per tile (bm) and per program (br): the 2-D kernel takes 8 rows in 16-row tiles
         rows = triton.next_power_of_2(min(m, MAX_ROWS))
-        bm = max(16, rows)
+        bm = _tile_rows(rows)
         br = max(8, rows) if layout_2d is not None else bm
         row_tiles = triton.cdiv(m, br)
         mp = row_tiles * br
