@@ -145,7 +145,6 @@ CASES = [
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
-    # (rows of one program crossing heads and sequences, read from a token-major layout: the test below)
 ]
 
 

@@ -361,15 +361,16 @@ def _encode_values(
     # RN((max - min) / levels) by the constant's rounded reciprocal (Markstein, as for the codes below), where
     # the range is finite (an infinite one stays infinite)
     b_rg = b_max - b_min
-    b_q = b_rg * INV_LEVELS
-    b_sc = tl.where(b_q == float("inf"), b_q, tl.fma(tl.fma(-b_q, LEVELS, b_rg), INV_LEVELS, b_q)).to(tl.float16)
+    b_sq = b_rg * INV_LEVELS
+    b_sc = tl.where(b_sq == float("inf"), b_sq, tl.fma(tl.fma(-b_sq, LEVELS, b_rg), INV_LEVELS, b_sq)).to(tl.float16)
     # one 4-byte word per (scale, zero) pair, scale in the low half (the layout of value_affine [..., NG, 2])
     b_w = b_sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF | (b_z.to(tl.int16, bitcast=True).to(tl.int32) << 16)
     tl.store(VA.to(tl.pointer_type(tl.int32)) + row_g * NG + o_g // GROUP, b_w, mask=m_g)
     b_s = b_sc.to(tl.float32)
-    b_d = tl.maximum(b_s, 1e-30)[:, None]  # the reference's clamp_min
+    b_d = tl.maximum(b_s, 1e-30)  # the reference's clamp_min
     # RN(1 / scale); 0 where the scale is 0 (or NaN), whose codes are 0: q = a·0 (clamped below if a is not finite)
-    b_r = tl.where(b_s > 0, tl.div_rn(tl.full((BN * NG,), 1.0, tl.float32), tl.maximum(b_s, 1e-30)), 0.0)[:, None]
+    b_r = tl.where(b_s > 0, tl.div_rn(tl.full((BN * NG,), 1.0, tl.float32), b_d), 0.0)[:, None]
+    b_d = b_d[:, None]
     # (x - zero) / scale correctly rounded from the rounded reciprocal (Markstein): q = RN(a·r),
     # then q + RN(a - q·scale)·r with both steps fused multiply-adds
     b_a = b_x - b_z.to(tl.float32)[:, None]  # [BN·NG, GROUP]
