@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
-from turboquant.packing import unpack_key_codes, unpack_planar
+from turboquant.packing import to_key_codes, unpack_key_codes, unpack_planar
 from turboquant.quantizers import TurboQuantMSE, ValueQuantizer
 
 triton = pytest.importorskip("triton")
@@ -24,7 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from turboquant.kernels.encode import encode_kv  # noqa: E402 (after the skip: needs triton)
+from turboquant.kernels.encode import encode_kv, grid_table  # noqa: E402 (after the skip: needs triton)
 
 POISON = 0xAB
 # A code may differ from the reference only where the reference's coordinate is this close to the
@@ -145,6 +145,13 @@ CASES = [
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
+    # MSE keys searched by one table lookup
+    ("mse", 1, 2, 64, "haar", True, 15, (2, 3), {"search": "grid"}),
+    ("mse", 2, 4, 128, "hadamard", False, 63, (1, 2), {"search": "grid"}),
+    ("mse", 3, 2, 64, "haar", True, 300, (1, 2), {"small_rows": 0, "search": "grid"}),
+    ("mse", 4, 4, 128, "haar", True, 300, (2, 1), {"small_rows": 0, "search": "grid"}),
+    ("mse", 4, 2, 128, "hadamard", False, 300, (1, 2), {"small_rows": 0, "split": False, "search": "grid"}),
+    ("mse", 4, 4, 256, "haar", True, 80, (1, 1), {"small_rows": 0, "search": "grid"}),
 ]
 
 
@@ -296,11 +303,48 @@ def test_symmetric_search_refuses_an_asymmetric_codebook():
     own.centroids = own.centroids + 0.01
     kw = dict(key_quantizer=own, value_quantizer=cache.value_quantizer)
     by_default, full = _poisoned_buffers(cache), {n: t.clone() for n, t in _poisoned_buffers(cache).items()}
-    encode_kv(k, v, by_default, slots, **kw)  # 4-bit indices: by default symmetric where it applies, else full,
-    encode_kv(k, v, full, slots, search="full", **kw)  # which takes any ascending codebook
+    encode_kv(k, v, by_default, slots, **kw)  # by default a grid lookup, which takes any ascending codebook,
+    encode_kv(k, v, full, slots, search="full", **kw)  # as a comparison per boundary does
     assert torch.equal(by_default["key_codes"], full["key_codes"])
     with pytest.raises(ValueError, match="antisymmetric codebook"):
         encode_kv(k, v, _poisoned_buffers(cache), slots, search="symmetric", **kw)
+
+
+def _grid_lookup(x: torch.Tensor, table: torch.Tensor, shift: int, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid search of the kernel (_grid_search) in float32 torch ops: (stored codes, squared scaled centroids)."""
+    v = x * 2.0**shift + torch.tensor(12582912.0)
+    k = ((v.view(torch.int32) - (0x4B400000 - bins // 2)).clamp(0, bins - 1)).long()
+    e, c2 = table[0, k], table[1, k]
+    up = x > (e & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    codes = torch.where(up, e >> 48, (e >> 32) & 0xFFFF)
+    return codes, torch.where(up, c2 >> 32, c2 & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_grid_table_gives_the_codes_of_the_comparisons(d, bits):
+    """The portable grid lookup (the interpreter's) gives the stored code of idx = #{t : x > b_t} and (c[idx] / √d)²
+    on a dense sweep of √d-scaled coordinates, every boundary, the floats next to it, ±0, far values (clamped bins)
+    and ±inf."""
+    q = TurboQuantMSE(d, bits)
+    b = q.boundaries.float().cpu()
+    cs = (q.centroids / q.scale).float().cpu()
+    table, shift, bins = grid_table(b, cs)
+    assert table.dtype == torch.int64 and table.shape == (2, bins)
+    near = torch.cat([b, torch.nextafter(b, torch.tensor(-1e30)), torch.nextafter(b, torch.tensor(1e30))])
+    far = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 3e6, -3e6, 1e30, -1e30, float("inf"), -float("inf")])
+    x = torch.cat([torch.linspace(-20.0, 20.0, 200_001), near, far])
+    codes, c2 = _grid_lookup(x, table, shift, bins)
+    expect = torch.bucketize(x, b, right=False)  # #{t : b_t < x}
+    assert torch.equal(codes, to_key_codes(expect, bits))
+    assert torch.equal(c2, cs[expect] * cs[expect])
+
+
+def test_grid_search_is_for_mse_keys():
+    cache, k, v, slots = _setup("prod", 3, 2, 64, "haar", False, 4, (1, 1), extra=4)
+    with pytest.raises(ValueError, match='search="grid" is for MSE keys'):
+        encode_kv(k, v, _poisoned_buffers(cache), slots, key_quantizer=cache.key_quantizer,
+                  value_quantizer=cache.value_quantizer, search="grid")  # fmt: skip
 
 
 class _TooBig:
@@ -329,15 +373,16 @@ def test_encode_names_a_launch_that_does_not_fit(monkeypatch):
 @pytest.mark.parametrize(
     "d,kb,dtype,centred,launch,cap",
     [(128, 4, torch.bfloat16, False, {}, 168), (128, 4, torch.bfloat16, True, {}, 168),
-     (128, 3, torch.bfloat16, True, {}, 168), (128, 3, torch.bfloat16, False, {}, 0),
-     (64, 4, torch.bfloat16, False, {}, 0), (256, 4, torch.bfloat16, True, {}, 0),
+     (128, 3, torch.bfloat16, True, {}, 168), (128, 3, torch.bfloat16, False, {}, 168),
+     (128, 2, torch.bfloat16, False, {}, 0), (64, 4, torch.bfloat16, False, {}, 0),
+     (256, 4, torch.bfloat16, True, {}, 0),
      (128, 4, torch.bfloat16, False, {"block_n": 128}, 0), (128, 3, torch.bfloat16, False, {"max_registers": 200}, 200),
      (128, 4, torch.bfloat16, False, {"small_rows": 10**6}, 0)],
 )  # fmt: skip
 def test_encode_key_register_cap(d, kb, dtype, centred, launch, cap):
     """The key kernel's register cap per launch (H200 sweeps, _key_launch): 168 for the 64-row, 4-warp launches of
-    4-bit keys and of centred keys at head_dim 128 (three programs per SM instead of two), none elsewhere, none when
-    the caller picks the rows or warps, the caller's when given, none for one small launch."""
+    3- and 4-bit keys and of centred keys at head_dim 128 (three programs per SM instead of two), none elsewhere, none
+    when the caller picks the rows or warps, the caller's when given, none for one small launch."""
     from turboquant.kernels.encode import LAUNCH_DEFAULTS, EncodePlan
 
     cache = TurboQuantKVCache(KVCacheConfig(head_dim=d, key_bits=kb, value_bits=4), 1, 8, device="cpu", capacity=4096)
@@ -418,7 +463,7 @@ BAD = {
     "quantizer_head_dim": "head_dim=128",
     "group_size": "group_size=3 must divide D=64",
     "launch": "unknown launch options",
-    "search": r"search must be None or one of \('full', 'symmetric'\), got 'binary'",
+    "search": r"search must be None or one of \('full', 'symmetric', 'grid'\), got 'binary'",
     "key_mean": r"key_mean must be a contiguous float32 tensor \[B, H_kv, D\] = \(1, 2, 64\)",
     "key_scale_dtype": r"key_scale must be a contiguous float32 tensor .* got torch.float16",
 }

@@ -1,4 +1,4 @@
-"""The decode kernel's inline PTX, run on the CPU by a small interpreter of the instructions it uses.
+"""The kernels' inline PTX, run on the CPU by a small interpreter of the instructions it uses.
 
 The GPU tests compare the assembly path with the reference; here (no GPU needed) every unpacking routine is
 checked word by word against what its portable Triton twin computes: the same fp16 values, bit for bit,
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from turboquant.codebook import get_codebook
-from turboquant.kernels import decode
-from turboquant.packing import from_key_codes
+from turboquant.kernels import decode, encode
+from turboquant.packing import from_key_codes, to_key_codes
+from turboquant.quantizers import TurboQuantMSE
 
 M32 = 0xFFFFFFFF
 
@@ -51,24 +52,66 @@ def _prmt(a, b, c):
     return out
 
 
-def run_ptx(code: str, operands: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """Execute the instruction subset of the kernels' assembly on uint64 arrays holding 32-bit registers."""
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.uint32).view(np.float32)
+
+
+def _s32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.uint32).view(np.int32).astype(np.int64)
+
+
+def run_ptx(code: str, operands: dict[int, np.ndarray],
+            memory: tuple[int, bytes] | None = None) -> dict[int, np.ndarray]:  # fmt: skip
+    """Execute the instruction subset of the kernels' assembly on uint64 arrays holding 32-bit registers (64-bit
+    ones for addresses and .b64 registers); memory: (address, bytes) that global loads may read."""
     regs: dict[str, np.ndarray] = {f"${k}": v.astype(np.uint64) for k, v in operands.items()}
     n = len(next(iter(operands.values())))
+    wide = {"$" + str(k) for k, v in operands.items() if v.dtype == np.uint64 and (v > M32).any()}
 
     def val(tok: str) -> np.ndarray:
         tok = tok.strip()
         if tok in regs:
             return regs[tok]
+        if tok.startswith("0f"):  # a float32 immediate, as its bits
+            return np.full(n, int(tok[2:], 16), dtype=np.uint64)
         return np.full(n, int(tok, 0) & M32, dtype=np.uint64)
+
+    def load(address: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        base, data = memory
+        words = np.frombuffer(data, dtype=np.uint32)
+        at = address.astype(np.int64) - base
+        assert (at >= 0).all() and (at + 8 <= len(data)).all() and (at % 8 == 0).all(), "load outside the table"
+        return words[at // 4].astype(np.uint64), words[at // 4 + 1].astype(np.uint64)
 
     body = code.strip().removeprefix("{").removesuffix("}")
     for stmt in filter(None, (s.strip() for s in body.split(";"))):
         if stmt.startswith(".reg"):
             continue
         op, args = stmt.split(None, 1)
+        if op == "ld.global.nc.v2.b32":  # {lo, hi}, [address(+offset)]
+            m = re.fullmatch(r"\{\s*(\w+),\s*(\w+)\s*\},\s*\[(\$?\w+)(?:\+(\d+))?\]", args.strip())
+            regs[m.group(1)], regs[m.group(2)] = load(regs[m.group(3)] + np.uint64(int(m.group(4) or 0)))
+            continue
         dst, *src = [t.strip() for t in args.split(",")]
-        if op == "mov.b32":
+        if op == "mad.wide.s32":  # a 64-bit address: a signed 32-bit index times a constant plus a 64-bit base
+            assert src[2] in wide, "the base of mad.wide must be a 64-bit operand"
+            regs[dst] = (_s32(val(src[0])) * int(src[1]) + regs[src[2]].astype(np.int64)).astype(np.uint64)
+            continue
+        if op == "setp.gt.f32":
+            regs[dst] = _f32(val(src[0])) > _f32(val(src[1]))
+            continue
+        if op == "fma.rn.f32":  # modelled for a power-of-two multiplier, where the product is exact in float32
+            assert (np.frexp(_f32(val(src[1])))[0] == 0.5).all(), "fma.rn.f32 is modelled for a power of two only"
+            out = (_f32(val(src[0])) * _f32(val(src[1])) + _f32(val(src[2]))).view(np.uint32)
+        elif op in ("selp.b32", "selp.s32"):
+            out = np.where(regs[src[2]], val(src[0]), val(src[1]))
+        elif op == "sub.s32":
+            out = (_s32(val(src[0])) - _s32(val(src[1]))) & M32
+        elif op == "max.s32":
+            out = np.maximum(_s32(val(src[0])), _s32(val(src[1]))) & M32
+        elif op == "min.s32":
+            out = np.minimum(_s32(val(src[0])), _s32(val(src[1]))) & M32
+        elif op == "mov.b32":
             out = val(src[0])
         elif op == "lop3.b32":
             out = _lop3(val(src[0]), val(src[1]), val(src[2]), int(src[3], 0))
@@ -278,6 +321,27 @@ def test_qjl_sign_pairs_are_plus_minus_one():
             for half, got in enumerate(_f16x2(regs[4 * j + r])):
                 bit = (elements[r % 2] >> (16 * half + j + 8 * (r // 2))) & 1
                 np.testing.assert_array_equal(got, np.where(bit, 1.0, -1.0).astype(np.float16))
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+@pytest.mark.parametrize("bits,d", [(3, 128), (4, 128), (4, 64), (2, 256)])
+def test_grid_search_gives_the_stored_codes(bits, d, scaled):
+    """The encode kernel's codebook lookup (_grid_asm) on every boundary, the floats beside it, a dense sweep and
+    far values: the stored code of #{t : x > b_t} and (without norm correction, zero) (c[idx] / √d)², bit for bit."""
+    q = TurboQuantMSE(d, bits)
+    b, cs = q.boundaries.float(), (q.centroids / q.scale).float()
+    table, shift, bins = encode.grid_table(b, cs)
+    near = torch.cat([b, torch.nextafter(b, torch.tensor(-1e30)), torch.nextafter(b, torch.tensor(1e30))])
+    far = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 40.0, -40.0, 3e6, -3e6, 1e30, -1e30, float("inf"), -float("inf")])
+    x = torch.cat([torch.linspace(-20.0, 20.0, 50_001), near, far])
+    base = 0x7F12_3456_7000  # a 64-bit address: the table's bytes live there
+    operands = {2: x.view(torch.int32).numpy().astype(np.uint32).astype(np.uint64),
+                3: np.full(x.numel(), base, dtype=np.uint64)}  # fmt: skip
+    regs = run_ptx(encode._grid_asm(shift, bins, scaled), operands, memory=(base, table.numpy().tobytes()))
+    idx = torch.bucketize(x, b, right=False)  # #{t : b_t < x}
+    np.testing.assert_array_equal(regs[0], to_key_codes(idx, bits).numpy())
+    want = (cs[idx] * cs[idx]).view(torch.int32).numpy().astype(np.uint32) if scaled else np.zeros(x.numel())
+    np.testing.assert_array_equal(regs[1], want)
 
 
 def test_table_words_are_checked():

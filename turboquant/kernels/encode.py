@@ -8,7 +8,8 @@ packed rows:
 - keys, TurboQuant (arXiv:2504.19874) Algorithm 1: norm ‖x‖, unit vector u = x / ‖x‖, rotation
   y = u Πᵀ (a dense tl.dot for both the Haar and the randomized-Hadamard Π), index of the nearest
   centroid of √d·y (a count of the decision boundaries, the midpoints of the sorted centroids,
-  that it exceeds: ``torch.bucketize``), optionally the corrected norm ‖x‖ / ‖c[idx] / √d‖;
+  that it exceeds: ``torch.bucketize``; for 3- and 4-bit MSE keys by one lookup in a table of bins that hold
+  one boundary each, ``grid_table``, and one comparison), optionally the corrected norm ‖x‖ / ‖c[idx] / √d‖;
 - prod keys, Algorithm 2: the residual r = x - Πᵀ ŷ, ŷ = c[idx] · fp16(norm) / √d, handled in
   the rotated basis, Π r = ‖x‖·y - ŷ, so that S r = (Π r)(Π Sᵀ) with Π Sᵀ precomputed; the
   stored bits are sign(S r) >= 0 and γ = ‖r‖ (the residual of x itself, not of the unit vector,
@@ -68,6 +69,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..packing import to_key_codes
 from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
 from .launch import check_value_affine, on_device
 
@@ -194,12 +196,43 @@ def _select8(C, u1, u2, u3):
 
 
 @triton.jit
+def _grid_search(b_x, GRID, GRID_SHIFT: tl.constexpr, GRID_BINS: tl.constexpr, SCALED: tl.constexpr,
+                 GRID_ASM: tl.constexpr):  # fmt: skip
+    """The stored code (packing.to_key_codes) of idx = #{t : x > b_t} over every boundary by one table lookup, and
+    (SCALED; else zeros) the squared scaled centroid (c[idx] / √d)², per element of b_x; GRID: int64 [2, GRID_BINS]
+    from grid_table. GRID_ASM (CUDA): the same in PTX (_grid_asm), which keeps the tile's layout (Triton's loads
+    of a gathered address take a layout of their own and round trips through shared memory).
+
+    The bin of x is k = clamp(RNE(x·2^GRID_SHIFT) + GRID_BINS / 2, 0, GRID_BINS - 1), read from the float bits of
+    x·2^GRID_SHIFT + 1.5·2^23 (exact: the product scales by a power of two and the sum rounds once to an integer).
+    k is monotone in x and no two boundaries share a bin, so idx = (the boundaries in lower bins) + [x > the
+    boundary of bin k]: the same indices as a comparison per boundary, with no margin."""
+    if GRID_ASM != "":
+        b_base = tl.zeros(b_x.shape, tl.int64) + GRID.to(tl.int64)
+        return tl.inline_asm_elementwise(GRID_ASM, "=r,=r,r,l", [b_x, b_base], dtype=(tl.int32, tl.float32),
+                                         is_pure=True, pack=1)  # fmt: skip
+    b_v = b_x * (2.0**GRID_SHIFT) + 12582912.0
+    b_k = b_v.to(tl.int32, bitcast=True) - (0x4B400000 - GRID_BINS // 2)
+    b_k = tl.minimum(tl.maximum(b_k, 0), GRID_BINS - 1)
+    b_e = tl.load(GRID + b_k)
+    b_up = b_x > b_e.to(tl.int32).to(tl.float32, bitcast=True)
+    b_codes = (b_e >> 32).to(tl.int32)
+    b_code = tl.where(b_up, b_codes >> 16, b_codes & 0xFFFF)
+    b_cs2 = tl.zeros(b_x.shape, dtype=tl.float32)
+    if SCALED:
+        b_c2 = tl.load(GRID + GRID_BINS + b_k)
+        b_cs2 = tl.where(b_up, (b_c2 >> 32).to(tl.int32), b_c2.to(tl.int32)).to(tl.float32, bitcast=True)
+    return b_code, b_cs2
+
+
+@triton.jit
 def _encode_keys(
-    p_x, p_m, p_s, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR,
+    p_x, p_m, p_s, row, m_r, TAB, GRID, RT, RS, MT, KC, KN, KS, KR,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SEARCH: tl.constexpr,
+    GRID_SHIFT: tl.constexpr, GRID_BINS: tl.constexpr, GRID_ASM: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Algorithm 1 (and 2 for PROD) on BN key rows p_x [BN, D] -> buffer rows ``row`` [BN].
@@ -214,8 +247,9 @@ def _encode_keys(
     two into fp16 (exact), with fp32 accumulation; "u16" (MSE keys in float32, or centred or scaled): the unit
     vector as two fp16 parts u = u0 + s·u1 (24 bits, as float32) and three products u0·P0 + s·(u0·P1 + u1·P0)
     (the dropped s²·u1·P1 is 2^-22 of y, below the search's concern); "fp32": one fp32 (PRECISION) dot.
-    SYMMETRIC: search the antisymmetric codebook by |√d·y| (half the comparisons, the same indices; encode_kv
-    checks the codebook).
+    SEARCH, of idx = #{t : √d·y > b_t}: "full" (a comparison per boundary), "symmetric" (of the antisymmetric
+    codebook by |√d·y|: half the comparisons, the same indices; encode_kv checks the codebook) or "grid" (MSE keys:
+    one lookup in GRID, int64 [2, GRID_BINS] from grid_table, see _grid_search; the same indices).
     """
     o_d = tl.arange(0, D)
     o_c = tl.arange(0, DC)
@@ -280,7 +314,9 @@ def _encode_keys(
             b_y = tl.dot(b_u, b_rt, input_precision=PRECISION)  # [BN, DC] y = u Πᵀ
             b_px = b_n[:, None] * b_y
         b_s = b_y * SCALE  # √d·y
-        if SYMMETRIC:
+        if SEARCH == "grid":  # MSE keys: the index and its scaled centroid's square by one table lookup
+            b_i, b_cs2 = _grid_search(b_s, GRID, GRID_SHIFT, GRID_BINS, NORM_CORRECTION, GRID_ASM)  # stored codes
+        elif SEARCH == "symmetric":
             # idx = #{t : √d·y > b_t} over the ascending boundaries, which are antisymmetric (b_t = -b_{NC-2-t},
             # the middle one 0): with a = |√d·y| and m = #{t ≥ NC/2 : a' > b_t}, idx = NC/2 + m where √d·y > 0
             # (a' = a) and NC/2 - 1 - m elsewhere (a' = the float above a, as a ≥ b ⟺ a' > b): half the compares
@@ -292,15 +328,18 @@ def _encode_keys(
             b_c = tl.where(b_pos, b_c, -b_c)  # (b_cs keeps |c| / √d: only its square is used)
         else:  # idx = #{t : √d·y > b_t}
             b_i, b_c, b_cs = _count_boundaries(b_s, TAB, 0, NC, PROD, NORM_CORRECTION)
+        if SEARCH != "grid":
+            b_cs2 = b_cs * b_cs
         if KEY_BITS == 3:
             b_lo += _pack_chunk(b_i & 3, j, 2, D // 4, DC, BN)
             b_hi += _pack_chunk(b_i >> 2, j, 1, D // 8, DC, BN)
         elif KEY_BITS == 4:  # stored as sign-magnitude codes (packing.to_key_codes), written as the key rows
-            b_pk += _pack_key4_chunk(tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i), j, D, DC, BN)
+            b_code = b_i if SEARCH == "grid" else tl.where(b_i >= HALF, b_i - HALF, NC - 1 - b_i)
+            b_pk += _pack_key4_chunk(b_code, j, D, DC, BN)
         else:
             b_pk += _pack_chunk(b_i, j, KEY_BITS, KB, DC, BN)
         if NORM_CORRECTION:
-            b_cn += tl.sum(b_cs * b_cs, axis=1)
+            b_cn += tl.sum(b_cs2, axis=1)
         if PROD:
             b_m = tl.load(MT + (j * DC + o_c)[:, None] * D + o_d[None, :])  # [DC, D] rows j·DC.. of Π Sᵀ
             if NORM_CORRECTION:  # the stored norm is known after the last chunk: keep Π x and c apart
@@ -424,20 +463,21 @@ def _rows(SLOTS, R, N, H, C, BN: tl.constexpr, REP: tl.constexpr):
 
 @triton.jit
 def _encode_keys_kernel(
-    K, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, KM, KSC,
+    K, SLOTS, TAB, GRID, RT, RS, MT, KC, KN, KS, KR, KM, KSC,
     R, N, H, C, s_b, s_h, s_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SEARCH: tl.constexpr,
+    GRID_SHIFT: tl.constexpr, GRID_BINS: tl.constexpr, GRID_ASM: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr,
 ):  # fmt: skip
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN, 1)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]  # [BN, D] the row's head's μ and s
-    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SYMMETRIC, CENTER,
-                 KEY_SCALE)  # fmt: skip
+    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, GRID, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC,
+                 PROD, NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SEARCH, GRID_SHIFT,
+                 GRID_BINS, GRID_ASM, CENTER, KEY_SCALE)  # fmt: skip
 
 
 @triton.jit
@@ -450,12 +490,13 @@ def _encode_values_kernel(
 
 @triton.jit
 def _encode_kv_kernel(
-    K, V, SLOTS, TAB, RT, RS, MT, KC, KN, KS, KR, KM, KSC, VC, VA,
+    K, V, SLOTS, TAB, GRID, RT, RS, MT, KC, KN, KS, KR, KM, KSC, VC, VA,
     R, N, H, C, s_b, s_h, s_n, v_b, v_h, v_n,
     D: tl.constexpr, KEY_BITS: tl.constexpr, NC: tl.constexpr, PROD: tl.constexpr,
     NORM_CORRECTION: tl.constexpr, SCALE: tl.constexpr, TINY: tl.constexpr,
     ROTATE: tl.constexpr, SPLIT_SCALE: tl.constexpr,
-    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SYMMETRIC: tl.constexpr,
+    BN: tl.constexpr, DC: tl.constexpr, PRECISION: tl.constexpr, SEARCH: tl.constexpr,
+    GRID_SHIFT: tl.constexpr, GRID_BINS: tl.constexpr, GRID_ASM: tl.constexpr,
     CENTER: tl.constexpr, KEY_SCALE: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr,
 ):  # fmt: skip
     """Keys and values of the same BN rows in one program: the single launch of a small chunk (a decode step),
@@ -463,9 +504,9 @@ def _encode_kv_kernel(
     i_b, i_h, i_n, m_r, row = _rows(SLOTS, R, N, H, C, BN, 1)
     p_k = K + (i_b * s_b + i_h * s_h + i_n * s_n)[:, None] + tl.arange(0, D)[None, :]  # [BN, D]
     o_ms = ((i_b * H + i_h) * D)[:, None] + tl.arange(0, D)[None, :]
-    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC, PROD,
-                 NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SYMMETRIC, CENTER,
-                 KEY_SCALE)  # fmt: skip
+    _encode_keys(p_k, KM + o_ms, KSC + o_ms, row, m_r, TAB, GRID, RT, RS, MT, KC, KN, KS, KR, D, KEY_BITS, NC,
+                 PROD, NORM_CORRECTION, SCALE, TINY, ROTATE, SPLIT_SCALE, BN, DC, PRECISION, SEARCH, GRID_SHIFT,
+                 GRID_BINS, GRID_ASM, CENTER, KEY_SCALE)  # fmt: skip
     _encode_values(V, SLOTS, VC, VA, R, N, H, C, v_b, v_h, v_n, D, VALUE_BITS, GROUP, BN)
 
 
@@ -478,9 +519,11 @@ def _encode_kv_kernel(
 # keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel (None
 # warps: 2, and 4 at head_dim 256, where a 32k chunk's values take 84 µs on 4 warps against 108 on 2; at 128 the two
 # are equal); the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an
-# antisymmetric codebook, half the comparisons and the same indices; None: symmetric for 4-bit key indices, where it
-# pays on the H200 (32k chunk K4/V4 0.228 ms vs 0.248), full for the rest); and a cap on the key kernel's registers
-# per thread in its long launch (max_registers, CUDA only; 0: none; None: per key kind, _key_launch).
+# antisymmetric codebook, half the comparisons; "grid": MSE keys, one table lookup per coordinate; the same indices
+# by all three; None: grid for 3- and 4-bit MSE keys (H200, 32k chunk: K4/V4 0.146 ms vs 0.159 symmetric, centred
+# 0.174 vs 0.205; K3/V2 0.137 vs 0.143 full), symmetric for 4-bit prod keys (0.228 ms vs 0.248 full), full for the
+# rest (2-bit keys: as many instructions either way)); and a cap on the key kernel's registers per thread in its long
+# launch (max_registers, CUDA only; 0: none; None: per key kind, _key_launch).
 LAUNCH_DEFAULTS = dict(
     block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
     value_block_n=32, value_num_warps=None, search=None, max_registers=None,
@@ -507,20 +550,85 @@ def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, i
 
     At head_dim 128 the 64-row, 4-warp launches of 4-bit keys and of centred keys take 173-255 registers (two programs
     per SM); capped at 168 (three; offline up to 264 B of stack) they ran 7-9% faster (K4/V4 as stored 0.147 vs 0.161
-    ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145). Keys
-    given in float32 take the centred keys' rotation ("u16") and its cap (not timed apart).
+    ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145) until
+    their search became one table lookup ("grid", the default for MSE keys: 0.127 ms capped vs 0.137; 128 registers,
+    four programs per SM, 0.133). Keys given in float32 take the centred keys' rotation ("u16") and its cap (not
+    timed apart).
     """
     if prod or rotate == "fp32":
         if d <= 128:
             return 128, 64, 8, 0
         return (16, 32, 4, 0) if rotate == "fp32" else (16, 64, 8, 0)
-    cap = 168 if d == 128 and (bits == 4 or rotate == "u16") else 0
+    cap = 168 if d == 128 and (bits >= 3 or rotate == "u16") else 0
     if rotate == "u16":
         return (128, 64, 8, 0) if d > 128 or (d == 64 and bits == 4) else (64, 64, 4, cap)
     return (128, 64, 8, 0) if d == 64 and bits < 4 else (64, 64, 4, cap)
 
 
-SEARCHES = ("full", "symmetric")
+SEARCHES = ("full", "symmetric", "grid")
+_GRID_MAX_SHIFT = 12
+
+
+def _grid_asm(shift: int, bins: int, scaled: bool) -> str:
+    """PTX of _grid_search for one element: $0 the stored code, $1 (c[idx] / √d)² (scaled; else 0) <- $2 x, $3 the
+    table's address (grid_table)."""
+    lines = [
+        ".reg .f32 v; .reg .s32 k; .reg .b64 a; .reg .b32 bl, bh, cl, ch; .reg .pred up;",
+        f"fma.rn.f32 v, $2, 0f{0x3F800000 + (shift << 23):08X}, 0f4B400000;",  # x·2^shift + 1.5·2^23
+        "mov.b32 k, v;",
+        f"sub.s32 k, k, {0x4B400000 - bins // 2};",  # RNE(x·2^shift) + bins / 2
+        "max.s32 k, k, 0;",
+        f"min.s32 k, k, {bins - 1};",
+        "mad.wide.s32 a, k, 8, $3;",
+        "ld.global.nc.v2.b32 {bl, bh}, [a];",  # the bin's boundary, its two codes
+        "setp.gt.f32 up, $2, bl;",
+        "selp.b32 k, 0x5432, 0x5410, up;",
+        "prmt.b32 $0, bh, 0, k;",  # the code above the boundary (bits 16-31) or below (0-15)
+    ]
+    if scaled:
+        lines += [f"ld.global.nc.v2.b32 {{cl, ch}}, [a+{8 * bins}];", "selp.b32 $1, ch, cl, up;"]
+    else:
+        lines.append("mov.b32 $1, 0;")
+    return "{\n " + "\n ".join(lines) + "\n}"
+
+
+def grid_table(boundaries: torch.Tensor, scaled_centroids: torch.Tensor) -> tuple[torch.Tensor, int, int] | None:
+    """The lookup table of the "grid" codebook search (_grid_search): bins of width 2^-shift, at most one decision
+    boundary each.
+
+    boundaries: [2^b - 1] float32 ascending; scaled_centroids: [2^b] float32 c / √d. Returns (table int64 [2, bins],
+    shift, bins) with the smallest shift ≤ 12 that puts the boundaries in distinct bins and the fewest bins (a power
+    of two) that hold them, or None where none does. Per bin k, with i the number of boundaries in lower bins and j
+    = i + 1 where the bin holds a boundary, else i: row 0 = the float bits of its boundary (+inf where it has none)
+    | (the stored codes of i and j, packing.to_key_codes, in bits 32-47 and 48-63); row 1 = the float bits of
+    (c[i] / √d)² and of (c[j] / √d)² << 32, squared in float32 as the searches by comparison square them.
+    """
+    b = boundaries.detach().to("cpu", torch.float32)
+    sq = scaled_centroids.detach().to("cpu", torch.float32) ** 2
+    magic = torch.tensor(12582912.0, dtype=torch.float32)  # 1.5·2^23: adding it rounds to an integer
+
+    def bits(t: torch.Tensor) -> torch.Tensor:  # float32 -> its bits as a non-negative int64
+        return t.view(torch.int32).long() & 0xFFFFFFFF
+
+    for shift in range(_GRID_MAX_SHIFT + 1):
+        r = (b * 2.0**shift + magic).view(torch.int32) - 0x4B400000  # RNE(b·2^shift), as the kernel computes it
+        if torch.unique(r).numel() < r.numel():
+            continue
+        bins = 2
+        while bins // 2 <= max(int(r.max()), -int(r.min()) - 1):
+            bins *= 2
+        k = (r + bins // 2).long()  # the boundaries' bins, ascending and distinct
+        below = torch.searchsorted(k, torch.arange(bins))  # boundaries in lower bins
+        has = torch.zeros(bins, dtype=torch.bool)
+        has[k] = True
+        bound = torch.full((bins,), float("inf"), dtype=torch.float32)
+        bound[k] = b
+        above = torch.where(has, below + 1, below)
+        codes = to_key_codes(torch.arange(sq.numel()), sq.numel().bit_length() - 1)
+        row0 = bits(bound) | codes[below] << 32 | codes[above] << 48
+        return torch.stack((row0, bits(sq[below]) | bits(sq[above]) << 32)), shift, bins
+    return None
+
 
 # Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D], whether
 # the codebook is antisymmetric (for search="symmetric"; read once, not on every call), Π Sᵀ [D, D] (prod keys)
@@ -540,7 +648,11 @@ def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd) -> dict[str, torch.T
         p0 = rot_t.to(torch.float16)
         p1 = ((rot_t.double() - p0.double()) / SPLIT_SCALE).to(torch.float16)
         prep = {"table": table, "rot_t": rot_t, "parts": torch.stack((p0, p1)).contiguous(),
-                "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0))}  # fmt: skip
+                "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0)),
+                "grid": grid_table(table[: mse.centroids.numel() - 1], table[2 * mse.centroids.numel():])}  # fmt: skip
+        if prep["grid"] is not None:
+            grid, shift, bins = prep["grid"]
+            prep["grid"] = (grid.to(table.device).contiguous(), shift, bins)
         if isinstance(key_quantizer, TurboQuantProd):
             prep["m_t"] = (mse.rotation.double() @ key_quantizer.qjl.double().T).float().contiguous()
         _PREPARED[key_quantizer] = prep
@@ -706,10 +818,18 @@ class EncodePlan:
         stored16 = k.dtype in (torch.float16, torch.bfloat16) and not (centred or scaled)
         rotate = ("x16" if stored16 else "fp32" if prod else "u16") if launch["split"] else "fp32"
         prep = _prepare(key_quantizer)
-        search = launch["search"] or ("symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full")
-        symmetric = search == "symmetric"
-        if symmetric and not prep["antisymmetric"]:
+        search = launch["search"]
+        if search is None:
+            grid_pays = not prod and mse.bits >= 3 and prep["grid"] is not None
+            search = "grid" if grid_pays else "symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full"
+        if search == "symmetric" and not prep["antisymmetric"]:
             raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
+        if search == "grid" and (prod or prep["grid"] is None):
+            why = "prod keys" if prod else f"boundaries closer than 2^-{_GRID_MAX_SHIFT} apart"
+            raise ValueError(f'search="grid" is for MSE keys with boundaries in distinct bins, not {why}')
+        grid, grid_shift, grid_bins = prep["grid"] if search == "grid" else (prep["table"], 0, 2)
+        # on CUDA the lookup is inline PTX, elsewhere (the interpreter) its portable twin
+        grid_asm = _grid_asm(grid_shift, grid_bins, mse.norm_correction) if search == "grid" and k.is_cuda else ""
         rows = b * h * n
         if rows >= 2**31:
             raise ValueError(f"at most 2^31 - 1 rows (B·H_kv·N) per call, got {rows}: append in smaller chunks")
@@ -720,7 +840,7 @@ class EncodePlan:
         num_warps = (4 if d <= 128 else auto_warps) if small else launch["num_warps"] or auto_warps
         self.buffers = buffers
         self._key_args = (
-            prep["table"], prep["rot_t"], prep["parts"] if rotate != "fp32" else prep["rot_t"],
+            prep["table"], grid, prep["rot_t"], prep["parts"] if rotate != "fp32" else prep["rot_t"],
             prep["m_t"] if prod else prep["rot_t"],
             buffers["key_codes"], buffers["key_norms"], buffers["key_signs"] if prod else buffers["key_codes"],
             buffers["key_rnorms"] if prod else buffers["key_norms"],
@@ -728,8 +848,9 @@ class EncodePlan:
         self._key_consts = dict(
             D=d, KEY_BITS=mse.bits, NC=2**mse.bits, PROD=prod, NORM_CORRECTION=mse.norm_correction,
             SCALE=mse.scale, TINY=_TINY, ROTATE=rotate, SPLIT_SCALE=SPLIT_SCALE,
-            BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SYMMETRIC=symmetric,
-            CENTER=centred, KEY_SCALE=scaled, num_warps=num_warps, num_stages=launch["num_stages"],
+            BN=block_n, DC=min(launch["chunk"] or auto_chunk, d), PRECISION=launch["precision"], SEARCH=search,
+            GRID_SHIFT=grid_shift, GRID_BINS=grid_bins, GRID_ASM=grid_asm, CENTER=centred, KEY_SCALE=scaled,
+            num_warps=num_warps, num_stages=launch["num_stages"],
         )  # fmt: skip
         # the key kernel's register cap per thread in the long launch (the automatic one goes with the automatic rows
         # and warps); applied on CUDA only
@@ -771,7 +892,7 @@ class EncodePlan:
                  key_scale: torch.Tensor | None = None) -> None:  # fmt: skip
         """Write the chunk k, v [B, H_kv, N, D] (the plan's shape and dtype) at ``slots`` [N], keys as (k - key_mean)
         / key_scale where the plan was built for them (see encode_kv)."""
-        unused = self._key_args[1]  # a float32 tensor in the place of an absent mean or scale
+        unused = self._key_args[2]  # a float32 tensor in the place of an absent mean or scale
         km = unused if key_mean is None else key_mean
         ks = unused if key_scale is None else key_scale
         with on_device(k.device):
