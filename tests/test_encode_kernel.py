@@ -137,12 +137,13 @@ CASES = [
     # float32 MSE keys are rotated as the unit vector in two fp16 parts by default; split=False: one fp32 dot
     ("mse", 4, 4, 128, "haar", True, 300, (1, 2), {"small_rows": 0, "split": False}),
     ("prod", 3, 2, 64, "hadamard", True, 63, (1, 2), {"split": False}),
-    # the default searches 4-bit key indices by magnitude (symmetric), the rest by every boundary (full): each
-    # search on the other widths, the same indices
+    # the default searches MSE keys of 3 and 4 bits by one table lookup (grid), the rest by every boundary (full);
+    # by magnitude (symmetric) on request: each search on the other widths, the same indices
     ("mse", 1, 2, 64, "haar", False, 15, (2, 3), {"search": "symmetric"}),
     ("mse", 4, 4, 128, "hadamard", True, 300, (2, 1), {"small_rows": 0, "search": "full"}),
     ("mse", 4, 2, 64, "haar", False, 15, (1, 2), {"search": "full"}),
     ("mse", 3, 2, 128, "haar", False, 63, (1, 3), {"search": "symmetric"}),
+    ("mse", 4, 4, 128, "haar", True, 300, (2, 1), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 4, 2, 128, "hadamard", True, 300, (1, 2), {"small_rows": 0, "search": "symmetric"}),
     ("prod", 3, 2, 64, "hadamard", False, 300, (1, 2), {"search": "symmetric"}),
     # MSE keys searched by one table lookup

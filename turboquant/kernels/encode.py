@@ -519,11 +519,13 @@ def _encode_kv_kernel(
 # keys, or the unit vector in two fp16 parts; else one fp32 dot); rows / warps per program of the value kernel (None
 # warps: 2, and 4 at head_dim 256, where a 32k chunk's values take 84 µs on 4 warps against 108 on 2; at 128 the two
 # are equal); the codebook search ("full": a comparison per decision boundary; "symmetric": by magnitude in an
-# antisymmetric codebook, half the comparisons; "grid": MSE keys, one table lookup per coordinate; the same indices
-# by all three; None: grid for 3- and 4-bit MSE keys (H200, 32k chunk: K4/V4 0.146 ms vs 0.159 symmetric, centred
-# 0.174 vs 0.205; K3/V2 0.137 vs 0.143 full), symmetric for 4-bit prod keys (0.228 ms vs 0.248 full), full for the
-# rest (2-bit keys: as many instructions either way)); and a cap on the key kernel's registers per thread in its long
-# launch (max_registers, CUDA only; 0: none; None: per key kind, _key_launch).
+# antisymmetric codebook, half the comparisons (for 4-bit MSE keys 0.228 ms vs 0.248 full, a 32k chunk on the H200,
+# sixth session); "grid": MSE keys, one table lookup per coordinate; the same indices by all three; None: grid for
+# MSE keys of 3 and 4 bits (H200, 32k chunk, CUDA graphs: K4/V4 0.1268 ms vs 0.1341 symmetric, centred 0.1727 vs
+# 0.2029; K3/V2 0.1267 vs 0.1321 full), full for the rest (2-bit codebooks, of MSE keys and of 3-bit prod keys: as
+# many instructions either way; prod keys need the centroid itself, not in the table)); and a cap on the key
+# kernel's registers per thread in its long launch (max_registers, CUDA only; 0: none; None: per key kind,
+# _key_launch).
 LAUNCH_DEFAULTS = dict(
     block_n=None, small_rows=1024, chunk=None, num_warps=None, num_stages=1, precision="tf32x3", split=True,
     value_block_n=32, value_num_warps=None, search=None, max_registers=None,
@@ -820,8 +822,7 @@ class EncodePlan:
         prep = _prepare(key_quantizer)
         search = launch["search"]
         if search is None:
-            grid_pays = not prod and mse.bits >= 3 and prep["grid"] is not None
-            search = "grid" if grid_pays else "symmetric" if mse.bits == 4 and prep["antisymmetric"] else "full"
+            search = "grid" if not prod and mse.bits >= 3 and prep["grid"] is not None else "full"
         if search == "symmetric" and not prep["antisymmetric"]:
             raise ValueError('search="symmetric" needs an antisymmetric codebook (c[i] = -c[2^b - 1 - i])')
         if search == "grid" and (prod or prep["grid"] is None):
