@@ -341,6 +341,24 @@ def test_grid_table_gives_the_codes_of_the_comparisons(d, bits):
     assert torch.equal(c2, cs[expect] * cs[expect])
 
 
+def test_grid_search_needs_boundaries_in_distinct_bins():
+    """Two boundaries closer than the finest bin (2^-12): no table; by default the comparisons take them (the same
+    codes as search="full"), and search="grid" is refused with the reason."""
+    cache, k, v, slots = _setup("mse", 3, 2, 64, "haar", False, 20, (1, 1), extra=4)
+    own = TurboQuantMSE(64, 3, device=DEVICE)  # not the cache's shared quantizer: its boundaries may be changed
+    own.boundaries = own.boundaries.clone()
+    own.boundaries[4] = own.boundaries[3] + 2.0**-14
+    kw = dict(key_quantizer=own, value_quantizer=cache.value_quantizer)
+    by_default = _poisoned_buffers(cache)
+    full = {name: t.clone() for name, t in by_default.items()}
+    encode_kv(k, v, by_default, slots, **kw)
+    encode_kv(k, v, full, slots, search="full", **kw)
+    assert not (full["key_codes"][:, :, slots] == POISON).all()
+    assert torch.equal(by_default["key_codes"], full["key_codes"])
+    with pytest.raises(ValueError, match=r"boundaries closer than 2\^-12 apart"):
+        encode_kv(k, v, _poisoned_buffers(cache), slots, search="grid", **kw)
+
+
 def test_grid_search_is_for_mse_keys():
     cache, k, v, slots = _setup("prod", 3, 2, 64, "haar", False, 4, (1, 1), extra=4)
     with pytest.raises(ValueError, match='search="grid" is for MSE keys'):
