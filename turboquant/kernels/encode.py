@@ -553,9 +553,9 @@ def _key_launch(bits: int, prod: bool, d: int, rotate: str) -> tuple[int, int, i
     At head_dim 128 the 64-row, 4-warp launches of 4-bit keys and of centred keys take 173-255 registers (two programs
     per SM); capped at 168 (three; offline up to 264 B of stack) they ran 7-9% faster (K4/V4 as stored 0.147 vs 0.161
     ms, centred 0.211 vs 0.232, K3/V2 centred 0.214 vs 0.231); 3-bit keys as stored did not (0.148 vs 0.145) until
-    their search became one table lookup ("grid", the default for MSE keys: 0.127 ms capped vs 0.137; 128 registers,
-    four programs per SM, 0.133). Keys given in float32 take the centred keys' rotation ("u16") and its cap (not
-    timed apart).
+    their search became one table lookup ("grid", the default for MSE keys: 0.127 ms capped vs 0.138; 128 registers,
+    four programs per SM, 0.128; CUDA-graph sweep, sixteenth session). Keys given in float32 take the centred keys'
+    rotation ("u16") and its cap (not timed apart).
     """
     if prod or rotate == "fp32":
         if d <= 128:
@@ -633,9 +633,10 @@ def grid_table(boundaries: torch.Tensor, scaled_centroids: torch.Tensor) -> tupl
 
 
 # Per key quantizer: table [3·2^b] float32 (boundaries and a pad, centroids, centroids / √d), Πᵀ [D, D], whether
-# the codebook is antisymmetric (for search="symmetric"; read once, not on every call), Π Sᵀ [D, D] (prod keys)
-# and the two fp16 parts of Πᵀ = P0 + SPLIT_SCALE·P1 (the scale keeps P1 a normal fp16 number). Keyed weakly by
-# the quantizer.
+# the codebook is antisymmetric (for search="symmetric"; read once, not on every call), Π Sᵀ [D, D] (prod keys),
+# the two fp16 parts of Πᵀ = P0 + SPLIT_SCALE·P1 (the scale keeps P1 a normal fp16 number) and, for MSE keys, the
+# grid search's (table, shift, bins) from grid_table (None where the boundaries share a bin). Keyed weakly by the
+# quantizer.
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 SPLIT_SCALE = 2.0**-11
 
@@ -650,11 +651,11 @@ def _prepare(key_quantizer: TurboQuantMSE | TurboQuantProd) -> dict[str, torch.T
         p0 = rot_t.to(torch.float16)
         p1 = ((rot_t.double() - p0.double()) / SPLIT_SCALE).to(torch.float16)
         prep = {"table": table, "rot_t": rot_t, "parts": torch.stack((p0, p1)).contiguous(),
-                "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0)),
-                "grid": grid_table(table[: mse.centroids.numel() - 1], table[2 * mse.centroids.numel():])}  # fmt: skip
-        if prep["grid"] is not None:
-            grid, shift, bins = prep["grid"]
-            prep["grid"] = (grid.to(table.device).contiguous(), shift, bins)
+                "antisymmetric": torch.equal(mse.centroids, -mse.centroids.flip(0)), "grid": None}  # fmt: skip
+        nc = mse.centroids.numel()
+        grid = None if isinstance(key_quantizer, TurboQuantProd) else grid_table(table[: nc - 1], table[2 * nc :])
+        if grid is not None:  # (MSE keys only: prod keys need the centroid itself, which the table does not hold)
+            prep["grid"] = (grid[0].to(table.device), grid[1], grid[2])
         if isinstance(key_quantizer, TurboQuantProd):
             prep["m_t"] = (mse.rotation.double() @ key_quantizer.qjl.double().T).float().contiguous()
         _PREPARED[key_quantizer] = prep
