@@ -25,6 +25,7 @@ from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.demo import DEMO_SETTINGS
 from turboquant.kernels.decode import decode_attention
 from turboquant.kernels.encode import encode_kv
+from turboquant.kernels.launch import PreparedLaunch
 
 H_Q, H_KV, D = 32, 8, 128
 PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
@@ -74,7 +75,17 @@ def cache_rows(label: str, extra: dict, context: int, calls: int, gen: torch.Gen
     def step():
         return cache.attend_and_append(q1, k1, v1)
 
+    step()  # the cache's decode plan, whose split kernel launches both ways below
+    plan = next(iter(cache._decode_plans.values()))
+    q_rot, sq = cache._kernel_queries(qg.contiguous())
+    q_start = torch.full((1,), cache.total_tokens, dtype=torch.int64, device="cuda")
+    split_args = (q_rot, q_rot if sq is None else sq, cache.seq_lens, cache._kernel_kv_start(), q_start, 0.1)
     rows = [
+        (f"{label}: decode split kernel, Triton's JIT launch",
+         host_us(lambda: plan.split_launch(*split_args, jit=True), calls)),
+        (f"{label}: decode split kernel, prepared launch", host_us(lambda: plan.split_launch(*split_args), calls)),
+    ]  # fmt: skip
+    rows += [
         (f"{label}: decode_inputs (query rotation)", host_us(lambda: cache.decode_inputs(qg, 1, 0.1), calls)),
         (f"{label}: decode_attention (2 launches)", host_us(lambda: decode_attention(**inputs), calls)),
         (f"{label}: encode_kv, one token (1 launch)",
@@ -96,8 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("benchmarks/host_overhead.py needs a CUDA GPU")
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.zeros(16, device="cuda")
-    rows = [("one torch op (x.add_(1))", host_us(lambda: x.add_(1.0), args.calls)),
-            ("one bare Triton launch", host_us(lambda: _bare_kernel[(1,)](x, 16), args.calls))]  # fmt: skip
+    bare = PreparedLaunch(_bare_kernel, (1,), dict(N=16))
+    rows = [
+        ("one torch op (x.add_(1))", host_us(lambda: x.add_(1.0), args.calls)),
+        ("one bare Triton launch", host_us(lambda: _bare_kernel[(1,)](x, 16), args.calls)),
+        ("one bare Triton launch, prepared (kernels.launch.PreparedLaunch)", host_us(lambda: bare(x), args.calls)),
+    ]
     for label, extra in (("paper quantizers", PLAIN), ("TurboQuantCache defaults", DEMO_SETTINGS)):
         cache_part, step = cache_rows(label, extra, args.context, args.calls, gen)
         rows += cache_part

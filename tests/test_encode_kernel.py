@@ -368,7 +368,12 @@ def test_grid_search_is_for_mse_keys():
 
 class _TooBig:
     """Stands in for a kernel whose launch configuration needs more shared memory than the GPU has: Triton raises
-    OutOfResources at its first launch, which only a GPU does (the interpreter has no such limit)."""
+    OutOfResources at its first launch, which only a GPU does (the interpreter has no such limit). It takes the
+    arguments of ``kernel``."""
+
+    def __init__(self, kernel):
+        self.arg_names = kernel.arg_names
+        self.__name__ = "too_big"
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -383,7 +388,7 @@ def test_encode_names_a_launch_that_does_not_fit(monkeypatch):
     import turboquant.kernels.encode as encode
 
     cache, k, v, slots = _setup("prod", 4, 2, 128, "haar", True, 300, (1, 2), extra=4)
-    monkeypatch.setattr(encode, "_encode_keys_kernel", _TooBig())
+    monkeypatch.setattr(encode, "_encode_keys_kernel", _TooBig(encode._encode_keys_kernel))
     with pytest.raises(ValueError, match=r"128 rows 8 warps chunk 128 .*shared memory.*smaller chunk or block_n"):
         encode_kv(k, v, _poisoned_buffers(cache), slots, key_quantizer=cache.key_quantizer,
                   value_quantizer=cache.value_quantizer, small_rows=0, chunk=128)  # fmt: skip

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_value_affine, on_device
+from .launch import PreparedLaunch, check_value_affine, on_device
 
 __all__ = [
     "decode_attention",
@@ -1341,7 +1341,9 @@ class DecodePlan:
     """A decode launch over fixed cache buffers, decided once: kernel, layouts, block size, pipeline depth, split
     count (from the compiled kernel's occupancy), workspaces and compile-time constants. Calling it launches the
     split kernel and the merge with one step's queries, without re-checking them: decode_attention builds one per
-    call after validating its inputs; a cache keeps one across steps (its buffers must stay the same tensors).
+    call after validating its inputs; a cache keeps one across steps (its buffers must stay the same tensors), whose
+    launches after the first skip Triton's argument binding (kernels.launch.PreparedLaunch; split_launch is the
+    split kernel's).
 
     The constructor takes example inputs of the shapes and dtypes every call will pass (see decode_attention for
     their meaning) and ``exact`` / ``n_sinks``: whether calls add the exact row, and how many sink rows."""
@@ -1428,13 +1430,17 @@ class DecodePlan:
         self._prod, self._shape = prod, (b, h_kv, m, d)
         self._grid, self._consts = (b * h_kv, splits, row_tiles), consts
         self._workspaces = (o_part, l_part)
-        self._ints = (h_kv, c, m, n_q, split_size)
         self._exact = exact
+        names = self._kernel.arg_names
+        fixed = dict(zip(names[2 : 2 + len(self._buffer_args)], self._buffer_args, strict=True))
+        fixed.update(O_PART=o_part, L_PART=l_part, H_KV=h_kv, C=c, M=m, N_Q=n_q, SPLIT_SIZE=split_size)
+        self.split_launch = PreparedLaunch(self._kernel, self._grid, consts, fixed)  # (q, sq, lens, starts, scale)
         self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)),
                                   WAIT=pdl != "off")  # fmt: skip
         if pdl != "off":
             self._merge_consts["launch_pdl"] = True
+        self._merges = {}  # CENTER -> the merge's PreparedLaunch
 
     def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None,
                  out_dtype=torch.float32):  # fmt: skip
@@ -1453,12 +1459,15 @@ class DecodePlan:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
-        with on_device(q_rot.device):
-            self._kernel[self._grid](q_rot, sq if self._prod else q_rot, *self._buffer_args, seq_lens, kv_start,
-                                     q_start, o_part, l_part, *self._ints, q_scale, **self._consts)  # fmt: skip
-            _merge_splits_kernel[(b * h_kv * m,)](
-                o_part, l_part, out, lse, m, qx, kx, vx, h_kv, sx_b, sx_h, sk, sv,
-                q_rot if key_mean is None else key_mean, sink_start, q_start, q_scale,
-                CENTER=key_mean is not None and self._exact, **self._merge_consts,
+        center = key_mean is not None and self._exact
+        merge = self._merges.get(center)
+        if merge is None:
+            merge = self._merges[center] = PreparedLaunch(
+                _merge_splits_kernel, (b * h_kv * m,), dict(self._merge_consts, CENTER=center),
+                dict(O_PART=o_part, L_PART=l_part, M=m, H_KV=h_kv),
             )  # fmt: skip
+        with on_device(q_rot.device):
+            self.split_launch(q_rot, sq if self._prod else q_rot, seq_lens, kv_start, q_start, q_scale)
+            merge(out, lse, qx, kx, vx, sx_b, sx_h, sk, sv, q_rot if key_mean is None else key_mean, sink_start,
+                  q_start, q_scale)  # fmt: skip
         return out, lse

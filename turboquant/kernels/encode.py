@@ -71,7 +71,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..packing import to_key_codes
 from ..quantizers import TurboQuantMSE, TurboQuantProd, ValueQuantizer
-from .launch import check_value_affine, on_device
+from .launch import PreparedLaunch, check_value_affine, on_device
 
 __all__ = ["ENCODE_HEAD_DIMS", "LAUNCH_DEFAULTS", "encode_kv"]
 
@@ -875,6 +875,18 @@ class EncodePlan:
         self._rows = (rows, n, h, c)
         self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
         self._one_launch = small  # keys and values of the same rows in one program
+        key_fixed = dict(zip(("TAB", "GRID", "RT", "RS", "MT", "KC", "KN", "KS", "KR"), self._key_args, strict=True))
+        key_fixed.update(zip(("R", "N", "H", "C"), self._rows, strict=True))
+        value_fixed = dict(VC=self._value_args[0], VA=self._value_args[1], R=rows, N=n, H=h, C=c)
+        # prepared launches (kernels.launch.PreparedLaunch): a cache launches them at every append
+        if small:
+            vc = self._value_consts
+            both = dict(self._key_consts, VALUE_BITS=vc["VALUE_BITS"], GROUP=vc["GROUP"])
+            self._launches = (PreparedLaunch(_encode_kv_kernel, self._grids[0], both, {**key_fixed, **value_fixed}),)
+        else:
+            keys = PreparedLaunch(_encode_keys_kernel, self._grids[0], self._key_consts, key_fixed)
+            value_launch = PreparedLaunch(_encode_values_kernel, self._grids[1], self._value_consts, value_fixed)
+            self._launches = (keys, value_launch)
         values = "" if self._one_launch else f" values {value_block_n} rows {value_warps} warps"
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search} {rotate}"
                       + (f" cap {cap}" if cap else "") + (" one launch" if self._one_launch else values))  # fmt: skip
@@ -900,15 +912,11 @@ class EncodePlan:
         with on_device(k.device):
             try:
                 if self._one_launch:
-                    _encode_kv_kernel[self._grids[0]](
-                        k, v, slots, *self._key_args, km, ks, *self._value_args, *self._rows, k.stride(0), k.stride(1),
-                        k.stride(2), v.stride(0), v.stride(1), v.stride(2), VALUE_BITS=self._value_consts["VALUE_BITS"],
-                        GROUP=self._value_consts["GROUP"], **self._key_consts,
-                    )  # fmt: skip
+                    self._launches[0](k, v, slots, km, ks, k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                                      v.stride(1), v.stride(2))  # fmt: skip
                     return
-                _encode_keys_kernel[self._grids[0]](*self.key_kernel_args(k, slots, km, ks), **self._key_consts)
-                _encode_values_kernel[self._grids[1]](v, slots, *self._value_args, *self._rows, v.stride(0),
-                                                      v.stride(1), v.stride(2), **self._value_consts)  # fmt: skip
+                self._launches[0](k, slots, km, ks, k.stride(0), k.stride(1), k.stride(2))
+                self._launches[1](v, slots, v.stride(0), v.stride(1), v.stride(2))
             except OutOfResources as err:  # raised at the first launch of a configuration
                 raise ValueError(
                     f"the encode launch ({self.label}) needs {err.required} of {err.name} where this GPU has "

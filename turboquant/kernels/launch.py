@@ -23,3 +23,87 @@ def check_value_affine(value_affine: torch.Tensor) -> None:
     refuse, by name, a buffer that does not start on a 4-byte boundary (a view at an odd float16 offset)."""
     if value_affine.data_ptr() % 4:
         raise ValueError("buffer value_affine must start at a 4-byte aligned address (an even float16 offset)")
+
+
+def _specialisation(arg):
+    """What Triton compiles a launch argument into: a tensor's dtype and 16-byte alignment, an integer's value (it
+    specialises on 1 and on divisibility by 16; the value itself is a conservative stand-in), a float's type."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if isinstance(arg, float):
+        return float
+    return arg
+
+
+class PreparedLaunch:
+    """Launches of one Triton kernel over a fixed grid, fixed compile-time constants and launch options, and fixed
+    values of some arguments, for a plan that runs it every decode step.
+
+    Triton's JIT call binds and specialises every argument, builds a cache key and looks the compiled kernel up on
+    every launch: about 44 µs of host time for the decode split kernel (H200 host; a step of a 32-layer model makes
+    three launches per layer, benchmarks/RESULTS.md). The first call here takes that path and keeps the compiled
+    kernel with what it was specialised on; a later call whose arguments specialise the same way (each tensor's
+    dtype and 16-byte alignment, each integer's value) goes straight to the compiled kernel's launcher on the
+    current CUDA stream (about 11 µs). Any other call, a launch hook set (a profiler), or the CPU interpreter (no
+    compiled kernel) takes the JIT call.
+
+    kernel: a triton.jit function; grid: up to 3 ints; constants: its constexpr arguments and launch options
+    (num_warps, num_stages, maxnreg, launch_pdl) by name; fixed: the runtime arguments that every call shares, by
+    name. A call passes the remaining runtime arguments positionally, in the kernel's order."""
+
+    def __init__(self, kernel, grid: tuple[int, ...], constants: dict, fixed: dict | None = None):
+        fixed = fixed or {}
+        names = kernel.arg_names
+        unknown = set(fixed) - set(names)
+        if unknown:
+            raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
+        self._kernel = kernel
+        self._grid = tuple(grid) + (1,) * (3 - len(grid))
+        self._constants = constants
+        self._fixed = fixed
+        self._names = [n for n in names if n not in constants]  # runtime arguments, in order
+        self._template = [constants[n] if n in constants else fixed.get(n) for n in names]
+        self._slots = [i for i, n in enumerate(names) if n not in constants and n not in fixed]
+        self._compiled = None  # (key, launcher, function, metadata, device index) once compiled
+        from triton import knobs
+        from triton.runtime import driver
+
+        self._runtime = knobs.runtime
+        self._driver = driver
+
+    def __call__(self, *args, jit: bool = False) -> None:
+        """Launch with the runtime arguments that are not fixed, in the kernel's order; jit: take Triton's JIT call
+        whatever the arguments (to compare the two)."""
+        if len(args) != len(self._slots):
+            raise TypeError(f"{self._kernel.__name__}: {len(self._slots)} arguments, got {len(args)}")
+        key = tuple(map(_specialisation, args))
+        compiled = self._compiled
+        if not jit and compiled is not None and compiled[0] == key and _launch_hooks_unset(self._runtime):
+            full = list(self._template)
+            for i, a in zip(self._slots, args, strict=True):
+                full[i] = a
+            _, run, function, metadata, device = compiled
+            g0, g1, g2 = self._grid
+            stream = self._driver.active.get_current_stream(device)
+            run(g0, g1, g2, stream, function, metadata, None, None, None, *full)
+            return
+        runtime = [None] * len(self._names)
+        it = iter(args)
+        for i, n in enumerate(self._names):
+            runtime[i] = self._fixed[n] if n in self._fixed else next(it)
+        result = self._kernel[self._grid](*runtime, **self._constants)
+        if _is_compiled(result) and _launch_hooks_unset(self._runtime):
+            device = self._driver.active.get_current_device()
+            self._compiled = (key, result.run, result.function, result.packed_metadata, device)
+
+
+def _is_compiled(result) -> bool:
+    """Whether a JIT call returned a compiled kernel whose launcher the fast path can call (not the interpreter's
+    result; the attributes of Triton 3.2 to 3.9)."""
+    return all(hasattr(result, a) for a in ("run", "function", "packed_metadata"))
+
+
+def _launch_hooks_unset(runtime) -> bool:
+    """No launch hook is set in Triton's runtime knobs: each None (Triton 3.6) or an empty HookChain (newer)."""
+    hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+    return all(h is None or not getattr(h, "calls", True) for h in hooks)
