@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from triton import knobs
+from triton.runtime import driver
 
 
 def on_device(device: torch.device):
@@ -40,11 +43,11 @@ class PreparedLaunch:
     values of some arguments, for a plan that runs it every decode step.
 
     Triton's JIT call binds and specialises every argument, builds a cache key and looks the compiled kernel up on
-    every launch: about 44 µs of host time for the decode split kernel (H200 host; a step of a 32-layer model makes
-    three launches per layer, benchmarks/RESULTS.md). The first call here takes that path and keeps the compiled
-    kernel with what it was specialised on; a later call whose arguments specialise the same way (each tensor's
+    every launch: 36-65 µs of host time for the decode split kernel (the H200 machine's host; a step of a 32-layer
+    model makes three launches per layer; benchmarks/RESULTS.md). The first call here takes that path and keeps the
+    compiled kernel with what it was specialised on; a later call whose arguments specialise the same way (each tensor's
     dtype and 16-byte alignment, each integer's value) goes straight to the compiled kernel's launcher on the
-    current CUDA stream (about 11 µs). Any other call, a launch hook set (a profiler), or the CPU interpreter (no
+    current CUDA stream (12-18 µs). Any other call, a launch hook set (a profiler), or the CPU interpreter (no
     compiled kernel) takes the JIT call.
 
     kernel: a triton.jit function; grid: up to 3 ints; constants: its constexpr arguments and launch options
@@ -53,22 +56,13 @@ class PreparedLaunch:
 
     def __init__(self, kernel, grid: tuple[int, ...], constants: dict, fixed: dict | None = None):
         fixed = fixed or {}
-        names = kernel.arg_names
-        unknown = set(fixed) - set(names)
-        if unknown:
-            raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
+        self._names, self._slots = _argument_layout(kernel, frozenset(constants), frozenset(fixed))
         self._kernel = kernel
         self._grid = tuple(grid) + (1,) * (3 - len(grid))
         self._constants = constants
         self._fixed = fixed
-        self._names = [n for n in names if n not in constants]  # runtime arguments, in order
-        self._template = [constants[n] if n in constants else fixed.get(n) for n in names]
-        self._slots = [i for i, n in enumerate(names) if n not in constants and n not in fixed]
+        self._template = [constants[n] if n in constants else fixed.get(n) for n in kernel.arg_names]
         self._compiled = None  # (key, launcher, function, metadata, device index) once compiled
-        from triton import knobs
-        from triton.runtime import driver
-
-        self._runtime = knobs.runtime
         self._driver = driver
 
     def __call__(self, *args, jit: bool = False) -> None:
@@ -78,7 +72,7 @@ class PreparedLaunch:
             raise TypeError(f"{self._kernel.__name__}: {len(self._slots)} arguments, got {len(args)}")
         key = tuple(map(_specialisation, args))
         compiled = self._compiled
-        if not jit and compiled is not None and compiled[0] == key and _launch_hooks_unset(self._runtime):
+        if not jit and compiled is not None and compiled[0] == key and _launch_hooks_unset(knobs.runtime):
             full = list(self._template)
             for i, a in zip(self._slots, args, strict=True):
                 full[i] = a
@@ -92,9 +86,19 @@ class PreparedLaunch:
         for i, n in enumerate(self._names):
             runtime[i] = self._fixed[n] if n in self._fixed else next(it)
         result = self._kernel[self._grid](*runtime, **self._constants)
-        if _is_compiled(result) and _launch_hooks_unset(self._runtime):
+        if _is_compiled(result) and _launch_hooks_unset(knobs.runtime):
             device = self._driver.active.get_current_device()
             self._compiled = (key, result.run, result.function, result.packed_metadata, device)
+
+
+@functools.cache
+def _argument_layout(kernel, constants: frozenset, fixed: frozenset) -> tuple[list[str], list[int]]:
+    """(the kernel's runtime arguments, in order; the positions among all its arguments that a call fills)."""
+    unknown = fixed - set(kernel.arg_names)
+    if unknown:
+        raise ValueError(f"{kernel.__name__} has no arguments {sorted(unknown)}")
+    names = [n for n in kernel.arg_names if n not in constants]
+    return names, [i for i, n in enumerate(kernel.arg_names) if n not in constants and n not in fixed]
 
 
 def _is_compiled(result) -> bool:
