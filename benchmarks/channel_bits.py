@@ -17,7 +17,10 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
 - ``halves_qdir1``: halves, plus the projection on the top query direction as in qdir1, or
 - ``plain``, ``proj``: uniform with another stored norm in place of norm correction's ‖x‖ / ‖ĉ‖ (ĉ = c[idx] / √d,
   the reconstructed unit vector in the rotated basis): ``plain`` ‖x‖ (the paper's), ``proj`` ‖x‖ / ⟨Π u, ĉ⟩, which
-  makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k).
+  makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k), or
+- ``recentR`` (R = 2, 8, 32): uniform, but each query sees its R most recent keys and values exact (where the error
+  that remains without a full-precision window comes from), or ``attendedR`` (R = 8, 32): uniform, but per head the R
+  tokens that the queries after the prompt attend to most (an oracle: measured with the exact keys) exact.
 Values exact, or 4-bit per-group affine (ValueQuantizer, groups of 32). Prints KL(16-bit ‖ method) of the
 next-token distributions over the T positions, and perplexity, for each.
 
@@ -51,6 +54,9 @@ METHODS = {
     "proj": ("uniform", "proj", 0),
     "halves_qdir1": ("halves", "nc", 1),
 }
+# method -> (which tokens are exact besides the sinks: "recent" keys of each query or the most "attended", how many)
+TOKEN_METHODS = {"recent2": ("recent", 2), "recent8": ("recent", 8), "recent32": ("recent", 32),
+                 "attended8": ("attended", 8), "attended32": ("attended", 32)}  # fmt: skip
 
 
 @functools.cache
@@ -79,7 +85,7 @@ class Study:
     """The registered attention: exact for the prompt's queries, reconstructed past keys (and values) after it."""
 
     def __init__(self, prompt: int):
-        self.prompt, self.method, self.values = prompt, None, None
+        self.prompt, self.method, self.values, self.scale, self.attended = prompt, None, None, 1.0, None
 
     def keys(self, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Reconstructed keys of one layer: k [H_kv, N, D], q [H_kv, G, N, D] float64."""
@@ -91,7 +97,7 @@ class Study:
         q2 = q2 + 1e-6 * q2.mean(-1, keepdim=True) + 1e-300
         s = (k2 / q2) ** 0.25
         ks = kc / s[:, None]
-        split, norm, directions = METHODS[self.method]
+        split, norm, directions = METHODS.get(self.method, METHODS["uniform"])
         if split == "uniform":
             rec = fake_quantize(ks, 4, norm)
         else:
@@ -108,28 +114,44 @@ class Study:
             rec = rec + (a - rec @ u) @ u.transpose(1, 2)
         rec = rec * s[:, None] + mu
         rec[:, :SINKS] = k[:, :SINKS]
+        tokens, count = TOKEN_METHODS.get(self.method, (None, 0))
+        if tokens == "attended":  # the oracle: the tokens with the most attention mass after the prompt, exact
+            n = k.shape[1]
+            scores = torch.einsum("hgnd,hmd->hgnm", q, k) * self.scale
+            causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+            mass = scores.masked_fill(~causal, float("-inf")).softmax(-1)[:, :, p:].sum((1, 2))  # [H_kv, N]
+            mass[:, :SINKS] = -1.0
+            self.attended = mass.topk(count, dim=-1).indices  # [H_kv, count]: their values are exact too
+            for h, top in enumerate(self.attended):
+                rec[h, top] = k[h, top]
         return rec
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
         q, k, v = query[0].double(), key[0].double(), value[0].double()  # [H, N, D]
         h_q, n, d = q.shape
         g = h_q // k.shape[0]
+        self.scale = scaling if scaling is not None else d**-0.5
         k_rec = self.keys(k, q.reshape(k.shape[0], g, n, d))
         v_rec = v
         if self.values:
             vq = ValueQuantizer(4, group_size=32)
             v_rec = vq.dequantize_codes(*vq.quantize(v.float())).double()
             v_rec[:, :SINKS] = v[:, :SINKS]
-        scale = scaling if scaling is not None else d**-0.5
+            if TOKEN_METHODS.get(self.method, (None,))[0] == "attended":
+                for h, top in enumerate(self.attended):
+                    v_rec[h, top] = v[h, top]
         pos = torch.arange(n)
         exact = (pos < self.prompt)[:, None] | (pos[None, :] == pos[:, None])  # [N, N]: prefill, or a query's own key
+        tokens, count = TOKEN_METHODS.get(self.method, (None, 0))
+        if tokens == "recent":  # and its `count` most recent keys
+            exact |= pos[:, None] - pos[None, :] <= count
         causal = pos[None, :] <= pos[:, None]
         window = kwargs.get("sliding_window")
         if window:  # a sliding-window layer: keys within the last `window` positions
             causal &= pos[None, :] > pos[:, None] - window
         k_x, v_x = k.repeat_interleave(g, 0), v.repeat_interleave(g, 0)
         k_r, v_r = k_rec.repeat_interleave(g, 0), v_rec.repeat_interleave(g, 0)
-        scores = torch.where(exact, q @ k_x.transpose(-1, -2), q @ k_r.transpose(-1, -2)) * scale
+        scores = torch.where(exact, q @ k_x.transpose(-1, -2), q @ k_r.transpose(-1, -2)) * self.scale
         p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         out = torch.where(exact, p, 0.0) @ v_x + torch.where(exact, 0.0, p) @ v_r
         return out.transpose(0, 1)[None].to(query.dtype), None
@@ -141,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--offset", type=int, default=0)
-    ap.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", choices=[*METHODS, *TOKEN_METHODS], default=list(METHODS))
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     model, tokenizer = load_model(args.model)
