@@ -15,6 +15,9 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
   queries' second moment Σ q qᵀ stored exactly (fp16), so that a score's quantization error is only that of the
   query's part orthogonal to u (one or two more scalars per key), or
 - ``halves_qdir1``: halves, plus the projection on the top query direction as in qdir1, or
+- ``heads``: 5, 4 and 3 bits over each layer's KV heads (the upper half of an even count at 5 bits, the lower at 3),
+  ranked by their sensitivity on the prompt: E[‖q s‖² (1 - Σ p²)] · E[‖k̃ / s‖²] (the logit-noise power of an
+  isotropic key error, times how much the softmax moves with it), or
 - ``plain``, ``proj``: uniform with another stored norm in place of norm correction's ‖x‖ / ‖ĉ‖ (ĉ = c[idx] / √d,
   the reconstructed unit vector in the rotated basis): ``plain`` ‖x‖ (the paper's), ``proj`` ‖x‖ / ⟨Π u, ĉ⟩, which
   makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k), or
@@ -53,6 +56,7 @@ METHODS = {
     "plain": ("uniform", "plain", 0),
     "proj": ("uniform", "proj", 0),
     "halves_qdir1": ("halves", "nc", 1),
+    "heads": ("heads", "nc", 0),
 }
 # method -> (which tokens are exact besides the sinks: "recent" keys of each query or the most "attended", how many)
 TOKEN_METHODS = {"recent2": ("recent", 2), "recent8": ("recent", 8), "recent32": ("recent", 32),
@@ -100,6 +104,20 @@ class Study:
         split, norm, directions = METHODS.get(self.method, METHODS["uniform"])
         if split == "uniform":
             rec = fake_quantize(ks, 4, norm)
+        elif split == "heads":  # bits by head: the logit-error sensitivity of each KV head on the prompt
+            qs = q[:, :, :p] * s[:, None, None]  # [H_kv, G, P, D] scaled queries
+            causal = torch.arange(p)[None, :] <= torch.arange(p)[:, None]
+            probs = (torch.einsum("hgtd,hid->hgti", q[:, :, :p], k[:, :p]) * self.scale).masked_fill(
+                ~causal, float("-inf")).softmax(-1)  # fmt: skip
+            spread = 1 - probs.pow(2).sum(-1)  # [H_kv, G, P]: 1 - Σ p², the softmax's sensitivity to logit noise
+            weight = (qs.pow(2).sum(-1) * spread).mean((1, 2)) * ks[:, :p].pow(2).sum(-1).mean(1)  # [H_kv]
+            ranks = torch.argsort(torch.argsort(weight, descending=True))  # 0 = the most sensitive head
+            h_kv = k.shape[0]
+            rec = torch.empty_like(ks)
+            for h in range(h_kv):
+                r = int(ranks[h])
+                bits = 4 if h_kv == 1 or (h_kv % 2 and r == h_kv // 2) else (5 if r < h_kv / 2 else 3)
+                rec[h] = fake_quantize(ks[h], bits, norm)
         else:
             rec = torch.empty_like(ks)
             order = torch.argsort(k2 * q2, dim=-1, descending=True)
