@@ -43,7 +43,7 @@ class PreparedLaunch:
     values of some arguments, for a plan that runs it every decode step.
 
     Triton's JIT call binds and specialises every argument, builds a cache key and looks the compiled kernel up on
-    every launch: 36-65 µs of host time for the decode split kernel (the H200 machine's host; a step of a 32-layer
+    every launch: 35-65 µs of host time for the decode split kernel (the H200 machine's host; a step of a 32-layer
     model makes three launches per layer; benchmarks/RESULTS.md). The first two calls here take that path, the second
     keeping the compiled kernel with what it was specialised on; a later call whose arguments specialise the same
     way (each tensor's dtype and 16-byte alignment, each integer's value) goes straight to the compiled kernel's
@@ -112,7 +112,7 @@ def _argument_layout(kernel, constants: frozenset, fixed: frozenset) -> tuple[li
 
 def _is_compiled(result) -> bool:
     """Whether a JIT call returned a compiled kernel whose launcher the fast path can call (not the interpreter's
-    result; the attributes of Triton 3.2 to 3.9)."""
+    result; Triton 3.6 and 3.9 give these attributes)."""
     return all(hasattr(result, a) for a in ("run", "function", "packed_metadata"))
 
 
