@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from turboquant import pack_indices, packed_size, unpack_indices
+from turboquant.packing import pack_key_codes, unpack_key_codes
 
 BITS = (1, 2, 3, 4, 8)
 DIMS = (1, 63, 64, 65, 127, 128, 256)
@@ -184,3 +185,31 @@ def test_key_rows_4_bit_layout() -> None:
     for nibble, (col, sign_bit) in enumerate(nibbles):
         assert torch.equal((element >> (4 * nibble)) & 7, codes[:, col] & 7)
         assert torch.equal((element >> sign_bit) & 1, codes[:, col] >> 3)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_key_rows_dequantize_as_their_unpacked_indices(d, bits):
+    """TurboQuantMSE.dequantize_key_rows (4 bits: one table lookup per 16-bit element) equals dequantize_indices of
+    unpack_key_codes bit for bit: random rows, at 4 bits also every 16-bit element value, and a slice of a buffer
+    (as a cache reads its store) and a view at an odd byte offset."""
+    from turboquant.quantizers import TurboQuantMSE
+
+    q = TurboQuantMSE(d, bits)
+    gen = torch.Generator().manual_seed(d + bits)
+    idx = torch.randint(0, 2**bits, (2, 3, 40, d), generator=gen)
+    rows = pack_key_codes(idx, bits)
+    if bits == 4:  # every element value, d / 4 per row
+        every = torch.arange(65536, dtype=torch.int32)
+        every = torch.stack((every & 0xFF, every >> 8), -1).to(torch.uint8).reshape(-1, d // 2)
+        rows = torch.cat((rows.reshape(-1, d // 2), every)).reshape(1, 1, -1, d // 2)
+    norms = (torch.rand(rows.shape[:-1], generator=gen) * 10).half()
+
+    def expect(r, n):
+        return q.dequantize_indices(unpack_key_codes(r, bits, d), n)
+
+    assert torch.equal(q.dequantize_key_rows(rows, norms), expect(rows, norms))
+    part, pn = rows[:, :, 5:17], norms[:, :, 5:17]
+    assert torch.equal(q.dequantize_key_rows(part, pn), expect(part, pn))
+    odd = torch.cat((torch.zeros(*rows.shape[:-1], 1, dtype=torch.uint8), rows), -1)[..., 1:]
+    assert torch.equal(q.dequantize_key_rows(odd, norms), expect(odd, norms))

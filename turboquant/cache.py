@@ -36,7 +36,7 @@ import torch
 
 from .attention import KEY_MODES, chunk_attention, merge_attention, softmax_block
 from .codebook import SUPPORTED_BITS
-from .packing import from_key_codes, pack_key_codes, pack_planar, planar_size, unpack_key_codes, unpack_planar
+from .packing import from_key_codes, pack_key_codes, pack_planar, planar_size, unpack_planar
 from .quantizers import (
     FLOAT_DTYPES,
     PROD_BITS,
@@ -527,8 +527,8 @@ class TurboQuantKVCache:
     def _dequantize_block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated basis, norm applied) and values of store slots [start, stop): [B, H, n, D] f32."""
         c, d = self.config, self.config.head_dim
-        idx = unpack_key_codes(self.key_codes[:, :, start:stop], c.key_index_bits, d)
-        k_rot = self.mse_quantizer.dequantize_indices(idx, self.key_norms[:, :, start:stop])
+        rows, norms = self.key_codes[:, :, start:stop], self.key_norms[:, :, start:stop]
+        k_rot = self.mse_quantizer.dequantize_key_rows(rows, norms)
         codes = unpack_planar(self.value_codes[:, :, start:stop], c.value_bits, d)
         affine = self.value_affine[:, :, start:stop]
         v = self.value_quantizer.dequantize_codes(codes, affine[..., 0], affine[..., 1])

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .codebook import SUPPORTED_BITS, get_codebook
-from .packing import pack_indices, packed_size, unpack_indices
+from .packing import pack_indices, packed_size, unpack_indices, unpack_key_codes
 from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED, ROTATIONS, _device_key, get_qjl_matrix, get_rotation
 
 __all__ = [
@@ -153,6 +153,7 @@ class TurboQuantMSE:
         self.boundaries = (self.centroids[1:] + self.centroids[:-1]) / 2  # [2^b - 1]
         self.rotation = get_rotation(rotation, head_dim, self.device, seed)  # Π: [d, d]
         self.scale = math.sqrt(head_dim)
+        self._key4 = None  # dequantize_key_rows' table, built on first use
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Π x for rows: [..., d] -> [..., d] float32 (also used to rotate queries once)."""
@@ -186,6 +187,35 @@ class TurboQuantMSE:
     def dequantize_indices(self, idx: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """Rotated-basis reconstruction from indices [..., d] and norms [...]: [..., d] float32."""
         return self.centroids[idx.long()] * (norms.float() / self.scale).unsqueeze(-1)
+
+    def dequantize_key_rows(self, rows: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+        """Rotated-basis reconstruction from key rows as a cache stores them (packing.pack_key_codes of this
+        quantizer's indices) [..., d·b/8] uint8 and norms [...]: [..., d] float32, equal to dequantize_indices of
+        their unpack_key_codes.
+
+        4-bit rows are read as their 16-bit elements, each looked up whole in a table of the four centroids it
+        holds (built once, from unpack_key_codes itself): on the CPU about half the time of unpacking the bits and
+        looking the indices up (3 heads × 768 rows at head_dim 64: 0.8 vs 1.65 ms)."""
+        d = self.head_dim
+        if self.bits != 4 or rows.shape[-1] != d // 2 or rows.dtype != torch.uint8:
+            return self.dequantize_indices(unpack_key_codes(rows, self.bits, d), norms)
+        try:
+            elements = rows.view(torch.int16)  # (a slice of a cache's buffer needs no copy)
+        except RuntimeError:  # strides or offset odd in bytes
+            elements = rows.contiguous().view(torch.int16)
+        elements = elements.to(torch.int32) & 0xFFFF  # [..., d/4]
+        # element e's nibble 2·p + f holds column f·d/2 + 2e + p (packing.pack_key_codes): [..., d/4, f, p]
+        values = self._key4_table()[elements].unflatten(-1, (2, 2)).transpose(-3, -2)
+        return values.reshape(*rows.shape[:-1], d) * (norms.float() / self.scale).unsqueeze(-1)
+
+    def _key4_table(self) -> torch.Tensor:
+        """[65536, 4] float32: the centroids of every 16-bit element of 4-bit key rows, in the order (field 0,
+        parity 0), (0, 1), (1, 0), (1, 1), i.e. columns 0, 1, 4, 5 of an 8-column row whose first element it is."""
+        if self._key4 is None:
+            e = torch.arange(65536, dtype=torch.int32, device=self.centroids.device)
+            rows = torch.stack((e & 0xFF, e >> 8, 0 * e, 0 * e), dim=-1).to(torch.uint8)  # [65536, 4 bytes]: d = 8
+            self._key4 = self.centroids[unpack_key_codes(rows, 4, 8).long()][:, [0, 1, 4, 5]].contiguous()
+        return self._key4
 
     def _check_container(self, c: MSECompressed) -> None:
         if not isinstance(c, MSECompressed):
