@@ -149,18 +149,18 @@ class Study:
         h_q, n, d = q.shape
         g = h_q // k.shape[0]
         self.scale = scaling if scaling is not None else d**-0.5
+        tokens, count = TOKEN_METHODS.get(self.method, (None, 0))
         k_rec = self.keys(k, q.reshape(k.shape[0], g, n, d))
         v_rec = v
         if self.values:
             vq = ValueQuantizer(4, group_size=32)
             v_rec = vq.dequantize_codes(*vq.quantize(v.float())).double()
             v_rec[:, :SINKS] = v[:, :SINKS]
-            if TOKEN_METHODS.get(self.method, (None,))[0] == "attended":
+            if tokens == "attended":
                 for h, top in enumerate(self.attended):
                     v_rec[h, top] = v[h, top]
         pos = torch.arange(n)
         exact = (pos < self.prompt)[:, None] | (pos[None, :] == pos[:, None])  # [N, N]: prefill, or a query's own key
-        tokens, count = TOKEN_METHODS.get(self.method, (None, 0))
         if tokens == "recent":  # and its `count` most recent keys
             exact |= pos[:, None] - pos[None, :] <= count
         causal = pos[None, :] <= pos[:, None]

@@ -4,7 +4,14 @@ way (CPU: a stand-in kernel records both paths; the GPU tests run the real kerne
 import pytest
 import torch
 
+from turboquant.kernels import launch as launch_module
 from turboquant.kernels.launch import PreparedLaunch
+
+
+@pytest.fixture
+def stand_in_driver(monkeypatch):
+    """Triton's active driver replaced by one that knows a device 3 and its stream 103 (no GPU needed)."""
+    monkeypatch.setattr(launch_module, "driver", _Driver)
 
 
 class _Compiled:
@@ -40,11 +47,10 @@ class _Driver:
 
 
 def _launch(kernel):
-    launch = PreparedLaunch(kernel, (5,), dict(K=4, num_warps=2), dict(N=7))
-    launch._driver = _Driver
-    return launch
+    return PreparedLaunch(kernel, (5,), dict(K=4, num_warps=2), dict(N=7))
 
 
+@pytest.mark.usefixtures("stand_in_driver")
 def test_jit_calls_first_then_the_compiled_launcher():
     kernel = _Kernel()
     launch = _launch(kernel)
@@ -59,6 +65,7 @@ def test_jit_calls_first_then_the_compiled_launcher():
     assert args[9:] == (y, 7, 4, x)  # every parameter in order, the constexpr included
 
 
+@pytest.mark.usefixtures("stand_in_driver")
 def test_a_call_that_specialises_otherwise_takes_the_jit_call():
     kernel = _Kernel()
     launch = _launch(kernel)
@@ -73,10 +80,10 @@ def test_a_call_that_specialises_otherwise_takes_the_jit_call():
     assert [e[0] for e in kernel.log] == ["jit", "jit", "jit", "run", "jit", "jit"]
 
 
+@pytest.mark.usefixtures("stand_in_driver")
 def test_integers_by_value_floats_by_type():
     kernel = _Kernel()
     launch = PreparedLaunch(kernel, (1,), dict(K=0), dict(X=torch.zeros(4)))
-    launch._driver = _Driver
     launch(16, 0.5)
     launch(16, 0.5)
     launch(16, 2.0)
@@ -84,6 +91,7 @@ def test_integers_by_value_floats_by_type():
     assert [e[0] for e in kernel.log] == ["jit", "jit", "run", "jit"]
 
 
+@pytest.mark.usefixtures("stand_in_driver")
 def test_launch_hooks_and_the_interpreter_take_the_jit_call(monkeypatch):
     from triton import knobs
 

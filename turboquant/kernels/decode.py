@@ -1408,7 +1408,7 @@ class DecodePlan:
             block_n = consts["BN"]
             splits, split_size, o_part, l_part = _split_plan(b * h_kv, row_tiles, c, block_n, q_rot.device, per_sm,
                                                              mp, d, one_wave)  # fmt: skip
-            self._kernel = _decode_split_kernel_2d
+            kernel = _decode_split_kernel_2d
         else:
             block_n, num_stages, per_sm, _, num_warps = _auto_blocks(False, d, bm)
             block_n, per_sm = launch["block_n"] or block_n, launch["programs_per_sm"] or per_sm
@@ -1425,16 +1425,15 @@ class DecodePlan:
                 REGISTER_CODEBOOK=launch["register_codebook"], KEY_MAJOR=launch["key_major"],
                 num_warps=launch["num_warps"] or num_warps, num_stages=num_stages,
             )  # fmt: skip
-            self._kernel = _decode_split_kernel
+            kernel = _decode_split_kernel
         self.buffers = buffers
         self._prod, self._shape = prod, (b, h_kv, m, d)
-        self._grid, self._consts = (b * h_kv, splits, row_tiles), consts
         self._workspaces = (o_part, l_part)
         self._exact = exact
-        names = self._kernel.arg_names
-        fixed = dict(zip(names[2 : 2 + len(self._buffer_args)], self._buffer_args, strict=True))
+        fixed = dict(zip(kernel.arg_names[2 : 2 + len(self._buffer_args)], self._buffer_args, strict=True))
         fixed.update(O_PART=o_part, L_PART=l_part, H_KV=h_kv, C=c, M=m, N_Q=n_q, SPLIT_SIZE=split_size)
-        self.split_launch = PreparedLaunch(self._kernel, self._grid, consts, fixed)  # (q, sq, lens, starts, scale)
+        # (q, sq, lens, starts, scale)
+        self.split_launch = PreparedLaunch(kernel, (b * h_kv, splits, row_tiles), consts, fixed)
         self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)),
                                   WAIT=pdl != "off")  # fmt: skip

@@ -869,23 +869,24 @@ class EncodePlan:
         # 2 warps up to head_dim 128, 4 at 256: the same values per thread (at 256, 32 rows on 2 warps take 245-255
         # registers and spill 2-bit values, in the offline sm_90 compile; 128 and no spill on 4)
         value_warps = launch["value_num_warps"] or (4 if d > 128 else 2)
-        self._value_args = (buffers["value_codes"], buffers["value_affine"])
         self._value_consts = dict(D=d, VALUE_BITS=value_quantizer.bits, GROUP=value_quantizer.group_size,
                                   BN=value_block_n, num_warps=value_warps)  # fmt: skip
         self._rows = (rows, n, h, c)
-        self._grids = ((triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),))
         self._one_launch = small  # keys and values of the same rows in one program
-        key_fixed = dict(zip(("TAB", "GRID", "RT", "RS", "MT", "KC", "KN", "KS", "KR"), self._key_args, strict=True))
-        key_fixed.update(zip(("R", "N", "H", "C"), self._rows, strict=True))
-        value_fixed = dict(VC=self._value_args[0], VA=self._value_args[1], R=rows, N=n, H=h, C=c)
-        # prepared launches (kernels.launch.PreparedLaunch): a cache launches them at every append
+        # prepared launches (kernels.launch.PreparedLaunch): a cache launches them at every append. The key kernel's
+        # buffer arguments follow K and SLOTS in its signature (and in _encode_kv_kernel's, by the same names)
+        row_fixed = dict(R=rows, N=n, H=h, C=c)
+        key_names = _encode_keys_kernel.arg_names[2 : 2 + len(self._key_args)]
+        key_fixed = {**dict(zip(key_names, self._key_args, strict=True)), **row_fixed}
+        value_fixed = dict(VC=buffers["value_codes"], VA=buffers["value_affine"], **row_fixed)
+        key_grid, value_grid = (triton.cdiv(rows, block_n),), (triton.cdiv(rows, value_block_n),)
         if small:
             vc = self._value_consts
             both = dict(self._key_consts, VALUE_BITS=vc["VALUE_BITS"], GROUP=vc["GROUP"])
-            self._launches = (PreparedLaunch(_encode_kv_kernel, self._grids[0], both, {**key_fixed, **value_fixed}),)
+            self._launches = (PreparedLaunch(_encode_kv_kernel, key_grid, both, {**key_fixed, **value_fixed}),)
         else:
-            keys = PreparedLaunch(_encode_keys_kernel, self._grids[0], self._key_consts, key_fixed)
-            value_launch = PreparedLaunch(_encode_values_kernel, self._grids[1], self._value_consts, value_fixed)
+            keys = PreparedLaunch(_encode_keys_kernel, key_grid, self._key_consts, key_fixed)
+            value_launch = PreparedLaunch(_encode_values_kernel, value_grid, self._value_consts, value_fixed)
             self._launches = (keys, value_launch)
         values = "" if self._one_launch else f" values {value_block_n} rows {value_warps} warps"
         self.label = (f"{block_n} rows {num_warps} warps chunk {self._key_consts['DC']} {search} {rotate}"

@@ -63,7 +63,6 @@ class PreparedLaunch:
         self._fixed = fixed
         self._calls = 0
         self._compiled = None  # (key, launcher, function, metadata, device index, every argument) once kept
-        self._driver = driver
 
     def __call__(self, *args, jit: bool = False) -> None:
         """Launch with the runtime arguments that are not fixed, in the kernel's order; jit: take Triton's JIT call
@@ -83,14 +82,14 @@ class PreparedLaunch:
             for i, a in zip(self._slots, args, strict=True):
                 full[i] = a
             g0, g1, g2 = self._grid
-            run(g0, g1, g2, self._driver.active.get_current_stream(device), function, metadata, None, None, None,
+            run(g0, g1, g2, driver.active.get_current_stream(device), function, metadata, None, None, None,
                 *full)  # fmt: skip
             return
         result = self._jit(args)
         if _is_compiled(result) and _launch_hooks_unset(knobs.runtime):
             c, f = self._constants, self._fixed
             template = [c[n] if n in c else f.get(n) for n in self._kernel.arg_names]
-            device = self._driver.active.get_current_device()
+            device = driver.active.get_current_device()
             self._compiled = (key, result.run, result.function, result.packed_metadata, device, template)
 
     def _jit(self, args):
