@@ -28,7 +28,7 @@ from turboquant.kernels.encode import encode_kv
 from turboquant.kernels.launch import PreparedLaunch
 
 H_Q, H_KV, D = 32, 8, 128
-PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
+PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0, residual_window=0)
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--calls", type=int, default=100)
-    ap.add_argument("--profile", action="store_true", help="also cProfile the whole layer step (defaults)")
+    ap.add_argument("--profile", action="store_true", help="also cProfile each cache's whole layer step")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/host_overhead.py needs a CUDA GPU")
@@ -113,23 +113,24 @@ def main(argv: list[str] | None = None) -> None:
         ("one bare Triton launch", host_us(lambda: _bare_kernel[(1,)](x, 16), args.calls)),
         ("one bare Triton launch, prepared (kernels.launch.PreparedLaunch)", host_us(lambda: bare(x), args.calls)),
     ]
-    for label, extra in (("paper quantizers", PLAIN), ("TurboQuantCache defaults", DEMO_SETTINGS)):
-        cache_part, step = cache_rows(label, extra, args.context, args.calls, gen)
+    steps = {}
+    for label, extra in (("paper quantizers", PLAIN), ("TurboQuantCache defaults", DEMO_SETTINGS),
+                         ("defaults + window 128", {**DEMO_SETTINGS, "residual_window": 128})):  # fmt: skip
+        cache_part, steps[label] = cache_rows(label, extra, args.context, args.calls, gen)
         rows += cache_part
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
     print("| piece | host µs to issue | µs per call, synchronised |\n|---|---|---|")
     for name, (issue, wall) in rows:
         print(f"| {name} | {issue:.1f} | {wall:.1f} |")
-    if args.profile:  # the defaults cache's layer step
+    for label, step in steps.items() if args.profile else ():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):
             step()
         prof.disable()
         torch.cuda.synchronize()
-        stats = pstats.Stats(prof)
-        stats.sort_stats("tottime").print_stats(25)
-        stats.sort_stats("cumulative").print_stats(30)
+        print(f"== {label}: layer step, {args.calls} calls")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,16 @@ from turboquant.integrations.transformers import TurboQuantCache, TurboQuantLaye
 
 # The paper's quantizers (no sink tokens, no key centring or scaling, no norm correction): a decode step merges the
 # step's own token inside the decode kernel (TurboQuantKVCache._fused_step). "defaults": TurboQuantCache as a user
-# gets it (norm correction, centred and scaled keys, 4 exact sink tokens, also merged inside the kernel).
-PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
+# gets it (norm correction, centred and scaled keys, 4 exact sink tokens, also merged inside the kernel); "window R":
+# the R most recent tokens (up to R + 63, flushed in blocks of 64) kept in 16 bits, merged there too.
+PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0, residual_window=0)
 CACHES = {
     "bf16 DynamicCache + SDPA": None,
     "TurboQuant K4/V4": dict(key_bits=4, value_bits=4, **PLAIN),
     "TurboQuant K3/V2": dict(key_bits=3, value_bits=2, **PLAIN),
     "TurboQuant K4/V4 defaults": dict(key_bits=4, value_bits=4),
+    "TurboQuant K4/V4 defaults, window 0": dict(key_bits=4, value_bits=4, residual_window=0),
+    "TurboQuant K4/V4 defaults, window 128": dict(key_bits=4, value_bits=4, residual_window=128),
 }
 FILL_CHUNK = 4096
 

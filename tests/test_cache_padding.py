@@ -480,6 +480,28 @@ def test_scale_keys_needs_queries_and_checks_them() -> None:
         TurboQuantKVCache(config, 1, 2, dtype=torch.float32).append(k, v, queries=randn(1, 3, 5, 64, seed=113))
 
 
+def test_prompt_statistics_over_a_long_padded_prompt() -> None:
+    """The key mean and key scales of a prompt longer than one statistics block (they are summed block by block)
+    equal the formulas of TurboQuantKVCache._key_scales in float64 over the real tokens."""
+    config = KVCacheConfig(**MSE3, center_keys=True, scale_keys=True)
+    n, pads = 1100, (0, 700)
+    k = randn(2, 2, n, 64, seed=114) * torch.logspace(-1, 1, 64) + 2.0
+    q = randn(2, 4, n, 64, seed=115) * torch.logspace(1, -1, 64)
+    valid = left_pad_mask(pads, n)
+    cache = TurboQuantKVCache(config, 2, 2, dtype=torch.float32)
+    cache.append(k, randn(2, 2, n, 64, seed=116), valid=valid, queries=q)
+    w = valid.double()[:, None, :, None]
+    count = w.sum(dim=2)
+    mean = (k.double() * w).sum(dim=2) / count
+    k2 = ((k.double() - mean[:, :, None]) ** 2 * w).sum(dim=2) / count
+    q2 = (q.double().reshape(2, 2, 2, n, 64) ** 2 * w[:, :, None]).sum(dim=(2, 3)) / (2 * count)
+    k2, q2 = (x + 1e-6 * x.mean(dim=-1, keepdim=True) for x in (k2, q2))  # the regularisation of _key_scales
+    log_s = 0.25 * (k2.log() - q2.log())
+    scale = (log_s - log_s.mean(dim=-1, keepdim=True)).exp()
+    assert torch.allclose(cache.key_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(cache.key_scale.double(), scale, rtol=1e-4)
+
+
 def test_center_keys_after_an_empty_first_append() -> None:
     """Appending zero positions changes nothing, also before the first real keys of a centred cache."""
     config = KVCacheConfig(**MSE3, center_keys=True)

@@ -520,3 +520,45 @@ def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, pro
         fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
         ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")
         assert _rel(fused, ref) < TOL
+
+
+@pytest.mark.parametrize(
+    "key_mode,prompt,pads,sinks,ring,d",
+    [("mse", 40, 9, 4, None, 64), ("prod", 40, 9, 0, None, 64), ("mse", 3, 2, 4, None, 64),
+     ("mse", 40, 0, 0, 24, 64), ("mse", 30, 5, 4, None, 128)],
+)  # fmt: skip
+def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d):
+    """The fused single-token step with a full-precision window (its rows merged in the merge kernel, as a cache
+    with residual_window takes it) equals the reference path over steps that flush the window: left padding and
+    sinks below the window's first attended row (a short prompt leaves pads and sinks inside the window), centred
+    and scaled keys, and a ring with its window flushed one token at a time (a sliding-window layer)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{prompt}{pads}{sinks}{ring}".encode()))
+    window, flush = (6, 1) if ring else (8, 4)
+    cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
+                        sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,
+                        residual_window=window, flush_block=flush, ring_window=ring)  # fmt: skip
+    caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
+    k = (1.5 + torch.randn(2, 2, prompt, d, generator=gen)).to(DEVICE)
+    v = torch.randn(2, 2, prompt, d, generator=gen).to(DEVICE)
+    q0 = torch.randn(2, 8, prompt, d, generator=gen).to(DEVICE)
+    valid = torch.ones(2, prompt, dtype=torch.bool)
+    valid[1, :pads] = False
+    for cache in caches:
+        cache.append(k, v, valid=valid.to(DEVICE), queries=q0)
+    sliding = None if ring is None else ring + window + 1  # what the ring and the window hold, and the query
+    fused_steps = []
+    take_fused = caches[0]._fused_step
+    caches[0]._fused_step = lambda *args: fused_steps.append(1) or take_fused(*args)
+    compressed = {caches[0].num_compressed}
+    for _ in range(10):  # crosses flushes of the window
+        q = torch.randn(2, 8, 1, d, generator=gen).to(DEVICE)
+        k_new = (1.5 + torch.randn(2, 2, 1, d, generator=gen)).to(DEVICE)
+        v_new = torch.randn(2, 2, 1, d, generator=gen).to(DEVICE)
+        _poison_workspaces()
+        fused = caches[0].attend_and_append(q, k_new, v_new, sliding_window=sliding, backend="triton")
+        ref = caches[1].attend_and_append(q, k_new, v_new, sliding_window=sliding, backend="reference")
+        assert _rel(fused, ref) < TOL
+        compressed.add(caches[0].num_compressed)
+    assert len(fused_steps) == 10 and len(compressed) > 1 and caches[0].num_compressed == caches[1].num_compressed
+    for a, b in zip(caches[0].dequantize(), caches[1].dequantize(), strict=True):
+        assert torch.equal(a, b)

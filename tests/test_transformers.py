@@ -44,7 +44,7 @@ from turboquant.integrations.transformers import (
 
 # The paper's quantizers as they are (the cache's defaults add norm correction, key centring and scaling, 4 exact
 # sink tokens): the oracles below rebuild attention from dequantize(), which holds every token in compressed form.
-PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0)
+PLAIN = dict(norm_correction=False, center_keys=False, scale_keys=False, sink_tokens=0, residual_window=0)
 
 FP32_RTOL = 1e-5  # float32 attention against a float64 oracle on the same (dequantized) keys and values
 KERNEL_TOL = 2e-3  # the fused decode kernel's fp16 tiles
@@ -460,11 +460,12 @@ def test_teacher_forced_kl_k4v4_small_and_below_k2v2() -> None:
 PAD_LENGTHS = (5, 12, 9)
 
 
-@pytest.mark.parametrize("settings", [PLAIN, {}], ids=["plain", "defaults"])
+@pytest.mark.parametrize("settings", [PLAIN, {"residual_window": 0}], ids=["plain", "defaults-no-window"])
 def test_left_padded_generation_equals_each_prompt_alone(settings: dict) -> None:
     """Tokens equal each prompt generated alone; the first layer stores each prompt bit for bit like the
     single-prompt cache (shifted by the pad count); deeper layers agree up to rare rounding-induced flips.
-    With the defaults (norm correction, centred keys, 4 sink tokens) the sinks and key means are per sequence."""
+    With the defaults (norm correction, centred keys, 4 sink tokens; no window, so that every token is compressed)
+    the sinks and key means are per sequence."""
     model = tiny_llama()
     seqs = prompts(PAD_LENGTHS, seed=6)
     ids, mask = left_pad(seqs)
@@ -674,16 +675,18 @@ def test_beam_search_and_multiple_return_sequences(family: str) -> None:
 
 
 @needs_triton
-def test_fused_kernels_through_the_model_equal_the_reference() -> None:
+@pytest.mark.parametrize("window", [0, 6])
+def test_fused_kernels_through_the_model_equal_the_reference(window: int) -> None:
     """The model's steps with the fused kernels (on a GPU, else the CPU interpreter) give the logits of the
     reference attention through a left-padded prefill, decode steps, a beam reorder, a crop, a multi-token chunk
     after the compressed past, and decode again (TurboQuantCache's default settings: centred and scaled keys, sink
-    tokens, norm correction)."""
+    tokens, norm correction; no full-precision window, or a short one flushed in blocks of 2 as the steps go)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llama().to(dev)
     ids, mask = left_pad(prompts((9, 5, 7), seed=21))
     more = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(22))
-    caches = {backend: TurboQuantCache(model) for backend in ("triton", "reference")}
+    settings = dict(residual_window=window, flush_block=2)
+    caches = {backend: TurboQuantCache(model, **settings) for backend in ("triton", "reference")}
     for backend, cache in caches.items():
         for layer in cache.layers:
             layer.backend = backend
@@ -1042,7 +1045,7 @@ def test_sliding_layers_take_an_exact_window() -> None:
     """With residual_window R, a sliding layer holds a ring of W - 1 - R compressed tokens plus R exact ones
     (flushed one at a time), so it still covers the last W - 1 positions; full layers keep their own window."""
     model = tiny_gemma3()
-    cache = TurboQuantCache(model, **PLAIN, residual_window=3)
+    cache = TurboQuantCache(model, **{**PLAIN, "residual_window": 3})
     seqs = prompts((12,), seed=8)
     greedy(model, seqs[0][None], cache=cache, n=14)
     for i, layer in tq_layers(cache):

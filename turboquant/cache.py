@@ -13,6 +13,9 @@ streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 1
     value_codes    uint8   [B, H, C, D·vb/8]   planar-packed affine codes
     value_affine   float16 [B, H, C, D/g, 2]   per group of g values: (scale, zero), one 32-bit word
     seq_lens       int64   [B]                 compressed tokens per sequence
+    window_k/_v    dtype   [B, H, R + F - 1, D] the full-precision window (R = residual_window, F = flush_block;
+                                               no rows without a window): its first n_window rows hold the
+                                               newest tokens, in position order
 
 Keys are stored in the rotated basis: the score of a query q is norm · ⟨Πq, c[idx]⟩ / √d, so
 attention rotates each query once and never de-rotates a key. An optional full-precision
@@ -52,6 +55,7 @@ from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED, ROTATIONS, _devic
 __all__ = ["KVCacheConfig", "TurboQuantKVCache", "get_quantizers", "kernel_codebook"]
 
 _ATTEND_BLOCK = 1024  # tokens per block of the reference attention
+_STATISTICS_BLOCK = 512  # tokens per block of the prompt statistics (key mean, key scales)
 
 
 @dataclass(frozen=True)
@@ -200,8 +204,12 @@ class TurboQuantKVCache:
         self.capacity = 0
         self._allocate(capacity)
         d, s = config.head_dim, config.sink_tokens
-        self.window_k = torch.empty(batch_size, num_kv_heads, 0, d, dtype=dtype, device=self.device)
-        self.window_v = torch.empty_like(self.window_k)
+        # the full-precision window: between R and R + F - 1 tokens once R are appended, in preallocated rows
+        rows = config.residual_window + config.flush_block - 1 if config.residual_window else 0
+        self._window_k = torch.zeros(batch_size, num_kv_heads, rows, d, dtype=dtype, device=self.device)
+        self._window_v = torch.zeros_like(self._window_k)
+        self.n_window = 0
+        self._window_start_memo: tuple[int, torch.Tensor] | None = None  # see _window_start
         # sink tokens: the first S real tokens of each sequence, exact (one spare slot takes discarded writes)
         self.sink_k = torch.zeros(batch_size, num_kv_heads, s + 1 if s else 0, d, dtype=dtype, device=self.device)
         self.sink_v = torch.zeros_like(self.sink_k)
@@ -236,7 +244,7 @@ class TurboQuantKVCache:
     def buffers(self) -> dict[str, torch.Tensor]:
         """Every tensor the cache holds, by name."""
         out = {name: getattr(self, name) for name in self._buffer_specs()}
-        out.update(window_k=self.window_k, window_v=self.window_v, seq_lens=self.seq_lens, kv_start=self.kv_start)
+        out.update(window_k=self._window_k, window_v=self._window_v, seq_lens=self.seq_lens, kv_start=self.kv_start)
         if self.config.sink_tokens:
             out.update(sink_k=self.sink_k, sink_v=self.sink_v)
         if self.key_mean is not None:
@@ -271,7 +279,17 @@ class TurboQuantKVCache:
     def num_compressed(self) -> int:
         """Positions written to the compressed store per sequence (in ring mode, only the last
         ring_window of them are still held)."""
-        return self.total_tokens - self.window_k.shape[2]
+        return self.total_tokens - self.n_window
+
+    @property
+    def window_k(self) -> torch.Tensor:
+        """The full-precision window's keys: [B, H_kv, n_window, D], positions num_compressed on (a view)."""
+        return self._window_k[:, :, : self.n_window]
+
+    @property
+    def window_v(self) -> torch.Tensor:
+        """The full-precision window's values, as window_k."""
+        return self._window_v[:, :, : self.n_window]
 
     # ------------------------------------------------------------------------------------- write
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -309,15 +327,32 @@ class TurboQuantKVCache:
         if self.config.residual_window == 0:
             self._write_compressed(k, v)
         else:
-            wk = torch.cat((self.window_k, k.to(self.dtype)), dim=2)
-            wv = torch.cat((self.window_v, v.to(self.dtype)), dim=2)
-            excess = wk.shape[2] - self.config.residual_window
-            n_flush = (excess // self.config.flush_block) * self.config.flush_block if excess > 0 else 0
-            if n_flush:
-                self._write_compressed(wk[:, :, :n_flush], wv[:, :, :n_flush])
-            self.window_k = wk[:, :, n_flush:].contiguous()
-            self.window_v = wv[:, :, n_flush:].contiguous()
+            self._append_window(k, v)
         self.total_tokens += k.shape[2]
+
+    def _append_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v [B, H, N, D] to the full-precision window; once it would hold R + F tokens or more, its
+        oldest whole blocks of F go to the compressed store first (the window keeps R to R + F - 1), in the cache's
+        dtype. What is flushed is written from the window's rows and from the chunk as they are (no copy of a long
+        chunk)."""
+        k, v = k.to(self.dtype), v.to(self.dtype)  # (as every token passes through the window: no copy if equal)
+        old, n = self.n_window, k.shape[2]
+        excess = old + n - self.config.residual_window
+        n_flush = (excess // self.config.flush_block) * self.config.flush_block if excess > 0 else 0
+        if n_flush >= old:  # every row of the window, then the chunk's first n_flush - old
+            self._write_compressed(self.window_k, self.window_v)
+            self.n_window = 0
+            self._write_compressed(k[:, :, : n_flush - old], v[:, :, : n_flush - old])
+            k, v, old = k[:, :, n_flush - old :], v[:, :, n_flush - old :], 0
+        elif n_flush:  # the window's oldest n_flush rows; the rest move to the front
+            self._write_compressed(self.window_k[:, :, :n_flush], self.window_v[:, :, :n_flush])
+            old -= n_flush
+            self._window_k[:, :, :old] = self._window_k[:, :, n_flush : n_flush + old].clone()
+            self._window_v[:, :, :old] = self._window_v[:, :, n_flush : n_flush + old].clone()
+            self.n_window = old
+        self._window_k[:, :, old : old + k.shape[2]] = k
+        self._window_v[:, :, old : old + k.shape[2]] = v
+        self.n_window = old + k.shape[2]
 
     def _start_sequences(self, valid: torch.Tensor, n: int) -> None:
         """Advance kv_start past the leading pads of sequences that have no real token yet."""
@@ -341,10 +376,12 @@ class TurboQuantKVCache:
 
     def _mean_key(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per-(sequence, head) mean of the real keys: [B, H, D] float32 (zero where none is real)."""
-        if valid is None:
-            return k.float().mean(dim=2)
-        w = valid.to(self.device, torch.float32)[:, None, :, None]
-        return (k.float() * w).sum(dim=2) / w.sum(dim=2).clamp(min=1.0)
+        b, h, n, d = k.shape
+        w = torch.ones(b, n, device=self.device) if valid is None else valid.to(self.device, torch.float32)
+        total = torch.zeros(b, h, d, device=self.device)
+        for t in range(0, n, _STATISTICS_BLOCK):  # float32 temporaries of a block of tokens, not of the prompt
+            total += (k[:, :, t : t + _STATISTICS_BLOCK].float() * w[:, None, t : t + _STATISTICS_BLOCK, None]).sum(2)
+        return total / w.sum(dim=1).clamp(min=1.0)[:, None, None]
 
     def _key_scales(self, k: torch.Tensor, q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per-(sequence, head, channel) key scales s = (E[k̃_c²] / E[q_c²])^(1/4): [B, H, D] float32.
@@ -357,12 +394,20 @@ class TurboQuantKVCache:
         b, h, n, d = k.shape
         if q.shape[0] != b or q.shape[2] != n or q.shape[3] != d or q.shape[1] % h:
             raise ValueError(f"queries must be [B={b}, H_q (a multiple of {h}), N={n}, D={d}], got {tuple(q.shape)}")
-        kc = k.float() if self.key_mean is None else k.float() - self.key_mean[:, :, None, :]
+        g = q.shape[1] // h
         w = torch.ones(b, n, device=self.device) if valid is None else valid.to(self.device, torch.float32)
         count = w.sum(dim=1).clamp(min=1.0)[:, None, None]  # [B, 1, 1]
-        k2 = (kc.pow(2) * w[:, None, :, None]).sum(dim=2) / count  # [B, H, D]
-        qg = q.float().reshape(b, h, q.shape[1] // h, n, d)
-        q2 = (qg.pow(2) * w[:, None, None, :, None]).sum(dim=(2, 3)) / (count * (q.shape[1] // h))
+        k2 = torch.zeros(b, h, d, device=self.device)
+        q2 = torch.zeros(b, h, d, device=self.device)
+        for t in range(0, n, _STATISTICS_BLOCK):  # float32 temporaries of a block of tokens, not of the prompt
+            wt = w[:, t : t + _STATISTICS_BLOCK]
+            kc = k[:, :, t : t + _STATISTICS_BLOCK].float()
+            if self.key_mean is not None:
+                kc = kc - self.key_mean[:, :, None, :]
+            k2 += (kc.square() * wt[:, None, :, None]).sum(dim=2)
+            qg = q[:, :, t : t + _STATISTICS_BLOCK].float().reshape(b, h, g, -1, d)
+            q2 += (qg.square() * wt[:, None, None, :, None]).sum(dim=(2, 3))
+        k2, q2 = k2 / count, q2 / (count * g)  # [B, H, D]
         tiny = torch.finfo(torch.float32).tiny
         k2 = k2 + 1e-6 * k2.mean(dim=-1, keepdim=True) + tiny
         q2 = q2 + 1e-6 * q2.mean(dim=-1, keepdim=True) + tiny
@@ -474,7 +519,7 @@ class TurboQuantKVCache:
             raise ValueError(f"indices must be a non-empty 1-D tensor, got shape {tuple(indices.shape)}")
         if int(indices.min()) < 0 or int(indices.max()) >= self.batch_size:
             raise ValueError(f"indices must lie in [0, {self.batch_size}), got {indices.tolist()}")
-        for name in (*self._buffer_specs(), "window_k", "window_v", "sink_k", "sink_v", "seq_lens", "kv_start"):
+        for name in (*self._buffer_specs(), "_window_k", "_window_v", "sink_k", "sink_v", "seq_lens", "kv_start"):
             setattr(self, name, getattr(self, name).index_select(0, indices))
         if self.key_mean is not None:
             self.key_mean = self.key_mean.index_select(0, indices)
@@ -492,8 +537,7 @@ class TurboQuantKVCache:
             raise ValueError(f"cannot remove more than the {self.total_tokens} cached positions")
         n_win = max(0, length - self.num_compressed)
         stored = min(length, self.num_compressed)
-        self.window_k = self.window_k[:, :, :n_win].contiguous()
-        self.window_v = self.window_v[:, :, :n_win].contiguous()
+        self.n_window = n_win
         self.seq_lens = self.seq_lens.clamp(max=stored)
         self.kv_start = self.kv_start.clamp(max=length)
         self._max_kv_start = min(self._max_kv_start, length)
@@ -674,13 +718,13 @@ class TurboQuantKVCache:
         return out
 
     def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
-        plain = q.shape[2] == 1 and valid is None and self.window_k.shape[2] == 0
+        plain = q.shape[2] == 1 and valid is None
         wants_kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
         return plain and wants_kernel and self._kernel_applies(self.total_tokens, sliding_window)
 
     def _fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode of one token with the fused kernel, its own exact k, v and the exact sink tokens merged
-        in-kernel: q [B, H_q, 1, D].
+        """Decode of one token with the fused kernel, its own exact k, v, the exact sink tokens and the
+        full-precision window merged in-kernel: q [B, H_q, 1, D].
 
         Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
         shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
@@ -690,9 +734,21 @@ class TurboQuantKVCache:
         q_rot, sq = self._kernel_queries(qg)
         q_start = torch.full((b,), self.total_tokens, dtype=torch.int64, device=self.device)
         sinks = (self.sink_k, self.sink_v, self.kv_start) if self.config.sink_tokens else None
+        window = None
+        if self.config.residual_window:  # rows past the sinks and pads (the kernel's first slot), before the token
+            window = (self._window_k, self._window_v, self._window_start(), self._kernel_kv_start())
         out, _ = self._run_decode(q_rot, sq, q_start, 1, scale, causal=False, exact=(qg, k, v), sinks=sinks,
-                                  out_dtype=q.dtype)  # fmt: skip
+                                  window=window, out_dtype=q.dtype)  # fmt: skip
         return out.reshape(b, h_q, 1, d)
+
+    def _window_start(self) -> torch.Tensor:
+        """Position of the window's first row per sequence, [B] int64 (num_compressed; a new tensor only after a
+        flush)."""
+        memo = self._window_start_memo
+        if memo is None or memo[0] != self.num_compressed or memo[1].shape[0] != self.batch_size:
+            start = torch.full((self.batch_size,), self.num_compressed, dtype=torch.int64, device=self.device)
+            memo = self._window_start_memo = (self.num_compressed, start)
+        return memo[1]
 
     def _kernel_applies(self, last_q_pos: int, sliding_window: int | None) -> bool:
         """Whether the fused kernel's masks (a per-sequence lower slot bound) express this attention."""
@@ -793,7 +849,8 @@ class TurboQuantKVCache:
 
     def _run_decode(
         self, q_rot: torch.Tensor, sq: torch.Tensor | None, q_start: torch.Tensor, n_q: int, scale: float, *,
-        causal: bool, exact: tuple | None = None, sinks: tuple | None = None, out_dtype: torch.dtype = torch.float32,
+        causal: bool, exact: tuple | None = None, sinks: tuple | None = None, window: tuple | None = None,
+        out_dtype: torch.dtype = torch.float32,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """kernels.decode over the store with a launch plan (DecodePlan) kept across steps while the buffers stay
         the same tensors: the inputs are the cache's own, so the plan's launch skips decode_attention's checks."""
@@ -801,20 +858,21 @@ class TurboQuantKVCache:
 
         c = self.config
         n_sinks = 0 if sinks is None else sinks[0].shape[2] - 1
+        window_rows = 0 if window is None else window[0].shape[2]
         kv_start = self._kernel_kv_start()
         plan = self._kept_plan(
             "_decode_plans",
-            (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks),
+            (tuple(q_rot.shape), n_q, causal, exact is not None, n_sinks, window_rows),
             lambda: decode.DecodePlan(
                 q_rot, sq, self._store_buffers(), self._kernel_codebook, self.seq_lens, kv_start, q_start,
                 key_bits=c.key_bits, key_mode=c.key_mode, value_bits=c.value_bits, group_size=c.group_size, n_q=n_q,
                 causal=causal, exact=exact is not None, n_sinks=n_sinks, key_tables=self._kernel_key_tables(),
-                key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS),
+                key_table_words=self._key_table_words, launch=dict(decode.LAUNCH_DEFAULTS), window_rows=window_rows,
             ),
         )  # fmt: skip
         key_mean = self.key_mean if exact is not None else None
         return plan(q_rot, sq, self.seq_lens, kv_start, q_start, q_scale=scale * decode.LOG2E, exact=exact,
-                    sinks=sinks, key_mean=key_mean, out_dtype=out_dtype)  # fmt: skip
+                    sinks=sinks, window=window, key_mean=key_mean, out_dtype=out_dtype)  # fmt: skip
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Decompressed (k, v) in position order, window included: [B, H_kv, L, D] in self.dtype.

@@ -993,18 +993,21 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 
 @triton.jit
 def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
-                         Q_SCALE,
+                         Q_SCALE, WK, WV, WC, WIN_POS, KV_LO,
                          D: tl.constexpr, MP: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
                          EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr,
-                         WAIT: tl.constexpr):  # fmt: skip
+                         WINDOW: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
     """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log. The split kernel
     wrote MP rows (M rounded up to whole row tiles) per (head, split).
 
     EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
     Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
-    sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WAIT: launched as a programmatic dependent
-    of the split kernel (CUDA, sm_90+), so it waits for the split kernel's results before reading them.
+    sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WINDOW (> 0, with EXACT): also attend the
+    exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens), row j at
+    position WIN_POS[b] + j, those at or after KV_LO[b] and before Q_START[b], WINDOW rows at a time with an online
+    softmax. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so it waits for the
+    split kernel's results before reading them.
     """
     pid = tl.program_id(0).to(tl.int64)  # one program per (head, row): a 1-D grid, as M may exceed 65535
     i_bh = pid // M
@@ -1048,6 +1051,31 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         w_j = tl.exp2(s_j - l_safe)  # 0 where masked
         acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
         w_sum += tl.sum(w_j, axis=0)
+    if WINDOW > 0:  # acc, w_sum are relative to 2^l_safe; l_max is the running maximum (-inf: nothing yet)
+        i_b = i_bh // H_KV
+        w_pos = tl.load(WIN_POS + i_b)
+        lo = tl.load(KV_LO + i_b) - w_pos
+        hi = tl.minimum(tl.load(Q_START + i_b) - w_pos, WC)
+        o_w = tl.arange(0, WINDOW)
+        if CENTER:
+            b_km = tl.load(KM + i_bh * D + o_d)
+        for j0 in range(0, hi, WINDOW):
+            o_r = j0 + o_w
+            m_r = (o_r >= lo) & (o_r < hi)
+            p_w = (i_bh * WC + o_r)[:, None] * D + o_d[None, :]
+            b_wk = tl.load(WK + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)  # [WINDOW, D]
+            if CENTER:
+                b_wk -= b_km[None, :]
+            s_w = tl.where(m_r, tl.sum(b_wk * b_qx[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(l_max, tl.max(s_w, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.where(l_max == float("-inf"), 1.0, tl.exp2(l_safe - m_safe))  # (acc = 0 while nothing yet)
+            w_w = tl.exp2(s_w - m_safe)  # 0 where masked
+            b_wv = tl.load(WV + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(w_w[:, None] * b_wv, axis=0)
+            w_sum = w_sum * alpha + tl.sum(w_w, axis=0)
+            l_max = m_new
+            l_safe = m_safe
     out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
     lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
@@ -1078,6 +1106,8 @@ THREE_PER_SM_REGISTERS = 168
 # and runs with bounded tiles; 64 rows hold a decode step of GQA up to 64 and speculative verification of 16
 # queries at GQA 4 in one program.
 MAX_ROWS = 64
+# Window rows per step of the merge kernel's loop over a cache's full-precision window (a [rows, D] float32 tile)
+WINDOW_ROWS = 32
 
 
 def _tile_rows(rows: int) -> int:
@@ -1256,6 +1286,7 @@ def decode_attention(
     q_scale: float = 1.0,
     exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    window: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     key_mean: torch.Tensor | None = None,
     key_tables: torch.Tensor | None = None,
     key_table_words: tuple[int, ...] | None = None,
@@ -1279,8 +1310,11 @@ def decode_attention(
             in the kernel); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
         sinks: optional (k, v, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
             contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start.
-        key_mean: optional [B, H_kv, D] float32 subtracted from the exact and sink keys (as it was from the
-            stored ones).
+        window: optional (k, v, start, lower) adding the exact rows of a full-precision window of recent tokens to
+            an ``exact`` step: k, v [B, H_kv, W, D] contiguous (a buffer of W rows), row j the token at position
+            start[b] + j (start, lower [B] int), attended where at or after lower[b] and before q_start[b].
+        key_mean: optional [B, H_kv, D] float32 subtracted from the exact, sink and window keys (as it was from
+            the stored ones).
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
         key_table_words: the same four int32 values on the host, for the launch option key_table_source="immediates"
             (else read from the device on every call, which synchronises).
@@ -1326,15 +1360,31 @@ def decode_attention(
             if t.shape[:2] != (b, h_kv) or t.shape[3] != d or not t.is_contiguous() or t.device != q_rot.device:
                 raise ValueError(f"sink {name} must be a contiguous [B, H_kv, S + 1, D] = [{b}, {h_kv}, S + 1, {d}] "
                                  f"tensor on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
+    window_rows = 0
+    if window is not None:
+        wk, wv, w_start, w_lower = window
+        window_rows = wk.shape[2]
+        if exact is None:
+            raise ValueError("a window is attended in an exact step only (pass exact)")
+        for name, t in (("k", wk), ("v", wv)):
+            if t.shape != (b, h_kv, window_rows, d) or not t.is_contiguous() or t.device != q_rot.device:
+                raise ValueError(f"window {name} must be a contiguous [B, H_kv, W, D] = [{b}, {h_kv}, W, {d}] tensor "
+                                 f"on {q_rot.device}, got {tuple(t.shape)} (k's W = {window_rows})")  # fmt: skip
+        for name, t in (("start", w_start), ("lower", w_lower)):
+            if t.shape != (b,) or t.dtype not in (torch.int32, torch.int64) or t.device != q_rot.device:
+                raise ValueError(f"window {name} must be an int tensor [B] = [{b}] on {q_rot.device}, got "
+                                 f"{t.dtype} {tuple(t.shape)}")  # fmt: skip
     km = key_mean
     if km is not None and (km.shape != (b, h_kv, d) or km.dtype != torch.float32 or not km.is_contiguous()):
         raise ValueError(f"key_mean must be a contiguous float32 tensor [{b}, {h_kv}, {d}]")
     plan = DecodePlan(
         q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, key_bits=key_bits, key_mode=key_mode,
         value_bits=value_bits, group_size=group_size, n_q=n_q, causal=causal, exact=exact is not None,
-        n_sinks=n_sinks, key_tables=key_tables, key_table_words=key_table_words, launch=launch,
+        n_sinks=n_sinks, window_rows=window_rows, key_tables=key_tables, key_table_words=key_table_words,
+        launch=launch,
     )  # fmt: skip
-    return plan(q_rot, sq, seq_lens, kv_start, q_start, q_scale=q_scale, exact=exact, sinks=sinks, key_mean=km)
+    return plan(q_rot, sq, seq_lens, kv_start, q_start, q_scale=q_scale, exact=exact, sinks=sinks, window=window,
+                key_mean=km)  # fmt: skip
 
 
 class DecodePlan:
@@ -1346,11 +1396,13 @@ class DecodePlan:
     split kernel's).
 
     The constructor takes example inputs of the shapes and dtypes every call will pass (see decode_attention for
-    their meaning) and ``exact`` / ``n_sinks``: whether calls add the exact row, and how many sink rows."""
+    their meaning) and ``exact`` / ``n_sinks`` / ``window_rows``: whether calls add the exact row, how many sink
+    rows, and the rows of the window's buffers (0: no window)."""
 
     def __init__(self, q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, *, key_bits: int, key_mode: str,
                  value_bits: int, group_size: int, n_q: int, causal: bool, exact: bool, n_sinks: int,
-                 key_tables: torch.Tensor | None, key_table_words: tuple[int, ...] | None, launch: dict):  # fmt: skip
+                 key_tables: torch.Tensor | None, key_table_words: tuple[int, ...] | None, launch: dict,
+                 window_rows: int = 0):  # fmt: skip
         b, h_kv, m, d = q_rot.shape
         key_codes = buffers["key_codes"]
         c = key_codes.shape[2]
@@ -1436,15 +1488,16 @@ class DecodePlan:
         self.split_launch = PreparedLaunch(kernel, (b * h_kv, splits, row_tiles), consts, fixed)
         self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
                                   SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)),
-                                  WAIT=pdl != "off")  # fmt: skip
+                                  WINDOW=WINDOW_ROWS if window_rows else 0, WAIT=pdl != "off")  # fmt: skip
+        self._window_rows = window_rows
         if pdl != "off":
             self._merge_consts["launch_pdl"] = True
         self._merges = {}  # CENTER -> the merge's PreparedLaunch
 
-    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, key_mean=None,
-                 out_dtype=torch.float32):  # fmt: skip
-        """Launch: the arguments as in decode_attention, ``exact`` and ``sinks`` given exactly when the plan was
-        built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M] float32)."""
+    def __call__(self, q_rot, sq, seq_lens, kv_start, q_start, *, q_scale=1.0, exact=None, sinks=None, window=None,
+                 key_mean=None, out_dtype=torch.float32):  # fmt: skip
+        """Launch: the arguments as in decode_attention, ``exact``, ``sinks`` and ``window`` given exactly when the
+        plan was built for them. Returns (out [B, H_kv, M, D] in out_dtype, lse [B, H_kv, M] float32)."""
         b, h_kv, m, d = self._shape
         o_part, l_part = self._workspaces
         out = torch.empty(b, h_kv, m, d, dtype=out_dtype, device=q_rot.device)
@@ -1458,15 +1511,16 @@ class DecodePlan:
             qx = kx = vx = q_rot
             sx_b = sx_h = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
+        wk, wv, w_start, w_lower = window if window is not None else (q_rot, q_rot, q_start, q_start)
         center = key_mean is not None and self._exact
         merge = self._merges.get(center)
         if merge is None:
             merge = self._merges[center] = PreparedLaunch(
                 _merge_splits_kernel, (b * h_kv * m,), dict(self._merge_consts, CENTER=center),
-                dict(O_PART=o_part, L_PART=l_part, M=m, H_KV=h_kv),
+                dict(O_PART=o_part, L_PART=l_part, M=m, H_KV=h_kv, WC=self._window_rows),
             )  # fmt: skip
         with on_device(q_rot.device):
             self.split_launch(q_rot, sq if self._prod else q_rot, seq_lens, kv_start, q_start, q_scale)
             merge(out, lse, qx, kx, vx, sx_b, sx_h, sk, sv, q_rot if key_mean is None else key_mean, sink_start,
-                  q_start, q_scale)  # fmt: skip
+                  q_start, q_scale, wk, wv, w_start, w_lower)  # fmt: skip
         return out, lse
