@@ -5,7 +5,10 @@
     python examples/generate.py --key-bits 3 --value-bits 2 --prompt "Explain KV caches."
 
 The cache is passed to ``generate`` like any other; ``TurboQuantCache(model, ...)`` also switches the
-model to the "turboquant" attention, which reads the compressed store directly.
+model to the "turboquant" attention, which reads the compressed store directly. TurboQuantCache keeps the
+128 most recent tokens in 16 bits by default; a generation as short as this one would then never reach the
+compressed store, so the example quantizes every token (``--residual-window 0``, as the paper does) unless told
+otherwise.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--key-bits", type=int, default=4)
     ap.add_argument("--value-bits", type=int, default=4)
     ap.add_argument("--key-mode", default="mse", choices=["mse", "prod"])
+    ap.add_argument("--residual-window", type=int, default=0, help="recent tokens kept in 16 bits (cache default 128)")
     args = ap.parse_args()
 
     model, tokenizer = load_smollm2()
@@ -50,7 +54,8 @@ def main() -> None:
     with torch.inference_mode():
         reference = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
                                    **{key: DynamicCache(config=model.config)})  # fmt: skip
-        cache = TurboQuantCache(model, key_bits=args.key_bits, value_bits=args.value_bits, key_mode=args.key_mode)
+        cache = TurboQuantCache(model, key_bits=args.key_bits, value_bits=args.value_bits, key_mode=args.key_mode,
+                                residual_window=args.residual_window)  # fmt: skip
         start = time.perf_counter()
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, **{key: cache})
         seconds = time.perf_counter() - start
@@ -61,7 +66,8 @@ def main() -> None:
     print(f"16-bit cache : {tokenizer.decode(reference[0, n_prompt:], skip_special_tokens=True)!r}")
     print(f"TurboQuant   : {tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True)!r}")
     same = int((reference[0, n_prompt:] == output[0, n_prompt:]).cumprod(0).sum())
-    config = f"K{args.key_bits}/V{args.value_bits} {args.key_mode}"
+    stored = layer.store.num_compressed
+    config = f"K{args.key_bits}/V{args.value_bits} {args.key_mode}, {stored} of {tokens - 1} tokens compressed"
     print(
         f"{config}: first {same} new tokens identical to the 16-bit cache; "
         f"{per_token} B per token in the compressed store vs {bf16_per_token} B in bf16 "
