@@ -14,8 +14,8 @@ streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 1
     value_affine   float16 [B, H, C, D/g, 2]   per group of g values: (scale, zero), one 32-bit word
     seq_lens       int64   [B]                 compressed tokens per sequence
     window_k/_v    dtype   [B, H, R + F - 1, D] the full-precision window (R = residual_window, F = flush_block;
-                                               no rows without a window): its first n_window rows hold the
-                                               newest tokens, in position order
+                                               no rows without a window), a ring: position p in row p mod (R + F - 1);
+                                               it holds the n_window newest positions
 
 Keys are stored in the rotated basis: the score of a query q is norm · ⟨Πq, c[idx]⟩ / √d, so
 attention rotates each query once and never de-rotates a key. An optional full-precision
@@ -283,13 +283,29 @@ class TurboQuantKVCache:
 
     @property
     def window_k(self) -> torch.Tensor:
-        """The full-precision window's keys: [B, H_kv, n_window, D], positions num_compressed on (a view)."""
-        return self._window_k[:, :, : self.n_window]
+        """The full-precision window's keys in position order: [B, H_kv, n_window, D], positions num_compressed on
+        (a view of the ring's rows, or a copy where they wrap)."""
+        return self._window_rows(self._window_k)
 
     @property
     def window_v(self) -> torch.Tensor:
         """The full-precision window's values, as window_k."""
-        return self._window_v[:, :, : self.n_window]
+        return self._window_rows(self._window_v)
+
+    def _window_rows(self, ring: torch.Tensor) -> torch.Tensor:
+        parts = [ring[:, :, a:b] for a, b in self._window_slots(self.num_compressed, self.total_tokens)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(parts, dim=2) if parts else ring[:, :, :0]
+
+    def _window_slots(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The window's row ranges (at most two, in position order) that hold positions [start, stop)."""
+        rows = self._window_k.shape[2]
+        if stop <= start:
+            return []
+        a = start % rows
+        b = a + stop - start
+        return [(a, b)] if b <= rows else [(a, rows), (0, b - rows)]
 
     # ------------------------------------------------------------------------------------- write
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -331,28 +347,27 @@ class TurboQuantKVCache:
         self.total_tokens += k.shape[2]
 
     def _append_window(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append k, v [B, H, N, D] to the full-precision window; once it would hold R + F tokens or more, its
-        oldest whole blocks of F go to the compressed store first (the window keeps R to R + F - 1), in the cache's
-        dtype. What is flushed is written from the window's rows and from the chunk as they are (no copy of a long
-        chunk)."""
+        """Append k, v [B, H, N, D] (positions total_tokens on) to the full-precision window; once it would hold
+        R + F tokens or more, its oldest whole blocks of F go to the compressed store first (the window keeps R to
+        R + F - 1), in the cache's dtype. Flushed tokens are written from the ring's rows and from the chunk as
+        they are: no copy of a long chunk, no rows moved."""
         k, v = k.to(self.dtype), v.to(self.dtype)  # (as every token passes through the window: no copy if equal)
         old, n = self.n_window, k.shape[2]
         excess = old + n - self.config.residual_window
         n_flush = (excess // self.config.flush_block) * self.config.flush_block if excess > 0 else 0
-        if n_flush >= old:  # every row of the window, then the chunk's first n_flush - old
-            self._write_compressed(self.window_k, self.window_v)
-            self.n_window = 0
+        first = self.num_compressed
+        for a, b in self._window_slots(first, first + min(n_flush, old)):  # the window's oldest rows
+            self._write_compressed(self._window_k[:, :, a:b], self._window_v[:, :, a:b])
+            self.n_window -= b - a  # (the next write starts after them)
+        if n_flush > old:  # then the chunk's first rows
             self._write_compressed(k[:, :, : n_flush - old], v[:, :, : n_flush - old])
-            k, v, old = k[:, :, n_flush - old :], v[:, :, n_flush - old :], 0
-        elif n_flush:  # the window's oldest n_flush rows; the rest move to the front
-            self._write_compressed(self.window_k[:, :, :n_flush], self.window_v[:, :, :n_flush])
-            old -= n_flush
-            self._window_k[:, :, :old] = self._window_k[:, :, n_flush : n_flush + old].clone()
-            self._window_v[:, :, :old] = self._window_v[:, :, n_flush : n_flush + old].clone()
-            self.n_window = old
-        self._window_k[:, :, old : old + k.shape[2]] = k
-        self._window_v[:, :, old : old + k.shape[2]] = v
-        self.n_window = old + k.shape[2]
+            k, v = k[:, :, n_flush - old :], v[:, :, n_flush - old :]
+        i, pos = 0, self.total_tokens + n - k.shape[2]
+        for a, b in self._window_slots(pos, pos + k.shape[2]):
+            self._window_k[:, :, a:b] = k[:, :, i : i + b - a]
+            self._window_v[:, :, a:b] = v[:, :, i : i + b - a]
+            i += b - a
+        self.n_window += k.shape[2]
 
     def _start_sequences(self, valid: torch.Tensor, n: int) -> None:
         """Advance kv_start past the leading pads of sequences that have no real token yet."""

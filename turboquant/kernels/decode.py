@@ -1004,10 +1004,10 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
     sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WINDOW (> 0, with EXACT): also attend the
-    exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens), row j at
-    position WIN_POS[b] + j, those at or after KV_LO[b] and before Q_START[b], WINDOW rows at a time with an online
-    softmax. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so it waits for the
-    split kernel's results before reading them.
+    exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens, a ring: position
+    p in row p mod WC, the oldest at WIN_POS[b]), those at or after KV_LO[b] and before Q_START[b], WINDOW rows at a
+    time with an online softmax. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so
+    it waits for the split kernel's results before reading them.
     """
     pid = tl.program_id(0).to(tl.int64)  # one program per (head, row): a 1-D grid, as M may exceed 65535
     i_bh = pid // M
@@ -1054,14 +1054,15 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     if WINDOW > 0:  # acc, w_sum are relative to 2^l_safe; l_max is the running maximum (-inf: nothing yet)
         i_b = i_bh // H_KV
         w_pos = tl.load(WIN_POS + i_b)
-        lo = tl.load(KV_LO + i_b) - w_pos
-        hi = tl.minimum(tl.load(Q_START + i_b) - w_pos, WC)
+        lo = tl.load(KV_LO + i_b)
+        hi = tl.load(Q_START + i_b)
         o_w = tl.arange(0, WINDOW)
         if CENTER:
             b_km = tl.load(KM + i_bh * D + o_d)
-        for j0 in range(0, hi, WINDOW):
+        for j0 in range(0, WC, WINDOW):
             o_r = j0 + o_w
-            m_r = (o_r >= lo) & (o_r < hi)
+            pos = w_pos + (o_r - w_pos % WC + WC) % WC  # the position row o_r holds (or would hold next)
+            m_r = (o_r < WC) & (pos >= lo) & (pos < hi)
             p_w = (i_bh * WC + o_r)[:, None] * D + o_d[None, :]
             b_wk = tl.load(WK + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)  # [WINDOW, D]
             if CENTER:
@@ -1311,8 +1312,9 @@ def decode_attention(
         sinks: optional (k, v, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
             contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start.
         window: optional (k, v, start, lower) adding the exact rows of a full-precision window of recent tokens to
-            an ``exact`` step: k, v [B, H_kv, W, D] contiguous (a buffer of W rows), row j the token at position
-            start[b] + j (start, lower [B] int), attended where at or after lower[b] and before q_start[b].
+            an ``exact`` step: k, v [B, H_kv, W, D] contiguous, a ring of W rows (position p in row p mod W) whose
+            oldest position is start[b] (start, lower [B] int), attended where at or after lower[b] and before
+            q_start[b].
         key_mean: optional [B, H_kv, D] float32 subtracted from the exact, sink and window keys (as it was from
             the stored ones).
         key_tables: key_lookup_tables(codebook), computed once by the caller (else here, on every call).
