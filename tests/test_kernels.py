@@ -234,6 +234,24 @@ def test_decode_kernel_rejects_unknown_launch_values():
         decode_attention(**inputs, dependent_launch="late")
 
 
+def test_decode_kernel_window_arguments_are_checked():
+    """decode_attention's window: attended in an exact step only, and its rows and positions named when malformed."""
+    from turboquant.kernels.decode import decode_attention
+
+    gen = torch.Generator().manual_seed(14)
+    cache = _filled_cache(KVCacheConfig(head_dim=64, key_bits=4, value_bits=4), 2, 1, 8, gen)
+    inputs = cache.decode_inputs(torch.randn(2, 1, 1, 64, generator=gen).to(DEVICE), 1, 0.125)
+    rows = torch.zeros(2, 1, 5, 64, device=DEVICE)
+    start = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    exact = (inputs["q_rot"].clone(), rows[:, :, :1], rows[:, :, :1])
+    with pytest.raises(ValueError, match="a window is attended in an exact step only"):
+        decode_attention(**inputs, window=(rows, rows, start, start))
+    with pytest.raises(ValueError, match=r"window v must be a contiguous \[B, H_kv, W, D\] = \[2, 1, W, 64\]"):
+        decode_attention(**inputs, exact=exact, window=(rows, rows[:, :, :4].contiguous(), start, start))
+    with pytest.raises(ValueError, match=r"window lower must be an int tensor \[B\] = \[2\]"):
+        decode_attention(**inputs, exact=exact, window=(rows, rows, start, start[:1]))
+
+
 def _check_decode(mode, kb, vb, d, group, n_q, n, **config):
     gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, kb, vb, d, group, n_q, n, config)).encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=kb, value_bits=vb, key_mode=mode, chunk_size=64, **config)

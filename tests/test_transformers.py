@@ -460,12 +460,15 @@ def test_teacher_forced_kl_k4v4_small_and_below_k2v2() -> None:
 PAD_LENGTHS = (5, 12, 9)
 
 
-@pytest.mark.parametrize("settings", [PLAIN, {"residual_window": 0}], ids=["plain", "defaults-no-window"])
+@pytest.mark.parametrize(
+    "settings", [PLAIN, {"residual_window": 0}, {}], ids=["plain", "defaults-no-window", "defaults"]
+)
 def test_left_padded_generation_equals_each_prompt_alone(settings: dict) -> None:
     """Tokens equal each prompt generated alone; the first layer stores each prompt bit for bit like the
     single-prompt cache (shifted by the pad count); deeper layers agree up to rare rounding-induced flips.
-    With the defaults (norm correction, centred keys, 4 sink tokens; no window, so that every token is compressed)
-    the sinks and key means are per sequence."""
+    With the defaults (norm correction, centred keys, 4 sink tokens) the sinks and key means are per sequence;
+    without their window every token is compressed, with it (the whole generation fits in it) the window holds
+    each prompt's tokens as the single-prompt cache does, its pads first."""
     model = tiny_llama()
     seqs = prompts(PAD_LENGTHS, seed=6)
     ids, mask = left_pad(seqs)
@@ -482,7 +485,10 @@ def test_left_padded_generation_equals_each_prompt_alone(settings: dict) -> None
             a, b = layer.store, single.layers[j].store
             assert a.kv_start[i] == pad and b.kv_start[0] == 0
             assert a.total_tokens - pad == b.total_tokens == n + 11
-            if j == 0:
+            if a.config.residual_window:
+                assert a.num_compressed == b.num_compressed == 0
+                assert rel_err(a.window_k[i, :, pad:], b.window_k[0]) < 1e-5, j  # (batched products: last bits)
+            elif j == 0:
                 for name, t in a.buffers().items():
                     if name in COMPRESSED:  # prompt and generated rows alike
                         assert torch.equal(t[i, :, pad : pad + n + 11], getattr(b, name)[0, :, : n + 11]), name
