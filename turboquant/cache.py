@@ -204,7 +204,7 @@ class TurboQuantKVCache:
         self.capacity = 0
         self._allocate(capacity)
         d, s = config.head_dim, config.sink_tokens
-        # the full-precision window: between R and R + F - 1 tokens once R are appended, in preallocated rows
+        # the full-precision window: R to R + F - 1 tokens once R are appended, in a ring of preallocated rows
         rows = config.residual_window + config.flush_block - 1 if config.residual_window else 0
         self._window_k = torch.zeros(batch_size, num_kv_heads, rows, d, dtype=dtype, device=self.device)
         self._window_v = torch.zeros_like(self._window_k)
@@ -293,6 +293,7 @@ class TurboQuantKVCache:
         return self._window_rows(self._window_v)
 
     def _window_rows(self, ring: torch.Tensor) -> torch.Tensor:
+        """The window's tokens of one of its rings (_window_k or _window_v), in position order."""
         parts = [ring[:, :, a:b] for a, b in self._window_slots(self.num_compressed, self.total_tokens)]
         if len(parts) == 1:
             return parts[0]
@@ -757,7 +758,7 @@ class TurboQuantKVCache:
         return out.reshape(b, h_q, 1, d)
 
     def _window_start(self) -> torch.Tensor:
-        """Position of the window's first row per sequence, [B] int64 (num_compressed; a new tensor only after a
+        """Position of the window's oldest token per sequence, [B] int64 (num_compressed; a new tensor only after a
         flush)."""
         memo = self._window_start_memo
         if memo is None or memo[0] != self.num_compressed or memo[1].shape[0] != self.batch_size:
