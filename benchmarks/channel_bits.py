@@ -21,6 +21,13 @@ scales fitted on the prompt's keys and queries, the first SINKS tokens exact, no
 - ``plain``, ``proj``: uniform with another stored norm in place of norm correction's ‖x‖ / ‖ĉ‖ (ĉ = c[idx] / √d,
   the reconstructed unit vector in the rotated basis): ``plain`` ‖x‖ (the paper's), ``proj`` ‖x‖ / ⟨Π u, ĉ⟩, which
   makes the reconstruction's projection on the key's own direction exact (no shrinkage of ⟨q, k⟩ along k), or
+- ``shape1nc``, ``shape4nc``, ``shape16nc``: uniform's stored format (an index per coordinate, norm correction),
+  with the codes chosen for the logit error instead of the squared error (shaped_quantize: coordinate descent from
+  the nearest centroids on eᵀ W e, W = Σ / mean eigenvalue + β I with Σ the prompt's scaled queries' second moment,
+  β = 1, 4, 16); ``shape1``, ``shape025`` the same at β = 1, 0.25 with the W-optimal stored norm, ``wnorm`` that norm
+  alone; ``rshape1``, ``rshape4``, ``rshape16``: per key, Σ turned to the key's position (the prompt's queries
+  before the rotary embedding, their second moment rotated to the key's position: what a query right after the key
+  sees), or
 - ``recentR`` (R = 2, 8, 32): uniform, but each query sees its R most recent keys and values exact (where the error
   that remains without a full-precision window comes from), or ``attendedR`` (R = 8, 32): uniform, but per head the R
   tokens that the queries after the prompt attend to most (an oracle: measured with the exact keys) exact.
@@ -57,7 +64,19 @@ METHODS = {
     "proj": ("uniform", "proj", 0),
     "halves_qdir1": ("halves", "nc", 1),
     "heads": ("heads", "nc", 0),
+    "wnorm": ("shaped", "w", 0),
+    "shape1": ("shaped", "w", 0),
+    "shape025": ("shaped", "w", 0),
+    "shape1nc": ("shaped", "nc", 0),
+    "shape4nc": ("shaped", "nc", 0),
+    "shape16nc": ("shaped", "nc", 0),
+    "rshape1": ("shaped", "nc", 0),
+    "rshape4": ("shaped", "nc", 0),
+    "rshape16": ("shaped", "nc", 0),
 }
+# shaped keys: method -> (β, coordinate-descent sweeps); see shaped_quantize
+SHAPED = {"wnorm": (1.0, 0), "shape1": (1.0, 3), "shape025": (0.25, 3), "shape1nc": (1.0, 3), "shape4nc": (4.0, 3),
+          "shape16nc": (16.0, 3), "rshape1": (1.0, 3), "rshape4": (4.0, 3), "rshape16": (16.0, 3)}  # fmt: skip
 # method -> (which tokens are exact besides the sinks: "recent" keys of each query or the most "attended", how many)
 TOKEN_METHODS = {"recent2": ("recent", 2), "recent8": ("recent", 8), "recent32": ("recent", 32),
                  "attended8": ("attended", 8), "attended32": ("attended", 32)}  # fmt: skip
@@ -85,11 +104,70 @@ def fake_quantize(x: torch.Tensor, bits: int, norm: str = "nc") -> torch.Tensor:
     return (unit @ rot) * norms.half().double()
 
 
+def shaped_quantize(x: torch.Tensor, weight: torch.Tensor, bits: int, sweeps: int, norm: str = "w") -> torch.Tensor:
+    """TurboQuant MSE of the rows of x [H, N, d] float64 with codes and norm chosen for the weighted error
+    eᵀ W e (W [H, d, d], symmetric positive definite: the logit-error power of the key error e under a query
+    second moment) instead of ‖e‖²: same stored format (an index per coordinate, one norm), only the encoder's
+    choices differ. Starts from the nearest centroids; each sweep visits the coordinates of the rotated unit
+    vector in order and moves one to its neighbouring centroid where that lowers eᵀ W e (a coordinate
+    descent with the norm held at ‖x‖); the stored norm is then the W-optimal scale ĉᵀ W x / ĉᵀ W ĉ ("w") or
+    norm correction's ‖x‖ / ‖ĉ‖ ("nc"), in fp16."""
+    h, n, d = x.shape
+    rot = get_rotation_matrix(d).double()
+    w = rot @ weight @ rot.T  # [H, d, d] (or [H, N, d, d]: one per key) in the rotated basis
+    if w.dim() == 3:
+        w = w[:, None]
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    y = x @ rot.T / norms * math.sqrt(d)  # [H, N, d], unit rows times √d
+    c = _codebook(d, bits)
+    idx = torch.bucketize(y, (c[1:] + c[:-1]) / 2)
+    e = c[idx] - y  # error of the √d-scaled unit vector
+    g = (e[..., None, :] @ w)[..., 0, :]  # [H, N, d] = W e (W symmetric)
+    diag = torch.diagonal(w, dim1=-2, dim2=-1)  # [H, 1 or N, d]
+    top = c.numel() - 1
+    for _ in range(sweeps):
+        for j in range(d):
+            best_gain = torch.zeros(h, n, dtype=x.dtype)
+            best_idx = idx[..., j]
+            for step in (-1, 1):
+                cand = (idx[..., j] + step).clamp(0, top)
+                delta = c[cand] - c[idx[..., j]]  # change of e_j
+                gain = -(2 * delta * g[..., j] + delta * delta * diag[..., j])  # decrease of eᵀ W e
+                better = (gain > best_gain) & (cand != idx[..., j])
+                best_gain = torch.where(better, gain, best_gain)
+                best_idx = torch.where(better, cand, best_idx)
+            delta = c[best_idx] - c[idx[..., j]]
+            g = g + delta[..., None] * w[..., j, :]
+            idx[..., j] = best_idx
+    unit = c[idx] / math.sqrt(d)  # ĉ
+    xr = x @ rot.T  # the rotated key
+    if norm == "nc":
+        scale = norms / unit.norm(dim=-1, keepdim=True)
+    else:
+        wu = (unit[..., None, :] @ w)[..., 0, :]
+        scale = (wu * xr).sum(-1, keepdim=True) / (wu * unit).sum(-1, keepdim=True)
+    return (unit @ rot) * scale.half().double()
+
+
+def rope_matrices(inv_freq: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, D, D] float64: the rotary embedding of positions 0 .. n-1 as matrices (channel c paired with c + D/2,
+    rotated by position · inv_freq[c], as transformers' rotate_half applies it): R q is the embedded q."""
+    half = inv_freq.numel()
+    angle = torch.arange(n, dtype=torch.float64)[:, None] * inv_freq.double()[None]  # [n, D/2]
+    cos, sin = angle.cos(), angle.sin()
+    r = torch.zeros(n, 2 * half, 2 * half, dtype=torch.float64)
+    i = torch.arange(half)
+    r[:, i, i], r[:, i, i + half] = cos, -sin
+    r[:, i + half, i], r[:, i + half, i + half] = sin, cos
+    return r
+
+
 class Study:
     """The registered attention: exact for the prompt's queries, reconstructed past keys (and values) after it."""
 
     def __init__(self, prompt: int):
         self.prompt, self.method, self.values, self.scale, self.attended = prompt, None, None, 1.0, None
+        self.inv_freq: torch.Tensor | None = None  # the model's rotary frequencies (rshape methods)
 
     def keys(self, k: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Reconstructed keys of one layer: k [H_kv, N, D], q [H_kv, G, N, D] float64."""
@@ -104,6 +182,22 @@ class Study:
         split, norm, directions = METHODS.get(self.method, METHODS["uniform"])
         if split == "uniform":
             rec = fake_quantize(ks, 4, norm)
+        elif split == "shaped":  # codes and norm for the logit error under the prompt's scaled queries
+            beta, sweeps = SHAPED[self.method]
+            eye = torch.eye(k.shape[-1], dtype=q.dtype)
+            if self.method.startswith("r"):  # per key: the queries' second moment turned to the key's position
+                rot = rope_matrices(self.inv_freq, k.shape[1])  # [N, D, D]
+                pre = torch.einsum("nij,hgnj->hgni", rot[:p].transpose(1, 2), q[:, :, :p])  # queries before RoPE
+                pre = pre.reshape(k.shape[0], -1, k.shape[-1])
+                sigma = rot[None] @ (pre.transpose(1, 2) @ pre / pre.shape[1])[:, None] @ rot.transpose(1, 2)[None]
+                sigma = sigma * s[:, None, :, None] * s[:, None, None, :]  # [H_kv, N, D, D], scaled queries
+                mean = torch.diagonal(sigma[:, 0], dim1=-2, dim2=-1).mean(-1)[:, None, None, None]
+            else:
+                qs = (q[:, :, :p] * s[:, None, None]).reshape(k.shape[0], -1, k.shape[-1])  # [H_kv, G·P, D]
+                sigma = qs.transpose(1, 2) @ qs / qs.shape[1]
+                mean = torch.diagonal(sigma, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+            weight = sigma / mean + beta * eye
+            rec = shaped_quantize(ks, weight, 4, sweeps, norm)
         elif split == "heads":  # bits by head: the logit-error sensitivity of each KV head on the prompt
             qs = q[:, :, :p] * s[:, None, None]  # [H_kv, G, P, D] scaled queries
             causal = torch.arange(p)[None, :] <= torch.arange(p)[:, None]
@@ -188,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     ids = load_tokens(tokenizer, args.prefill + args.tokens, offset=args.offset)
     p, t = args.prefill, args.tokens
     study = Study(p)
+    rope = model.config.rope_parameters
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    study.inv_freq = 1.0 / rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
     AttentionInterface.register("turboquant_channel_bits_study", study)
     target = ids[0, p : p + t]
 
