@@ -322,6 +322,22 @@ def test_nbytes(config: KVCacheConfig, expected: int) -> None:
     assert cache.nbytes() == compressed + 2 * b * h * rows * d * 2 + 16 * b
 
 
+def test_window_rows_grow_with_the_first_tokens() -> None:
+    """A window's ring (R + F - 1 rows) is allocated as the first tokens come, doubling, so that a short context
+    does not hold the whole ring; its tokens stay in place as it grows and after it wraps."""
+    config = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, residual_window=40, flush_block=16)
+    k, v = make_kv(2, 2, 120, 64, seed=9)
+    cache = TurboQuantKVCache(config, 2, 2, dtype=torch.float32)
+    rows = []
+    for start, stop in ((0, 5), (5, 6), (6, 20), (20, 40), (40, 41), (41, 120)):
+        cache.append(k[:, :, start:stop], v[:, :, start:stop])
+        rows.append(cache.buffers()["window_k"].shape[2])
+        n_c = cache.num_compressed
+        assert torch.equal(cache.window_k, k[:, :, n_c:stop]) and torch.equal(cache.window_v, v[:, :, n_c:stop])
+    assert rows == [16, 16, 32, 55, 55, 55]  # 55 = R + F - 1
+    assert 40 <= cache.n_window <= 55 and cache.num_compressed % 16 == 0 and cache.num_compressed > 55
+
+
 def test_quantizers_are_shared() -> None:
     config = KVCacheConfig(head_dim=64, key_bits=3, value_bits=2, seed=4242)
     a = TurboQuantKVCache(config, 1, 2, dtype=torch.float32)

@@ -13,9 +13,10 @@ streams its rows with coalesced loads; rows are D·bits/8 bytes, a multiple of 1
     value_codes    uint8   [B, H, C, D·vb/8]   planar-packed affine codes
     value_affine   float16 [B, H, C, D/g, 2]   per group of g values: (scale, zero), one 32-bit word
     seq_lens       int64   [B]                 compressed tokens per sequence
-    window_k/_v    dtype   [B, H, R + F - 1, D] the full-precision window (R = residual_window, F = flush_block;
-                                               no rows without a window), a ring: position p in row p mod (R + F - 1);
-                                               it holds the n_window newest positions
+    window_k/_v    dtype   [B, H, W, D]        the full-precision window (R = residual_window, F = flush_block;
+                                               W = R + F - 1, fewer until that many tokens came; no rows without a
+                                               window), a ring: position p in row p mod W; it holds the n_window
+                                               newest positions
 
 Keys are stored in the rotated basis: the score of a query q is norm · ⟨Πq, c[idx]⟩ / √d, so
 attention rotates each query once and never de-rotates a key. An optional full-precision
@@ -204,9 +205,9 @@ class TurboQuantKVCache:
         self.capacity = 0
         self._allocate(capacity)
         d, s = config.head_dim, config.sink_tokens
-        # the full-precision window: R to R + F - 1 tokens once R are appended, in a ring of preallocated rows
-        rows = config.residual_window + config.flush_block - 1 if config.residual_window else 0
-        self._window_k = torch.zeros(batch_size, num_kv_heads, rows, d, dtype=dtype, device=self.device)
+        # the full-precision window: R to R + F - 1 tokens once R are appended, in a ring of R + F - 1 rows (fewer
+        # while the first tokens fit: allocated as they come, see _grow_window)
+        self._window_k = torch.zeros(batch_size, num_kv_heads, 0, d, dtype=dtype, device=self.device)
         self._window_v = torch.zeros_like(self._window_k)
         self.n_window = 0
         self._window_start_memo: tuple[int, torch.Tensor] | None = None  # see _window_start
@@ -357,6 +358,7 @@ class TurboQuantKVCache:
         excess = old + n - self.config.residual_window
         n_flush = (excess // self.config.flush_block) * self.config.flush_block if excess > 0 else 0
         first = self.num_compressed
+        self._grow_window(old + n if first == 0 and n_flush == 0 else None)
         for a, b in self._window_slots(first, first + min(n_flush, old)):  # the window's oldest rows
             self._write_compressed(self._window_k[:, :, a:b], self._window_v[:, :, a:b])
             self.n_window -= b - a  # (the next write starts after them)
@@ -369,6 +371,22 @@ class TurboQuantKVCache:
             self._window_v[:, :, a:b] = v[:, :, i : i + b - a]
             i += b - a
         self.n_window += k.shape[2]
+
+    def _grow_window(self, rows: int | None) -> None:
+        """Give the window at least ``rows`` rows (None: all R + F - 1 of its ring), growing by doubling. Until a
+        first flush the window holds positions 0 .. n_window - 1 in rows of the same numbers (p mod W = p for any
+        W above them), so a larger ring keeps them where they are."""
+        full = self.config.residual_window + self.config.flush_block - 1
+        have = self._window_k.shape[2]
+        rows = full if rows is None else min(full, rows)
+        if rows <= have:
+            return
+        rows = min(full, max(rows, 2 * have, 16))
+        for name in ("_window_k", "_window_v"):
+            old = getattr(self, name)
+            new = old.new_zeros(*old.shape[:2], rows, old.shape[3])
+            new[:, :, :have] = old
+            setattr(self, name, new)
 
     def _start_sequences(self, valid: torch.Tensor, n: int) -> None:
         """Advance kv_start past the leading pads of sequences that have no real token yet."""
