@@ -9,10 +9,13 @@ How a step runs (transformers 5.x): the model projects q, k, v and calls ``cache
 our layer keeps the new k, v pending and returns them tagged with the layer (``LayerKeys``). The
 registered attention function ``"turboquant"`` then computes, for the step's queries,
 
-    attention over [compressed past (kernel on CUDA, reference elsewhere)] ∪ [this step's exact k, v]
+    attention over [compressed past (kernel on CUDA, reference elsewhere)] ∪ [the exact window of recent
+    tokens and sink tokens] ∪ [this step's exact k, v]
 
-merged by log-sum-exp, and only then writes the step's k, v into the compressed store. So a prompt
-attends to itself exactly (as with a 16-bit cache) and every later query reads earlier tokens from the
+merged by log-sum-exp (for a single-token step on CUDA, inside the decode kernel's merge), and only then
+writes the step's k, v into the window, whose oldest tokens go to the compressed store (by default the 128
+most recent tokens stay exact; with residual_window=0 the step's k, v are quantized at once). So a prompt
+attends to itself exactly (as with a 16-bit cache) and every later query reads older tokens from the
 codes; the whole cache is never decompressed. Masks: the registered mask function passes the 2-D padding
 mask through unchanged; causal order, sliding windows and left padding are applied by the attention itself
 (left pads are stored but never attended, see ``TurboQuantKVCache.append``).
