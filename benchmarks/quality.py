@@ -74,7 +74,7 @@ QUICK_CONTEXTS = (1024, 4096)
 SETTINGS = {
     "paper": {},
     "centred": dict(center_keys=True),
-    "defaults": DEMO_SETTINGS,  # TurboQuantCache's defaults
+    "defaults": DEMO_SETTINGS,  # TurboQuantCache's defaults but its 16-bit window
 }
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, NUM_QUERIES = 32, 8, 128, 16
 COLUMNS = (
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser.add_argument("--settings", choices=list(SETTINGS), default="paper",
                         help="cache options of every configuration: the paper's quantizers, centred keys, or "
-                             "TurboQuantCache's defaults (centred keys scaled from the prompt's queries, 4 exact sink "
-                             "tokens, norm correction)")  # fmt: skip
+                             "TurboQuantCache's defaults but its 16-bit window (centred keys scaled from the "
+                             "prompt's queries, 4 exact sink tokens, norm correction)")  # fmt: skip
     args = parser.parse_args(argv)
     contexts = args.contexts or (QUICK_CONTEXTS if args.quick else DEFAULT_CONTEXTS)
 
