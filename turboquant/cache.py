@@ -692,8 +692,7 @@ class TurboQuantKVCache:
         if self.key_mean is not None:
             lse = self._restore_key_mean(lse, qg, scale)
 
-        n_win = self.window_k.shape[2]
-        if n_win:
+        if self.n_window:
             win_pos = torch.arange(self.num_compressed, self.total_tokens, device=self.device)[None]
             scores = (qg @ self.window_k.float().transpose(-1, -2)) * scale
             visible = self._visible(win_pos, q_pos, lower, group, causal, sliding_window)
