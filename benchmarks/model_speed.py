@@ -40,10 +40,15 @@ CACHES = {
     "TurboQuant K4/V4": dict(key_bits=4, value_bits=4, **PLAIN),
     "TurboQuant K3/V2": dict(key_bits=3, value_bits=2, **PLAIN),
     "TurboQuant K4/V4 defaults": dict(key_bits=4, value_bits=4),
+    "TurboQuant K3/V2 defaults": dict(key_bits=3, value_bits=2),
     "TurboQuant K4/V4 defaults, window 0": dict(key_bits=4, value_bits=4, residual_window=0),
     "TurboQuant K4/V4 defaults, window 128": dict(key_bits=4, value_bits=4, residual_window=128),
 }
-FILL_CHUNK = 4096
+# Tokens per sequence and append of the fill: FILL_TOKENS over the batch (4096 at batch 8), a multiple of 256, so
+# that the fill's temporaries (the chunk's random k, v and, for the key scales, queries) stay the same size at any
+# batch: at 4096-token chunks they were [B, 32, 4096, 128] bf16 queries (3.3 GB at batch 99) beside the filled cache,
+# which then decided the largest batch instead of the cache (benchmarks/RESULTS.md, nineteenth session)
+FILL_TOKENS = 8 * 4096
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,12 +102,14 @@ def filled_cache(model, spec: dict | None, batch: int, context: int, steps: int,
 
 
 def fill_store(store: TurboQuantKVCache, context: int, gen: torch.Generator, num_q_heads: int = 32) -> None:
-    """Append ``context`` random bf16 tokens per sequence to a store, in chunks (bounded temporaries); with
-    scale_keys, random queries for the first chunk (they set the key scales)."""
+    """Append ``context`` random bf16 tokens per sequence to a store, in chunks of FILL_TOKENS sequence-tokens
+    (temporaries of one size at any batch); with scale_keys, random queries for the first chunk (they set the key
+    scales)."""
     shape = (store.batch_size, store.num_kv_heads)
     d = store.config.head_dim
-    for start in range(0, context, FILL_CHUNK):
-        n = min(FILL_CHUNK, context - start)
+    chunk = max(256, FILL_TOKENS // store.batch_size // 256 * 256)
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
         k, v = (torch.randn(*shape, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(2))
         q = None
         if start == 0 and store.config.scale_keys:
@@ -216,11 +223,11 @@ def run(model, name: str, batch: int, context: int, steps: int) -> dict:
 
 
 def largest_batch(model, name: str, context: int, steps: int, per_seq_bytes: float) -> dict | None:
-    """Try batches downwards from the estimate, in steps of 2% of it, until one fills and decodes without running
-    out of memory."""
+    """Try batches downwards, one at a time, from the most that the free memory could hold at ``per_seq_bytes`` per
+    sequence, until one fills and decodes without running out of memory."""
     free, _ = torch.cuda.mem_get_info()
-    guess = int(free * 0.97 / per_seq_bytes)
-    for batch in range(guess, int(guess * 0.8), -max(1, guess // 50)):
+    guess = int(free / per_seq_bytes)
+    for batch in range(guess, int(guess * 0.8), -1):
         try:
             return run(model, name, batch, context, steps)
         except torch.cuda.OutOfMemoryError:
@@ -273,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_max and DEVICE == "cuda":
         for name in args.caches:
             small = next(r for r in rows if r["cache"] == name)
-            per_seq = small["cache_gib"] * 2**30 / small["batch"] * 1.02
+            per_seq = small["cache_gib"] * 2**30 / small["batch"]
             row = largest_batch(model, name, args.context, 4, per_seq)
             if row is not None:
                 rows.append(row)
