@@ -582,3 +582,44 @@ def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d, w
     assert len(compressed) > 1 or len(rows) > 1  # the window flushed, or (the last case) its rows grew
     for a, b in zip(caches[0].dequantize(), caches[1].dequantize(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "key_mode,d,group,window,sinks,pads,steps",
+    [("mse", 64, 4, 8, 4, 5, (3, 2, 5, 1, 4)), ("prod", 64, 1, 0, 0, 0, (5, 2)), ("mse", 128, 4, 6, 4, 0, (16, 9)),
+     ("mse", 64, 8, 0, 4, 3, (2, 7))],
+)  # fmt: skip
+def test_fused_multi_token_steps(key_mode, d, group, window, sinks, pads, steps):
+    """Steps of N > 1 tokens (speculative verification) take the fused path with their own tokens merged causally
+    in the merge kernel (query i sees the step's tokens 0 .. i), beside sinks, left padding below them and a window
+    that flushes between steps, and equal the reference path (store by the reference attention, the chunk by
+    SDPA, merged by log-sum-exp); GQA 1, 4 and 8, and 16 tokens at GQA 4 (64 query rows)."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{d}{group}{window}{steps}".encode()))
+    cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
+                        sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,
+                        residual_window=window, flush_block=4)  # fmt: skip
+    caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
+    prompt = 30
+    k = (1.5 + torch.randn(2, 2, prompt, d, generator=gen)).to(DEVICE)
+    v = torch.randn(2, 2, prompt, d, generator=gen).to(DEVICE)
+    q0 = torch.randn(2, 2 * group, prompt, d, generator=gen).to(DEVICE)
+    valid = torch.ones(2, prompt, dtype=torch.bool)
+    valid[1, :pads] = False
+    for cache in caches:
+        cache.append(k, v, valid=valid.to(DEVICE), queries=q0)
+    fused_steps = []
+    take_fused = caches[0]._fused_step
+    caches[0]._fused_step = lambda *args: fused_steps.append(args[0].shape[2]) or take_fused(*args)
+    for n in steps:
+        q = torch.randn(2, 2 * group, n, d, generator=gen).to(DEVICE)
+        k_new = (1.5 + torch.randn(2, n, 2, d, generator=gen)).to(DEVICE).transpose(1, 2)  # as a model's view
+        v_new = torch.randn(2, n, 2, d, generator=gen).to(DEVICE).transpose(1, 2)
+        _poison_workspaces()
+        fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
+        ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")
+        assert _rel(fused, ref) < TOL
+        # the step's own tokens in causal order: the first query's output does not depend on the later tokens
+        assert _rel(fused[:, :, :1], ref[:, :, :1]) < TOL
+    assert fused_steps == list(steps)
+    for a, b in zip(caches[0].dequantize(), caches[1].dequantize(), strict=True):
+        assert torch.equal(a, b)

@@ -57,6 +57,9 @@ __all__ = ["KVCacheConfig", "TurboQuantKVCache", "get_quantizers", "kernel_codeb
 
 _ATTEND_BLOCK = 1024  # tokens per block of the reference attention
 _STATISTICS_BLOCK = 512  # tokens per block of the prompt statistics (key mean, key scales)
+# Tokens of a step that the fused kernels attend with their own exact tokens merged in-kernel (a decode step, or the
+# tokens of a speculative verification); longer chunks attend the store with the kernel and themselves with SDPA
+FUSED_STEP_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -732,8 +735,9 @@ class TurboQuantKVCache:
         (causal, left padding ``valid``, sliding window); then the chunk is appended.
 
         q: [B, H_q, N, D]; k, v: [B, H_kv, N, D], the chunk's keys and values at positions L .. L + N - 1.
-        A single-token step on the fused kernel adds the token's exact key/value inside the kernel's merge
-        (no extra launches); otherwise the two parts are merged by log-sum-exp. Returns [B, H_q, N, D] in q's dtype.
+        A step of up to FUSED_STEP_TOKENS tokens without padding on the fused kernel adds its own exact keys/values
+        inside the kernel's merge (no extra launches); otherwise the two parts are merged by log-sum-exp. Returns
+        [B, H_q, N, D] in q's dtype.
         """
         self._check_kv(k, v)
         if q.dim() != 4 or q.shape[2] != k.shape[2]:
@@ -751,28 +755,29 @@ class TurboQuantKVCache:
         return out
 
     def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
-        plain = q.shape[2] == 1 and valid is None
+        n = q.shape[2]
+        plain = n <= FUSED_STEP_TOKENS and valid is None and (sliding_window is None or n <= sliding_window)
         wants_kernel = backend == "triton" or (backend == "auto" and q.is_cuda)
-        return plain and wants_kernel and self._kernel_applies(self.total_tokens, sliding_window)
+        return plain and wants_kernel and self._kernel_applies(self.total_tokens + n - 1, sliding_window)
 
     def _fused_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Decode of one token with the fused kernel, its own exact k, v, the exact sink tokens and the
-        full-precision window merged in-kernel: q [B, H_q, 1, D].
+        """A step of N tokens (decode: one) with the fused kernel, their own exact k, v (in causal order), the exact
+        sink tokens and the full-precision window merged in-kernel: q [B, H_q, N, D], k, v [B, H_kv, N, D].
 
         Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
         shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
         window: _kernel_applies.)"""
-        b, h_q, _, d = q.shape
-        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads, d).contiguous()
+        b, h_q, n, d = q.shape
+        qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads * n, d).contiguous()
         q_rot, sq = self._kernel_queries(qg)
         q_start = torch.full((b,), self.total_tokens, dtype=torch.int64, device=self.device)
         sinks = (self.sink_k, self.sink_v, self.kv_start) if self.config.sink_tokens else None
         window = None
         if self.config.residual_window:  # rows past the sinks and pads (the kernel's first slot), before the token
             window = (self._window_k, self._window_v, self._window_start(), self._kernel_kv_start())
-        out, _ = self._run_decode(q_rot, sq, q_start, 1, scale, causal=False, exact=(qg, k, v), sinks=sinks,
+        out, _ = self._run_decode(q_rot, sq, q_start, n, scale, causal=False, exact=(qg, k, v), sinks=sinks,
                                   window=window, out_dtype=q.dtype)  # fmt: skip
-        return out.reshape(b, h_q, 1, d)
+        return out.reshape(b, h_q, n, d)
 
     def _window_start(self) -> torch.Tensor:
         """Position of the window's oldest token per sequence, [B] int64 (num_compressed; a new tensor only after a

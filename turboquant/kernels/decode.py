@@ -13,7 +13,8 @@ Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
   applied once per score;
 - values are dequantised in registers (code · scale + zero per group);
 - online softmax in base 2; each split writes its partial output and log-sum-exp, and a second
-  kernel merges the splits (optionally with one exact key/value row, the step's own token).
+  kernel merges the splits (optionally with exact key/value rows: the step's own tokens, the sink tokens and a
+  full-precision window of recent tokens).
 The grid depends only on the cache capacity, lengths are read on the device, and workspaces are
 cached, so a decode step can be captured in a CUDA graph.
 
@@ -992,16 +993,18 @@ def tiles_2d_layout(d: int, key_bits: int, key_mode: str, value_bits: int, group
 
 
 @triton.jit
-def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, SK, SV, KM, SINK_START, Q_START,
-                         Q_SCALE, WK, WV, WC, WIN_POS, KV_LO,
+def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, sx_n, SK, SV, KM, SINK_START,
+                         Q_START, Q_SCALE, WK, WV, WC, WIN_POS, KV_LO,
                          D: tl.constexpr, MP: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
-                         EXACT: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr, CENTER: tl.constexpr,
-                         WINDOW: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
+                         EXACT: tl.constexpr, XP: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr,
+                         CENTER: tl.constexpr, WINDOW: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
     """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log. The split kernel
     wrote MP rows (M rounded up to whole row tiles) per (head, split).
 
-    EXACT: also attend one exact key/value row (the query's own token, not yet stored): its base-2 logit is
-    Q_SCALE·⟨QX[m], KX⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0, with EXACT): also attend the exact sink rows SK, SV
+    EXACT (> 0): also attend the step's own EXACT tokens (not yet stored), exact key/value rows KX, VX at
+    KX + b·sx_b + h·sx_h + j·sx_n (j < EXACT, in XP ≥ EXACT tile rows), causally: row m = g·EXACT + i (query i of
+    query head g) sees rows j ≤ i; a base-2 logit is Q_SCALE·⟨QX[m], KX[j]⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0,
+    with EXACT): also attend the exact sink rows SK, SV
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
     sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WINDOW (> 0, with EXACT): also attend the
     exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens, a ring: position
@@ -1020,14 +1023,16 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         tl.extra.cuda.gdc_wait()
     b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
     l_max = tl.max(b_l, axis=0)
-    if EXACT:
-        row = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h
+    if EXACT > 0:
+        o_x = tl.arange(0, XP)
+        m_x = o_x <= i_m % EXACT  # the step's tokens in causal order (one token: itself)
+        p_x = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h + o_x[:, None] * sx_n + o_d[None, :]
         b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d) * Q_SCALE
-        b_kx = tl.load(KX + row + o_d).to(tl.float32)
+        b_kx = tl.load(KX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32)  # [XP, D]
         if CENTER:
-            b_kx -= tl.load(KM + i_bh * D + o_d)
-        s_x = tl.sum(b_qx * b_kx, axis=0)
-        l_max = tl.maximum(l_max, s_x)
+            b_kx -= tl.load(KM + i_bh * D + o_d)[None, :]
+        s_x = tl.where(m_x, tl.sum(b_kx * b_qx[None, :], axis=1), float("-inf"))
+        l_max = tl.maximum(l_max, tl.max(s_x, axis=0))
     if SINKS > 0:
         i_b = i_bh // H_KV
         o_j = tl.arange(0, SP)
@@ -1043,10 +1048,10 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     w_sum = tl.sum(w, axis=0)
     b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
     acc = tl.sum(b_o * w[:, None], axis=0)
-    if EXACT:
-        w_x = tl.exp2(s_x - l_safe)
-        acc += w_x * tl.load(VX + row + o_d).to(tl.float32)
-        w_sum += w_x
+    if EXACT > 0:
+        w_x = tl.exp2(s_x - l_safe)  # 0 where masked
+        acc += tl.sum(w_x[:, None] * tl.load(VX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32), axis=0)
+        w_sum += tl.sum(w_x, axis=0)
     if SINKS > 0:
         w_j = tl.exp2(s_j - l_safe)  # 0 where masked
         acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
@@ -1306,9 +1311,10 @@ def decode_attention(
         codebook: [2^kb] float32 centroids divided by √d.
         seq_lens: [B] int, stored slots per sequence.  kv_start: [B] int, first slot to attend (slots
             before it hold left padding).  q_start: [B] int, position of query 0.
-        exact: optional (qx, k, v) adding one exact key/value row per (batch, KV head), the queries' own token
-            (decode with N_q = 1): qx [B, H_kv, M, D] float32 contiguous, the unrotated queries (times q_scale
-            in the kernel); k, v [B, H_kv, 1, D] any float dtype, last dimension contiguous.
+        exact: optional (qx, k, v) adding the queries' own N_q tokens as exact key/value rows, in causal order
+            (query i sees tokens 0 .. i; a decode step: its one token): qx [B, H_kv, M, D] float32 contiguous, the
+            unrotated queries (times q_scale in the kernel); k, v [B, H_kv, N_q, D] any float dtype, last
+            dimension contiguous.
         sinks: optional (k, v, start) adding exact sink rows to an ``exact`` step: k, v [B, H_kv, S + 1, D]
             contiguous, row j the token at position start[b] + j (start [B] int), attended where before q_start.
         window: optional (k, v, start, lower) adding the exact rows of a full-precision window of recent tokens to
@@ -1348,10 +1354,13 @@ def decode_attention(
         qx, kx, vx = exact
         if not (qx.shape == q_rot.shape and qx.dtype == torch.float32 and qx.is_contiguous()):
             raise ValueError(f"exact queries must be a contiguous float32 tensor of shape {tuple(q_rot.shape)}")
+        if m % n_q:
+            raise ValueError(f"an exact step takes M = G·N_q query rows (G query heads per KV head), got M = {m} "
+                             f"for N_q = {n_q}")  # fmt: skip
         for name, t in (("k", kx), ("v", vx)):
-            if t.shape != (b, h_kv, 1, d) or t.stride(-1) != 1 or t.device != q_rot.device:
-                raise ValueError(f"exact {name} must be [B, H_kv, 1, D] = {(b, h_kv, 1, d)} with a contiguous last "
-                                 f"dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
+            if t.shape != (b, h_kv, n_q, d) or t.stride(-1) != 1 or t.device != q_rot.device:
+                raise ValueError(f"exact {name} must be [B, H_kv, N_q, D] = {(b, h_kv, n_q, d)} with a contiguous "
+                                 f"last dimension on {q_rot.device}, got {tuple(t.shape)}")  # fmt: skip
     n_sinks = 0
     if sinks is not None:
         sk, sv, _ = sinks
@@ -1398,8 +1407,8 @@ class DecodePlan:
     split kernel's).
 
     The constructor takes example inputs of the shapes and dtypes every call will pass (see decode_attention for
-    their meaning) and ``exact`` / ``n_sinks`` / ``window_rows``: whether calls add the exact row, how many sink
-    rows, and the rows of the window's buffers (0: no window)."""
+    their meaning) and ``exact`` / ``n_sinks`` / ``window_rows``: whether calls add the queries' own tokens as exact
+    rows, how many sink rows, and the rows of the window's buffers (0: no window)."""
 
     def __init__(self, q_rot, sq, buffers, codebook, seq_lens, kv_start, q_start, *, key_bits: int, key_mode: str,
                  value_bits: int, group_size: int, n_q: int, causal: bool, exact: bool, n_sinks: int,
@@ -1488,8 +1497,9 @@ class DecodePlan:
         fixed.update(O_PART=o_part, L_PART=l_part, H_KV=h_kv, C=c, M=m, N_Q=n_q, SPLIT_SIZE=split_size)
         # (q, sq, lens, starts, scale)
         self.split_launch = PreparedLaunch(kernel, (b * h_kv, splits, row_tiles), consts, fixed)
-        self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits), EXACT=exact,
-                                  SINKS=n_sinks, SP=triton.next_power_of_2(max(n_sinks, 1)),
+        self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits),
+                                  EXACT=n_q if exact else 0, XP=triton.next_power_of_2(n_q), SINKS=n_sinks,
+                                  SP=triton.next_power_of_2(max(n_sinks, 1)),
                                   WINDOW=WINDOW_ROWS if window_rows else 0, WAIT=pdl != "off")  # fmt: skip
         self._window_rows = window_rows
         if pdl != "off":
@@ -1506,12 +1516,12 @@ class DecodePlan:
         lse = torch.empty(b, h_kv, m, dtype=torch.float32, device=q_rot.device)
         if self._exact:
             qx, kx, vx = exact
-            if kx.stride()[:2] != vx.stride()[:2]:
+            if kx.stride()[:3] != vx.stride()[:3]:
                 kx, vx = kx.contiguous(), vx.contiguous()
-            sx_b, sx_h = kx.stride(0), kx.stride(1)
+            sx_b, sx_h, sx_n = kx.stride()[:3]
         else:
             qx = kx = vx = q_rot
-            sx_b = sx_h = 0
+            sx_b = sx_h = sx_n = 0
         sk, sv, sink_start = sinks if sinks is not None else (q_rot, q_rot, q_start)
         wk, wv, w_start, w_lower = window if window is not None else (q_rot, q_rot, q_start, q_start)
         center = key_mean is not None and self._exact
@@ -1523,6 +1533,6 @@ class DecodePlan:
             )  # fmt: skip
         with on_device(q_rot.device):
             self.split_launch(q_rot, sq if self._prod else q_rot, seq_lens, kv_start, q_start, q_scale)
-            merge(out, lse, qx, kx, vx, sx_b, sx_h, sk, sv, q_rot if key_mean is None else key_mean, sink_start,
+            merge(out, lse, qx, kx, vx, sx_b, sx_h, sx_n, sk, sv, q_rot if key_mean is None else key_mean, sink_start,
                   q_start, q_scale, wk, wv, w_start, w_lower)  # fmt: skip
         return out, lse
