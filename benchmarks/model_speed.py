@@ -117,12 +117,15 @@ def fill_store(store: TurboQuantKVCache, context: int, gen: torch.Generator, num
         store.append(k, v, queries=q)
 
 
-def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[list[float], torch.Tensor]:
-    """Run ``steps`` single-token decode steps; returns per-step ms and the last logits."""
+def decode_steps(
+    model, cache, batch: int, steps: int, seed: int = 1, tokens: int = 1
+) -> tuple[list[float], torch.Tensor]:
+    """Run ``steps`` decode steps of ``tokens`` new tokens per sequence (more than one: the shape of a speculative
+    verification); returns per-step ms and the last logits."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     times, logits = [], None
     for _ in range(steps):
-        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=DEVICE, generator=gen)
+        ids = torch.randint(0, model.config.vocab_size, (batch, tokens), device=DEVICE, generator=gen)
         sync()
         t0 = time.perf_counter()
         logits = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache}).logits
@@ -131,12 +134,12 @@ def decode_steps(model, cache, batch: int, steps: int, seed: int = 1) -> tuple[l
     return times, logits
 
 
-def step_split(model, cache, batch: int) -> dict[str, float]:
+def step_split(model, cache, batch: int, tokens: int = 1) -> dict[str, float]:
     """One decode step under the profiler: ms of attention kernels, other GPU kernels, and wall time. Only the
     kernel events count (an aten operator's event also carries its kernels' device time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+    ids = torch.zeros(batch, tokens, dtype=torch.long, device=DEVICE)
     sync()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -202,19 +205,19 @@ def logits_difference(model) -> float:
     return ((out["triton"] - out["reference"]).norm() / out["reference"].norm()).item()
 
 
-def run(model, name: str, batch: int, context: int, steps: int) -> dict:
+def run(model, name: str, batch: int, context: int, steps: int, tokens: int = 1) -> dict:
     spec = CACHES[name]
     free_all()
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    cache = filled_cache(model, spec, batch, context, steps + 3)
+    cache = filled_cache(model, spec, batch, context, (steps + 3) * tokens)
     fill_s = time.perf_counter() - t0
-    times, _ = decode_steps(model, cache, batch, steps + 2)
+    times, _ = decode_steps(model, cache, batch, steps + 2, tokens=tokens)
     step_ms = statistics.median(times[2:])
-    split = step_split(model, cache, batch)
+    split = step_split(model, cache, batch, tokens)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
-    row = dict(cache=name, batch=batch, context=context, step_ms=step_ms, tok_s=batch / step_ms * 1e3,
+    row = dict(cache=name, batch=batch, context=context, step_ms=step_ms, tok_s=batch * tokens / step_ms * 1e3,
                peak_gib=peak, cache_gib=cache_bytes(cache) / 2**30,
                fill_s=fill_s, **split)  # fmt: skip
     del cache
@@ -252,6 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--batches", type=int, nargs="*", default=[8])
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--step-tokens", type=int, default=1,
+                    help="new tokens per sequence and step (more than one: a speculative verification's shape; "
+                         "tokens/s then counts them all)")  # fmt: skip
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--caches", nargs="*", default=list(CACHES), choices=list(CACHES))
     ap.add_argument("--no-max", action="store_true", help="skip the largest-batch search")
@@ -275,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     print(HEADER, flush=True)
     for batch in args.batches:
         for name in args.caches:
-            rows.append(run(model, name, batch, args.context, args.steps))
+            rows.append(run(model, name, batch, args.context, args.steps, args.step_tokens))
             print(fmt(rows[-1]), flush=True)
     if not args.no_max and DEVICE == "cuda":
         for name in args.caches:
