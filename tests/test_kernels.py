@@ -585,21 +585,21 @@ def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d, w
 
 
 @pytest.mark.parametrize(
-    "key_mode,d,group,window,sinks,pads,steps",
-    [("mse", 64, 4, 8, 4, 5, (3, 2, 5, 1, 4)), ("prod", 64, 1, 0, 0, 0, (5, 2)), ("mse", 128, 4, 6, 4, 0, (16, 9)),
-     ("mse", 64, 8, 0, 4, 3, (2, 7))],
+    "key_mode,d,group,window,sinks,prompt,pads,steps",
+    [("mse", 64, 4, 8, 4, 30, 5, (3, 2, 5, 1, 4)), ("prod", 64, 1, 0, 0, 30, 0, (5, 2)),
+     ("mse", 128, 4, 6, 4, 30, 0, (16, 9)), ("mse", 64, 8, 0, 4, 30, 3, (2, 7)), ("mse", 64, 1, 8, 4, 3, 2, (3, 2, 4))],
 )  # fmt: skip
-def test_fused_multi_token_steps(key_mode, d, group, window, sinks, pads, steps):
+def test_fused_multi_token_steps(key_mode, d, group, window, sinks, prompt, pads, steps):
     """Steps of N > 1 tokens (speculative verification) take the fused path with their own tokens merged causally
     in the merge kernel (query i sees the step's tokens 0 .. i), beside sinks, left padding below them and a window
     that flushes between steps, and equal the reference path (store by the reference attention, the chunk by
-    SDPA, merged by log-sum-exp); GQA 1, 4 and 8, and 16 tokens at GQA 4 (64 query rows)."""
+    SDPA, merged by log-sum-exp); GQA 1, 4 and 8, 16 tokens at GQA 4 (64 query rows), and a prompt of one real token
+    whose sinks fill during the steps."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{d}{group}{window}{steps}".encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,
                         residual_window=window, flush_block=4)  # fmt: skip
     caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
-    prompt = 30
     k = (1.5 + torch.randn(2, 2, prompt, d, generator=gen)).to(DEVICE)
     v = torch.randn(2, 2, prompt, d, generator=gen).to(DEVICE)
     q0 = torch.randn(2, 2 * group, prompt, d, generator=gen).to(DEVICE)
