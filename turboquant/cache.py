@@ -764,9 +764,9 @@ class TurboQuantKVCache:
         """A step of N tokens (decode: one) with the fused kernel, their own exact k, v (in causal order), the exact
         sink tokens and the full-precision window merged in-kernel: q [B, H_q, N, D], k, v [B, H_kv, N, D].
 
-        Centred keys: the token's key and the sinks' are centred too, so all logits in the kernel share the
-        shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the sliding
-        window: _kernel_applies.)"""
+        Centred keys: the step's keys, the sinks' and the window's are centred in the kernel too, so all logits
+        there share the shift -q·μ. (The fused path applies only where no stored key, hence no sink, is outside the
+        sliding window: _kernel_applies.)"""
         b, h_q, n, d = q.shape
         qg = q.float().reshape(b, self.num_kv_heads, h_q // self.num_kv_heads * n, d).contiguous()
         q_rot, sq = self._kernel_queries(qg)

@@ -13,9 +13,9 @@ registered attention function ``"turboquant"`` then computes, for the step's que
     tokens and sink tokens] ∪ [this step's exact k, v]
 
 merged by log-sum-exp (on CUDA, for a step of up to 16 tokens without padding — a decode step, a speculative
-verification — inside the decode kernel's merge), and only then
-writes the step's k, v into the window, whose oldest tokens go to the compressed store (by default the 128
-most recent tokens stay exact; with residual_window=0 the step's k, v are quantized at once). So a prompt
+verification — inside the decode kernel's merge), and only then writes the step's k, v into the window, whose
+oldest tokens go to the compressed store (by default the 128 most recent tokens stay exact; with
+residual_window=0 the step's k, v are quantized at once). So a prompt
 attends to itself exactly (as with a 16-bit cache) and every later query reads older tokens from the
 codes; the whole cache is never decompressed. Masks: the registered mask function passes the 2-D padding
 mask through unchanged; causal order, sliding windows and left padding are applied by the attention itself
