@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import COMPRESSED, randn, rel_err
 
+import turboquant.cache as cache_module
 from turboquant.attention import merge_attention
 from turboquant.cache import KVCacheConfig, TurboQuantKVCache
 from turboquant.quantizers import TurboQuantMSE, TurboQuantProd
@@ -480,9 +481,11 @@ def test_scale_keys_needs_queries_and_checks_them() -> None:
         TurboQuantKVCache(config, 1, 2, dtype=torch.float32).append(k, v, queries=randn(1, 3, 5, 64, seed=113))
 
 
-def test_prompt_statistics_over_a_long_padded_prompt() -> None:
-    """The key mean and key scales of a prompt longer than one statistics block (they are summed block by block)
-    equal the formulas of TurboQuantKVCache._key_scales in float64 over the real tokens."""
+def test_prompt_statistics_over_a_long_padded_prompt(monkeypatch) -> None:
+    """The key mean and key scales of a prompt of many statistics blocks (summed block by block; here blocks of 200
+    and 100 tokens, the last one partial) equal the formulas of TurboQuantKVCache._key_scales in float64 over the
+    real tokens."""
+    monkeypatch.setattr(cache_module, "_STATISTICS_ELEMENTS", 2 * 4 * 64 * 100)
     config = KVCacheConfig(**MSE3, center_keys=True, scale_keys=True)
     n, pads = 1100, (0, 700)
     k = randn(2, 2, n, 64, seed=114) * torch.logspace(-1, 1, 64) + 2.0

@@ -56,7 +56,9 @@ from .rotation import DEFAULT_QJL_SEED, DEFAULT_ROTATION_SEED, ROTATIONS, _devic
 __all__ = ["KVCacheConfig", "TurboQuantKVCache", "get_quantizers", "kernel_codebook"]
 
 _ATTEND_BLOCK = 1024  # tokens per block of the reference attention
-_STATISTICS_BLOCK = 512  # tokens per block of the prompt statistics (key mean, key scales)
+# float32 elements per block of the prompt statistics (key mean, key scales): their temporaries stay this size at any
+# batch, prompt length and head count (at batch 104 a 256-token block of 32 query heads was 1.3 GB of them)
+_STATISTICS_ELEMENTS = 1 << 22
 # Tokens of a step that the fused kernels attend with their own exact tokens merged in-kernel (a decode step, or the
 # tokens of a speculative verification); longer chunks attend the store with the kernel and themselves with SDPA
 FUSED_STEP_TOKENS = 16
@@ -128,6 +130,12 @@ class KVCacheConfig:
 
 
 _QUANTIZERS: dict[tuple, tuple] = {}
+
+
+def _statistics_blocks(n: int, elements_per_token: int) -> list[slice]:
+    """Token slices of a prompt of n tokens whose float32 copies hold about _STATISTICS_ELEMENTS elements each."""
+    step = max(1, _STATISTICS_ELEMENTS // elements_per_token)
+    return [slice(t, min(t + step, n)) for t in range(0, n, step)]
 
 
 def kernel_codebook(mse: TurboQuantMSE) -> torch.Tensor:
@@ -416,8 +424,8 @@ class TurboQuantKVCache:
         b, h, n, d = k.shape
         w = torch.ones(b, n, device=self.device) if valid is None else valid.to(self.device, torch.float32)
         total = torch.zeros(b, h, d, device=self.device)
-        for t in range(0, n, _STATISTICS_BLOCK):  # float32 temporaries of a block of tokens, not of the prompt
-            total += (k[:, :, t : t + _STATISTICS_BLOCK].float() * w[:, None, t : t + _STATISTICS_BLOCK, None]).sum(2)
+        for sl in _statistics_blocks(n, b * h * d):
+            total += k[:, :, sl].to(torch.float32, copy=True).mul_(w[:, None, sl, None]).sum(2)
         return total / w.sum(dim=1).clamp(min=1.0)[:, None, None]
 
     def _key_scales(self, k: torch.Tensor, q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -436,14 +444,14 @@ class TurboQuantKVCache:
         count = w.sum(dim=1).clamp(min=1.0)[:, None, None]  # [B, 1, 1]
         k2 = torch.zeros(b, h, d, device=self.device)
         q2 = torch.zeros(b, h, d, device=self.device)
-        for t in range(0, n, _STATISTICS_BLOCK):  # float32 temporaries of a block of tokens, not of the prompt
-            wt = w[:, t : t + _STATISTICS_BLOCK]
-            kc = k[:, :, t : t + _STATISTICS_BLOCK].float()
+        for sl in _statistics_blocks(n, b * q.shape[1] * d):
+            wt = w[:, sl]
+            kc = k[:, :, sl].to(torch.float32, copy=True)
             if self.key_mean is not None:
-                kc = kc - self.key_mean[:, :, None, :]
-            k2 += (kc.square() * wt[:, None, :, None]).sum(dim=2)
-            qg = q[:, :, t : t + _STATISTICS_BLOCK].float().reshape(b, h, g, -1, d)
-            q2 += (qg.square() * wt[:, None, None, :, None]).sum(dim=(2, 3))
+                kc.sub_(self.key_mean[:, :, None, :])
+            k2 += kc.square_().mul_(wt[:, None, :, None]).sum(dim=2)
+            qg = q[:, :, sl].to(torch.float32, copy=True).reshape(b, h, g, -1, d)
+            q2 += qg.square_().mul_(wt[:, None, None, :, None]).sum(dim=(2, 3))
         k2, q2 = k2 / count, q2 / (count * g)  # [B, H, D]
         tiny = torch.finfo(torch.float32).tiny
         k2 = k2 + 1e-6 * k2.mean(dim=-1, keepdim=True) + tiny
