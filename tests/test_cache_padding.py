@@ -505,6 +505,23 @@ def test_prompt_statistics_over_a_long_padded_prompt(monkeypatch) -> None:
     assert torch.allclose(cache.key_scale.double(), scale, rtol=1e-4)
 
 
+def test_short_steps_after_every_sequence_started_check_their_mask() -> None:
+    """Once every sequence holds a real token, a short step's padding mask can only be all true: one with a pad
+    (right padding) or of the wrong shape is refused, and the cache is left as it was."""
+    config = KVCacheConfig(**MSE3)
+    k, v = padded_kv((0, 3), 2, 8, 64, seed=87)
+    cache = build(config, k, v, (8,), left_pad_mask((0, 3), 8))
+    q, k_new, v_new = randn(2, 4, 3, 64, seed=88), randn(2, 2, 3, 64, seed=89), randn(2, 2, 3, 64, seed=90)
+    right_pad = torch.tensor([[True, True, True], [True, True, False]])
+    with pytest.raises(ValueError, match="left padding"):
+        cache.attend_and_append(q, k_new, v_new, valid=right_pad)
+    with pytest.raises(ValueError, match=r"valid must be a bool tensor \[B=2, N=3\]"):
+        cache.attend_and_append(q, k_new, v_new, valid=torch.ones(2, 4, dtype=torch.bool))
+    assert cache.get_seq_length() == 8
+    out = cache.attend_and_append(q, k_new, v_new, valid=torch.ones(2, 3, dtype=torch.bool))
+    assert rel_err(out, build(config, k, v, (8,), left_pad_mask((0, 3), 8)).attend_and_append(q, k_new, v_new)) == 0
+
+
 def test_center_keys_after_an_empty_first_append() -> None:
     """Appending zero positions changes nothing, also before the first real keys of a centred cache."""
     config = KVCacheConfig(**MSE3, center_keys=True)

@@ -594,7 +594,8 @@ def test_fused_multi_token_steps(key_mode, d, group, window, sinks, prompt, pads
     in the merge kernel (query i sees the step's tokens 0 .. i), beside sinks, left padding below them and a window
     that flushes between steps, and equal the reference path (store by the reference attention, the chunk by
     SDPA, merged by log-sum-exp); GQA 1, 4 and 8, 16 tokens at GQA 4 (64 query rows), and a prompt of one real token
-    whose sinks fill during the steps."""
+    whose sinks fill during the steps. After a padded prompt the steps pass their (all-true) padding masks, as a
+    model does: every sequence has started, so they still take the fused path."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{d}{group}{window}{steps}".encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,
@@ -614,9 +615,10 @@ def test_fused_multi_token_steps(key_mode, d, group, window, sinks, prompt, pads
         q = torch.randn(2, 2 * group, n, d, generator=gen).to(DEVICE)
         k_new = (1.5 + torch.randn(2, n, 2, d, generator=gen)).to(DEVICE).transpose(1, 2)  # as a model's view
         v_new = torch.randn(2, n, 2, d, generator=gen).to(DEVICE).transpose(1, 2)
+        mask = torch.ones(2, n, dtype=torch.bool, device=DEVICE) if pads else None
         _poison_workspaces()
-        fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
-        ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")
+        fused = caches[0].attend_and_append(q, k_new, v_new, valid=mask, backend="triton")
+        ref = caches[1].attend_and_append(q, k_new, v_new, valid=mask, backend="reference")
         assert _rel(fused, ref) < TOL
         # the step's own tokens in causal order: the first query's output does not depend on the later tokens
         assert _rel(fused[:, :, :1], ref[:, :, :1]) < TOL

@@ -138,6 +138,16 @@ def _statistics_blocks(n: int, elements_per_token: int) -> list[slice]:
     return [slice(t, min(t + step, n)) for t in range(0, n, step)]
 
 
+def _check_left_padding(ok: torch.Tensor, wait: bool) -> None:
+    """Raise unless ``ok`` (a bool scalar tensor) holds: a padding mask marked only left padding. With ``wait``
+    False, a device-side assertion that does not synchronise with the host (a decode step's)."""
+    message = "valid may only mark left padding: pads before a sequence's first real token, none after"
+    if not wait:
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
 def kernel_codebook(mse: TurboQuantMSE) -> torch.Tensor:
     """The fused kernels' codebook [2^b], indexed by the stored key codes (packing.to_key_codes): centroids / √d
     made exactly antisymmetric (they are, up to float rounding), so that the 4-bit lookup by magnitude and sign
@@ -401,23 +411,23 @@ class TurboQuantKVCache:
 
     def _start_sequences(self, valid: torch.Tensor, n: int) -> None:
         """Advance kv_start past the leading pads of sequences that have no real token yet."""
-        if valid.shape != (self.batch_size, n) or valid.dtype != torch.bool:
-            raise ValueError(f"valid must be a bool tensor [B={self.batch_size}, N={n}], got "
-                             f"{valid.dtype} {tuple(valid.shape)}")  # fmt: skip
-        valid = valid.to(self.device)
+        valid = self._checked_validity(valid, n)
         leading = (~valid).to(torch.int64).cumprod(dim=1).sum(dim=1)  # [B] pads before the first real token
         fresh = self.kv_start == self.total_tokens  # no real token yet
         ok = (valid.sum(dim=1) == n - leading) & (fresh | (leading == 0))
-        message = "valid may only mark left padding: pads before a sequence's first real token, none after"
-        if self.device.type == "cuda" and n == 1:
-            torch._assert_async(ok.all(), message)  # no host synchronisation in a decode step
-        elif not bool(ok.all()):
-            raise ValueError(message)
+        _check_left_padding(ok.all(), wait=self.device.type != "cuda" or n > 1)
         self.kv_start = torch.where(fresh, self.kv_start + leading, self.kv_start)
         if n > 1 or self.device.type != "cuda":
             self._max_kv_start = int(self.kv_start.max())
         elif self._max_kv_start == self.total_tokens:  # some sequence may still be all padding: an upper bound
             self._max_kv_start += 1
+
+    def _checked_validity(self, valid: torch.Tensor, n: int) -> torch.Tensor:
+        """valid, checked to be a bool [B, N] tensor, on the cache's device."""
+        if valid.shape != (self.batch_size, n) or valid.dtype != torch.bool:
+            raise ValueError(f"valid must be a bool tensor [B={self.batch_size}, N={n}], got "
+                             f"{valid.dtype} {tuple(valid.shape)}")  # fmt: skip
+        return valid.to(self.device)
 
     def _mean_key(self, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """Per-(sequence, head) mean of the real keys: [B, H, D] float32 (zero where none is real)."""
@@ -743,14 +753,22 @@ class TurboQuantKVCache:
         (causal, left padding ``valid``, sliding window); then the chunk is appended.
 
         q: [B, H_q, N, D]; k, v: [B, H_kv, N, D], the chunk's keys and values at positions L .. L + N - 1.
-        A step of up to FUSED_STEP_TOKENS tokens without padding on the fused kernel adds its own exact keys/values
-        inside the kernel's merge (no extra launches); otherwise the two parts are merged by log-sum-exp. Returns
-        [B, H_q, N, D] in q's dtype.
+        A step of up to FUSED_STEP_TOKENS tokens without padding (no ``valid``, or every sequence already started)
+        on the fused kernel adds its own exact keys/values inside the kernel's merge (no extra launches); otherwise
+        the two parts are merged by log-sum-exp. Returns [B, H_q, N, D] in q's dtype.
         """
         self._check_kv(k, v)
         if q.dim() != 4 or q.shape[2] != k.shape[2]:
             raise ValueError(f"q must be [B, H_q, N, D] with the chunk's N = {k.shape[2]}, got {tuple(q.shape)}")
         scale = 1.0 / math.sqrt(self.config.head_dim) if scale is None else scale
+        n = q.shape[2]
+        if valid is not None and n <= FUSED_STEP_TOKENS and self.total_tokens and self.all_sequences_started:
+            # no token after a sequence's first real one is padding: the mask of a short step only confirms it (a
+            # single token's value is not read; a longer step's without a host synchronisation on CUDA)
+            valid = self._checked_validity(valid, n)
+            if n > 1:
+                _check_left_padding(valid.all(), wait=self.device.type != "cuda")
+            valid = None
         if self.total_tokens == 0:
             out = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
         elif self._fused_step_applies(q, valid, sliding_window, backend):

@@ -171,8 +171,6 @@ class TurboQuantLayer(CacheLayerMixin):
         k_new, v_new = self._pending
         store, n = self.store, k_new.shape[2]
         valid = _chunk_validity(attention_mask, n)
-        if valid is not None and n == 1 and store.all_sequences_started:
-            valid = None  # every sequence has started: a single new token cannot be padding
         out = store.attend_and_append(query, k_new, v_new, valid=valid, scale=scale,
                                       sliding_window=self.sliding_window, backend=self.backend)  # fmt: skip
         self._pending = None
