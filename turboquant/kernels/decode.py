@@ -1112,8 +1112,11 @@ THREE_PER_SM_REGISTERS = 168
 # and runs with bounded tiles; 64 rows hold a decode step of GQA up to 64 and speculative verification of 16
 # queries at GQA 4 in one program.
 MAX_ROWS = 64
-# Window rows per step of the merge kernel's loop over a cache's full-precision window (a [rows, D] float32 tile)
-WINDOW_ROWS = 32
+# Window rows per step of the merge kernel's loop over a cache's full-precision window (a [rows, D] float32 tile):
+# the loop's steps wait on their loads one after another, so fewer steps are faster up to where the tiles spill (H200,
+# the cache's 191-row window, K4/V4 at 32k: the merge 26.0 / 101 µs at batch 8 / 64 with 32 rows, 19.7 / 80 with 64,
+# 21.0 / 111 with 128; benchmarks/RESULTS.md, twentieth session)
+WINDOW_ROWS = 64
 
 
 def _tile_rows(rows: int) -> int:
