@@ -887,7 +887,7 @@ def _decode_split_kernel_2d(
     D: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, GROUP: tl.constexpr, PROD: tl.constexpr,
     CAUSAL: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr, P_K: tl.constexpr,
     DP_K: tl.constexpr, NCH: tl.constexpr, W: tl.constexpr, NH: tl.constexpr, DP_V: tl.constexpr,
-    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr,
+    KEY_ASM: tl.constexpr, VALUE_ASM: tl.constexpr, TABLES_IN_ASM: tl.constexpr, DEPENDENTS: tl.constexpr = False,
 ):  # fmt: skip
     """The split kernel for keys with 2-, 3- or 4-bit codebook indices (PROD: plus the 1-bit QJL plane) and
     values of 2 or 4 bits in 2-D tiles (two or four key tiles and value chunks): scores as
@@ -902,7 +902,13 @@ def _decode_split_kernel_2d(
     BR query rows per program in tiles of BM ≥ BR rows (BR = 8 < BM = 16: a decode step of GQA up to 8, as the
     tensor cores take 16 rows at least); the rows from BR on are constant padding, so that the compiler drops their
     share of the softmax (sm_90: 7% fewer instructions per token at head_dim 128, 9-15% at 64; H200: 3-11% less
-    time at head_dim 64, 1-6% at 256, 0-4% at 128; benchmarks/RESULTS.md, fourteenth session)."""
+    time at head_dim 64, 1-6% at 256, 0-4% at 128; benchmarks/RESULTS.md, fourteenth session).
+
+    DEPENDENTS (CUDA, sm_90+; the merge kernel launched as its programmatic dependent): let the merge's programs
+    launch as soon as every program of this kernel has started, so that they take each SM as its split programs
+    finish and attend the exact rows before they wait for the splits' results."""
+    if DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1)
     start, end, q_start = _split_range(i_bh // H_KV, i_s, SEQ_LEN, KV_START, Q_START, SPLIT_SIZE, N_Q, CAUSAL)
@@ -1010,78 +1016,87 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens, a ring: position
     p in row p mod WC, the oldest at WIN_POS[b]), those at or after KV_LO[b] and before Q_START[b], WINDOW rows at a
     time with an online softmax. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so
-    it waits for the split kernel's results before reading them.
+    it waits for the split kernel's results before reading them; the exact, sink and window rows come first, so that
+    (with the split kernel's DEPENDENTS) they overlap the split kernel's last programs.
     """
     pid = tl.program_id(0).to(tl.int64)  # one program per (head, row): a 1-D grid, as M may exceed 65535
     i_bh = pid // M
     i_m = pid - i_bh * M
-    o_s = tl.arange(0, BS)
-    m_s = o_s < NUM_SPLITS
     o_d = tl.arange(0, D)
-    parts = (i_bh * NUM_SPLITS + o_s) * MP + i_m
-    if WAIT:
-        tl.extra.cuda.gdc_wait()
-    b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
-    l_max = tl.max(b_l, axis=0)
+    # the exact rows first (they do not depend on the split kernel): acc, w_sum relative to 2^l_max, l_max their
+    # running maximum (finite: a query always sees its own token)
     if EXACT > 0:
         o_x = tl.arange(0, XP)
         m_x = o_x <= i_m % EXACT  # the step's tokens in causal order (one token: itself)
         p_x = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h + o_x[:, None] * sx_n + o_d[None, :]
         b_qx = tl.load(QX + (i_bh * M + i_m) * D + o_d) * Q_SCALE
-        b_kx = tl.load(KX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32)  # [XP, D]
-        if CENTER:
-            b_kx -= tl.load(KM + i_bh * D + o_d)[None, :]
-        s_x = tl.where(m_x, tl.sum(b_kx * b_qx[None, :], axis=1), float("-inf"))
-        l_max = tl.maximum(l_max, tl.max(s_x, axis=0))
-    if SINKS > 0:
-        i_b = i_bh // H_KV
-        o_j = tl.arange(0, SP)
-        m_j = (o_j < SINKS) & (o_j < tl.load(Q_START + i_b) - tl.load(SINK_START + i_b))
-        p_sk = (i_bh * (SINKS + 1) + o_j)[:, None] * D + o_d[None, :]
-        b_sk = tl.load(SK + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32)  # [SP, D]
-        if CENTER:
-            b_sk -= tl.load(KM + i_bh * D + o_d)[None, :]
-        s_j = tl.where(m_j, tl.sum(b_sk * b_qx[None, :], axis=1), float("-inf"))
-        l_max = tl.maximum(l_max, tl.max(s_j, axis=0))
-    l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
-    w = tl.exp2(b_l - l_safe)
-    w_sum = tl.sum(w, axis=0)
-    b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
-    acc = tl.sum(b_o * w[:, None], axis=0)
-    if EXACT > 0:
-        w_x = tl.exp2(s_x - l_safe)  # 0 where masked
-        acc += tl.sum(w_x[:, None] * tl.load(VX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32), axis=0)
-        w_sum += tl.sum(w_x, axis=0)
-    if SINKS > 0:
-        w_j = tl.exp2(s_j - l_safe)  # 0 where masked
-        acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
-        w_sum += tl.sum(w_j, axis=0)
-    if WINDOW > 0:  # acc, w_sum are relative to 2^l_safe; l_max is the running maximum (-inf: nothing yet)
-        i_b = i_bh // H_KV
-        w_pos = tl.load(WIN_POS + i_b)
-        lo = tl.load(KV_LO + i_b)
-        hi = tl.load(Q_START + i_b)
-        o_w = tl.arange(0, WINDOW)
         if CENTER:
             b_km = tl.load(KM + i_bh * D + o_d)
-        for j0 in range(0, WC, WINDOW):
-            o_r = j0 + o_w
-            pos = w_pos + (o_r - w_pos % WC + WC) % WC  # the position row o_r holds (or would hold next)
-            m_r = (o_r < WC) & (pos >= lo) & (pos < hi)
-            p_w = (i_bh * WC + o_r)[:, None] * D + o_d[None, :]
-            b_wk = tl.load(WK + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)  # [WINDOW, D]
+        b_kx = tl.load(KX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32)  # [XP, D]
+        if CENTER:
+            b_kx -= b_km[None, :]
+        s_x = tl.where(m_x, tl.sum(b_kx * b_qx[None, :], axis=1), float("-inf"))
+        l_max = tl.max(s_x, axis=0)
+        if SINKS > 0:
+            i_b = i_bh // H_KV
+            o_j = tl.arange(0, SP)
+            m_j = (o_j < SINKS) & (o_j < tl.load(Q_START + i_b) - tl.load(SINK_START + i_b))
+            p_sk = (i_bh * (SINKS + 1) + o_j)[:, None] * D + o_d[None, :]
+            b_sk = tl.load(SK + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32)  # [SP, D]
             if CENTER:
-                b_wk -= b_km[None, :]
-            s_w = tl.where(m_r, tl.sum(b_wk * b_qx[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(l_max, tl.max(s_w, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.where(l_max == float("-inf"), 1.0, tl.exp2(l_safe - m_safe))  # (acc = 0 while nothing yet)
-            w_w = tl.exp2(s_w - m_safe)  # 0 where masked
-            b_wv = tl.load(WV + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(w_w[:, None] * b_wv, axis=0)
-            w_sum = w_sum * alpha + tl.sum(w_w, axis=0)
-            l_max = m_new
-            l_safe = m_safe
+                b_sk -= b_km[None, :]
+            s_j = tl.where(m_j, tl.sum(b_sk * b_qx[None, :], axis=1), float("-inf"))
+            l_max = tl.maximum(l_max, tl.max(s_j, axis=0))
+        w_x = tl.exp2(s_x - l_max)  # 0 where masked
+        acc = tl.sum(w_x[:, None] * tl.load(VX + p_x, mask=m_x[:, None], other=0.0).to(tl.float32), axis=0)
+        w_sum = tl.sum(w_x, axis=0)
+        if SINKS > 0:
+            w_j = tl.exp2(s_j - l_max)  # 0 where masked
+            acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
+            w_sum += tl.sum(w_j, axis=0)
+        if WINDOW > 0:  # an online softmax over the window's rows, WINDOW at a time
+            i_b = i_bh // H_KV
+            w_pos = tl.load(WIN_POS + i_b)
+            lo = tl.load(KV_LO + i_b)
+            hi = tl.load(Q_START + i_b)
+            o_w = tl.arange(0, WINDOW)
+            for j0 in range(0, WC, WINDOW):
+                o_r = j0 + o_w
+                pos = w_pos + (o_r - w_pos % WC + WC) % WC  # the position row o_r holds (or would hold next)
+                m_r = (o_r < WC) & (pos >= lo) & (pos < hi)
+                p_w = (i_bh * WC + o_r)[:, None] * D + o_d[None, :]
+                b_wk = tl.load(WK + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)  # [WINDOW, D]
+                if CENTER:
+                    b_wk -= b_km[None, :]
+                s_w = tl.where(m_r, tl.sum(b_wk * b_qx[None, :], axis=1), float("-inf"))
+                m_new = tl.maximum(l_max, tl.max(s_w, axis=0))
+                alpha = tl.exp2(l_max - m_new)
+                w_w = tl.exp2(s_w - m_new)  # 0 where masked
+                b_wv = tl.load(WV + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)
+                acc = acc * alpha + tl.sum(w_w[:, None] * b_wv, axis=0)
+                w_sum = w_sum * alpha + tl.sum(w_w, axis=0)
+                l_max = m_new
+    # then the splits' results, once the split kernel has written them
+    if WAIT:
+        tl.extra.cuda.gdc_wait()
+    o_s = tl.arange(0, BS)
+    m_s = o_s < NUM_SPLITS
+    parts = (i_bh * NUM_SPLITS + o_s) * MP + i_m
+    b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
+    b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
+    if EXACT > 0:
+        m_new = tl.maximum(l_max, tl.max(b_l, axis=0))
+        alpha = tl.exp2(l_max - m_new)
+        w = tl.exp2(b_l - m_new)
+        acc = acc * alpha + tl.sum(b_o * w[:, None], axis=0)
+        w_sum = w_sum * alpha + tl.sum(w, axis=0)
+        l_safe = m_new
+    else:
+        l_max = tl.max(b_l, axis=0)
+        l_safe = tl.where(l_max == float("-inf"), 0.0, l_max)
+        w = tl.exp2(b_l - l_safe)
+        acc = tl.sum(b_o * w[:, None], axis=0)
+        w_sum = tl.sum(w, axis=0)
     out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
     tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
     lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
@@ -1099,10 +1114,12 @@ LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=None, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
     tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates", dependent_launch="wait",
 )  # fmt: skip
-# How the merge kernel follows the split kernel on CUDA (sm_90+): "off" (a plain launch after it) or "wait" (a
+# How the merge kernel follows the split kernel on CUDA (sm_90+): "off" (a plain launch after it), "wait" (a
 # programmatic dependent launch, which waits for the split kernel's results: its launch overlaps the split kernel's
-# end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md)
-DEPENDENT_LAUNCHES = ("off", "wait")
+# end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md) or "early" (the same, and the split
+# kernel lets the merge launch once all its programs have started: the merge's programs take the SMs that the split
+# programs leave, attend the exact rows and wait there for the splits)
+DEPENDENT_LAUNCHES = ("off", "wait", "early")
 KEY_TABLE_SOURCES = ("operands", "immediates")
 # 2-D kernel: at most 168 registers per thread lets three 4-warp programs share an SM's 64K registers (128-token
 # blocks take 174-190 uncapped: two per SM; ptxas fits them in 168 without spilling), or six 2-warp programs
@@ -1445,6 +1462,7 @@ class DecodePlan:
                                  buffers["value_affine"].view(torch.int32), codebook, key_tables)  # fmt: skip
             consts = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, br, launch, q_rot.is_cuda,
                                          key_table_words)  # fmt: skip
+            consts["DEPENDENTS"] = pdl == "early"
 
             def programs_per_sm(consts: dict) -> int:  # (compiles the kernel once per set of constants)
                 key = (q_rot.device, *sorted(consts.items()))
@@ -1468,6 +1486,7 @@ class DecodePlan:
                 if d == 128 and bm == 16 and consts["num_warps"] == 4 and default and use < DENSE_RATE:
                     dense = kernel_2d_constants(d, layout_2d, value_bits, group_size, causal, br,
                                                 {**launch, **DENSE_LAUNCH}, True, key_table_words)  # fmt: skip
+                    dense["DEPENDENTS"] = pdl == "early"
                     dense_per_sm = programs_per_sm(dense)
                     if slot_use(heads, c, dense["BN"], dense_per_sm * sms) * DENSE_RATE > use:
                         consts, per_sm = dense, dense_per_sm

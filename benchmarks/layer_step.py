@@ -1,0 +1,144 @@
+"""One layer's decode step on a GPU, kernel by kernel: TurboQuantKVCache's fused step vs torch SDPA on the bf16 cache.
+
+The step is what a model layer runs on CUDA for a decode token (TurboQuantKVCache._fused_step, the path that
+attend_and_append takes): the query's rotation, the split kernel over the compressed store, the merge kernel with
+the step's own exact token, the sink tokens and the full-precision window. For each cache of
+benchmarks/model_speed.py (the paper's quantizers, TurboQuantCache's defaults) and shape (batch, context) of a
+Llama-3-8B layer (32 query / 8 KV heads, head_dim 128, bf16): the gate first (the fused step against the reference
+path on the same cache, and a CUDA-graph replay against eager; no time is printed for a cache whose check failed),
+then the step's median time as CUDA-graph replays, the GPU time of each of its kernels (torch.profiler, eager
+launches), and the same-run baseline: SDPA (flash, enable_gqa) over the bf16 K/V of the same tokens.
+
+    python benchmarks/layer_step.py
+    python benchmarks/layer_step.py --shapes 8,32768 --caches "TurboQuant K4/V4 defaults"
+    python benchmarks/layer_step.py --dependent-launch wait early   # the merge kernel's launch modes, same call
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from model_speed import CACHES, fill_store
+from timing import capture, kernel_times, median_ms
+from transformers import LlamaConfig
+
+from turboquant.attention import chunk_attention, merge_attention
+from turboquant.integrations.transformers import TurboQuantCache
+from turboquant.kernels import decode
+
+H_Q, H_KV, D = 32, 8, 128
+SHAPES = [(8, 32768), (64, 32768)]
+DEFAULT_CACHES = ["TurboQuant K4/V4", "TurboQuant K4/V4 defaults", "TurboQuant K4/V4 defaults, window 0",
+                  "TurboQuant K3/V2 defaults"]  # fmt: skip
+L2_BYTES = 60 * 2**20
+
+
+def layer_store(spec: dict, batch: int, context: int, gen: torch.Generator, device: str = "cuda"):
+    """The compressed store of one layer of TurboQuantCache(spec) on a Llama-3-8B config, holding ``context``
+    random tokens per sequence (and, with scale_keys, the key scales of random prompt queries)."""
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=H_Q, num_key_value_heads=H_KV, head_dim=D,
+                         num_hidden_layers=1)  # fmt: skip
+    layer = TurboQuantCache(config, **spec).layers[0]
+    layer.initialize(batch, H_KV, D, device, torch.bfloat16, capacity=context + 1)
+    fill_store(layer.store, context, gen, H_Q)
+    return layer.store
+
+
+def reference_step(store, q, k, v, scale: float) -> torch.Tensor:
+    """The step by the reference path in float32: the stored tokens (with sinks and window) by the PyTorch reference,
+    the step's own token by SDPA, merged by log-sum-exp (attend_and_append's path where the fused one does not
+    apply). (The fused step's output is bf16, like q: its rounding alone is ~2e-3 of the output's norm.)"""
+    q, k, v = q.float(), k.float(), v.float()
+    past = store.attend_with_lse(q, scale=scale, after=True, backend="reference")
+    own = chunk_attention(q, k, v, None, scale=scale, with_lse=True)
+    return merge_attention(*past, *own)[0]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def time_step(store, q, k, v, scale: float, mode: str, err: float) -> tuple[str, ...]:
+    """The step's cells with the merge launched as ``mode``: (step ms or CHECK FAILED, rel err, graph == eager,
+    kernels); ``err``: the gate's error with the default launch."""
+    decode.LAUNCH_DEFAULTS["dependent_launch"] = mode
+    store._drop_plans()  # (a plan keeps the launch options it was built with)
+
+    def step():
+        return store._fused_step(q, k, v, scale)
+
+    eager = step().clone()
+    replay, graph_out = capture(step)
+    replay()
+    torch.cuda.synchronize()
+    graph_ok = torch.equal(graph_out, eager)
+    err = max(err, rel_err(eager, reference_step(store, q, k, v, scale)))
+    if not (err < 5e-3 and graph_ok):
+        return "CHECK FAILED", f"{err:.2e}", str(graph_ok), "-"
+    return f"{median_ms([step], graphs=True):.4f}", f"{err:.2e}", str(graph_ok), kernel_times(step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", help="batch,context pairs (default: 8,32768 64,32768)")
+    ap.add_argument("--caches", nargs="*", default=DEFAULT_CACHES, choices=[c for c in CACHES if CACHES[c]])
+    ap.add_argument(
+        "--dependent-launch",
+        nargs="*",
+        default=[decode.LAUNCH_DEFAULTS["dependent_launch"]],
+        choices=decode.DEPENDENT_LAUNCHES,
+        help="how the merge kernel follows the split kernel",
+    )
+    ap.add_argument("--out", type=Path, default=Path("results/layer_step.md"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/layer_step.py needs a CUDA GPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    scale = 1 / math.sqrt(D)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    header = ("| shape (B, ctx) | cache | merge launch | step ms | bf16 SDPA ms | speedup | rel err vs ref | "
+              "graph == eager | kernels (µs) |")  # fmt: skip
+    rows = []
+    print(header, flush=True)
+    for batch, context in shapes:
+        shape = f"({batch}, {context})"
+        q = torch.randn(batch, H_Q, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(batch, H_KV, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        kv_bytes = batch * H_KV * (context + 1) * D * 2 * 2
+        copies = max(1, math.ceil(3 * L2_BYTES / kv_bytes))
+        kvs = [[torch.randn(batch, H_KV, context + 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(2)] for _ in range(copies)]  # fmt: skip
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa = [lambda q=q, kb=kb, vb=vb: torch.nn.functional.scaled_dot_product_attention(q, kb, vb,
+                                                                                                 enable_gqa=True)
+                    for kb, vb in kvs]  # fmt: skip
+            t_bf16 = median_ms(sdpa, graphs=True)
+        del kvs, sdpa
+        for name in args.caches:
+            store = layer_store(CACHES[name], batch, context, gen)
+            if not store._fused_step_applies(q, None, None, "auto"):
+                raise SystemExit(f"{name}: a decode step does not take the fused path")
+            err = rel_err(store._fused_step(q, k, v, scale), reference_step(store, q, k, v, scale))
+            for mode in args.dependent_launch:
+                t, mode_err, graph_ok, kernels = time_step(store, q, k, v, scale, mode, err)
+                speedup = f"{t_bf16 / float(t):.2f}x" if t != "CHECK FAILED" else "-"
+                line = (f"| {shape} | {name} | {mode} | {t} | {t_bf16:.4f} | {speedup} | {mode_err} | {graph_ok} | "
+                        f"{kernels} |")  # fmt: skip
+                print(line, flush=True)
+                rows.append(line)
+            del store
+            torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"# one layer's decode step, {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name()}"
+    args.out.write_text(f"{title}, torch {torch.__version__}\n\n{header}\n|" + "---|" * 9 + "\n"
+                        + "\n".join(rows) + "\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
