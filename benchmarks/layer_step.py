@@ -17,6 +17,7 @@ launches), and the same-run baseline: SDPA (flash, enable_gqa) over the bf16 K/V
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 from pathlib import Path
@@ -62,10 +63,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def time_step(store, q, k, v, scale: float, mode: str, err: float) -> tuple[str, ...]:
-    """The step's cells with the merge launched as ``mode``: (step ms or CHECK FAILED, rel err, graph == eager,
-    kernels); ``err``: the gate's error with the default launch."""
+def time_step(store, q, k, v, scale: float, mode: str, err: float, merge: tuple[int, int]) -> tuple[str, ...]:
+    """The step's cells with the merge launched as ``mode`` and, for a window, ``merge`` = (decode.WINDOW_ROWS,
+    decode.MERGE_WARPS): (step ms or CHECK FAILED, rel err, graph == eager, kernels); ``err``: the gate's error
+    with the default launch."""
     decode.LAUNCH_DEFAULTS["dependent_launch"] = mode
+    decode.WINDOW_ROWS, decode.MERGE_WARPS = merge
     store._drop_plans()  # (a plan keeps the launch options it was built with)
 
     def step():
@@ -93,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         choices=decode.DEPENDENT_LAUNCHES,
         help="how the merge kernel follows the split kernel",
     )
+    ap.add_argument("--window-rows", nargs="*", type=int, default=[decode.WINDOW_ROWS],
+                    help="window rows per step of the window's merge kernel (several: each timed)")  # fmt: skip
+    ap.add_argument("--merge-warps", nargs="*", type=int, default=[getattr(decode, "MERGE_WARPS", 4)],
+                    help="warps of the window's merge kernel (several: each timed)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=Path("results/layer_step.md"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -125,10 +132,15 @@ def main(argv: list[str] | None = None) -> None:
             if not store._fused_step_applies(q, None, None, "auto"):
                 raise SystemExit(f"{name}: a decode step does not take the fused path")
             err = rel_err(store._fused_step(q, k, v, scale), reference_step(store, q, k, v, scale))
-            for mode in args.dependent_launch:
-                t, mode_err, graph_ok, kernels = time_step(store, q, k, v, scale, mode, err)
+            merges = [(rows, warps) for rows in args.window_rows for warps in args.merge_warps]
+            if not store.config.residual_window:
+                merges = merges[:1]
+            for mode, merge in itertools.product(args.dependent_launch, merges):
+                t, mode_err, graph_ok, kernels = time_step(store, q, k, v, scale, mode, err, merge)
                 speedup = f"{t_bf16 / float(t):.2f}x" if t != "CHECK FAILED" else "-"
-                line = (f"| {shape} | {name} | {mode} | {t} | {t_bf16:.4f} | {speedup} | {mode_err} | {graph_ok} | "
+                window = store.config.residual_window
+                launch = (mode or "auto") + (f", window {merge[0]} rows, {merge[1]} warps" if window else "")
+                line = (f"| {shape} | {name} | {launch} | {t} | {t_bf16:.4f} | {speedup} | {mode_err} | {graph_ok} | "
                         f"{kernels} |")  # fmt: skip
                 print(line, flush=True)
                 rows.append(line)

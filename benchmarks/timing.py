@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,4 +48,10 @@ def kernel_times(step, calls: int = 20) -> str:
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
             times[event.key] = event.self_device_time_total / calls
-    return ", ".join(f"{key} {us:.1f} µs" for key, us in sorted(times.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{_short(key)} {us:.1f} µs" for key, us in sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def _short(kernel: str) -> str:
+    """A kernel's name without its template and argument lists ("void at::native::elementwise_kernel<...>(...)" ->
+    "elementwise_kernel"), at most 40 characters."""
+    return re.split(r"[<(]", kernel.removeprefix("void "))[0].split("::")[-1][:40]

@@ -102,7 +102,7 @@ def test_decode_kernel_64_token_blocks(mode, kb, vb, d, group, n_q, n, monkeypat
     _check_decode(mode, kb, vb, d, group, n_q, n)
 
 
-@pytest.mark.parametrize("dependent_launch", ["off", "wait", "early"])
+@pytest.mark.parametrize("dependent_launch", [None, "off", "wait", "early"])
 @pytest.mark.parametrize("mode,kb,vb,d,group,n_q,n", CASES[1:4])
 def test_decode_kernel_dependent_launch(mode, kb, vb, d, group, n_q, n, dependent_launch, monkeypatch):
     """The merge kernel as a plain launch and as a programmatic dependent launch that waits for the split kernel,
@@ -231,7 +231,8 @@ def test_decode_kernel_rejects_unknown_launch_values():
         ValueError, match=r"key_table_source must be one of \('operands', 'immediates'\), got 'registers'"
     ):
         decode_attention(**inputs, key_table_source="registers")
-    with pytest.raises(ValueError, match=r"dependent_launch must be one of \('off', 'wait', 'early'\), got 'late'"):
+    expected = r"dependent_launch must be None \(automatic\) or one of \('off', 'wait', 'early'\), got 'late'"
+    with pytest.raises(ValueError, match=expected):
         decode_attention(**inputs, dependent_launch="late")
 
 
@@ -587,32 +588,35 @@ def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d, w
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dependent_launch", ["off", "wait", "early"])
-def test_fused_step_rows_before_the_merge_waits(dependent_launch, monkeypatch):
-    """The merge kernel attends the step's own token, the sinks and the window before it waits for the split kernel
-    (as its programmatic dependent on sm_90+, launched when the split kernel ends or once its programs have
-    started): centred keys, two steps of the window loop, a split count above one, every launch mode equal to the
-    reference path."""
+@pytest.mark.parametrize("dependent_launch,dtype", [("off", torch.float32), ("wait", torch.float32),
+                                                    ("early", torch.float32), (None, torch.bfloat16)])  # fmt: skip
+def test_fused_step_rows_before_the_merge_waits(dependent_launch, dtype, monkeypatch):
+    """The window's merge kernel (_merge_window_kernel: one program per KV head's query rows) attends the step's own
+    token, the sinks and the window before it waits for the split kernel (as its programmatic dependent on sm_90+,
+    launched when the split kernel ends or once its programs have started): centred keys, a window of several tiles,
+    a split count above one, float32 and bf16 caches (products in tf32x3, or in two bf16 parts of the query and of
+    the probabilities), every launch mode equal to the reference path."""
     from turboquant.kernels import decode
 
     monkeypatch.setitem(decode.LAUNCH_DEFAULTS, "dependent_launch", dependent_launch)
     gen = torch.Generator().manual_seed(23)
     cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, sink_tokens=4, center_keys=True,
                         norm_correction=True, residual_window=72, flush_block=16, chunk_size=64)  # fmt: skip
-    caches = [TurboQuantKVCache(cfg, 1, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
-    k = (1.5 + torch.randn(1, 2, 400, 64, generator=gen)).to(DEVICE)
-    v = torch.randn(1, 2, 400, 64, generator=gen).to(DEVICE)
+    caches = [TurboQuantKVCache(cfg, 1, 2, device=DEVICE, dtype=dtype) for _ in range(2)]
+    k = (1.5 + torch.randn(1, 2, 400, 64, generator=gen)).to(DEVICE, dtype)
+    v = torch.randn(1, 2, 400, 64, generator=gen).to(DEVICE, dtype)
     for cache in caches:
         cache.append(k, v)
     for _ in range(3):
-        q = torch.randn(1, 8, 1, 64, generator=gen).to(DEVICE)
-        k_new = (1.5 + torch.randn(1, 2, 1, 64, generator=gen)).to(DEVICE)
-        v_new = torch.randn(1, 2, 1, 64, generator=gen).to(DEVICE)
+        q = torch.randn(1, 8, 1, 64, generator=gen).to(DEVICE, dtype)
+        k_new = (1.5 + torch.randn(1, 2, 1, 64, generator=gen)).to(DEVICE, dtype)
+        v_new = torch.randn(1, 2, 1, 64, generator=gen).to(DEVICE, dtype)
         _poison_workspaces()
         fused = caches[0].attend_and_append(q, k_new, v_new, backend="triton")
-        ref = caches[1].attend_and_append(q, k_new, v_new, backend="reference")
-        assert _rel(fused, ref) < TOL
+        ref = caches[1].attend_and_append(q.float(), k_new.float(), v_new.float(), backend="reference")
+        assert _rel(fused, ref) < (TOL if dtype == torch.float32 else 1e-2)  # (bf16 output rounding, 2^-8)
     (plan,) = caches[0]._decode_plans.values()
+    assert plan._merge_kernel is decode._merge_window_kernel
     assert plan._merge_consts["NUM_SPLITS"] > 1 and plan._merge_consts["WINDOW"] < caches[0].window_k.shape[2]
 
 

@@ -1003,7 +1003,7 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
                          Q_START, Q_SCALE, WK, WV, WC, WIN_POS, KV_LO,
                          D: tl.constexpr, MP: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
                          EXACT: tl.constexpr, XP: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr,
-                         CENTER: tl.constexpr, WINDOW: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
+                         CENTER: tl.constexpr, WAIT: tl.constexpr):  # fmt: skip
     """Combine the splits of one KV head: out = Σ_s 2^(lse_s - lse) out_s; LSE in natural log. The split kernel
     wrote MP rows (M rounded up to whole row tiles) per (head, split).
 
@@ -1012,12 +1012,11 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
     query head g) sees rows j ≤ i; a base-2 logit is Q_SCALE·⟨QX[m], KX[j]⟩ (Q_SCALE = scale·log2(e)). SINKS (> 0,
     with EXACT): also attend the exact sink rows SK, SV
     [B·H_KV, SINKS + 1, D], row j at position SINK_START[b] + j, those before Q_START[b]. CENTER: the exact and
-    sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WINDOW (> 0, with EXACT): also attend the
-    exact window rows WK, WV [B·H_KV, WC, D] (the cache's full-precision window of recent tokens, a ring: position
-    p in row p mod WC, the oldest at WIN_POS[b]), those at or after KV_LO[b] and before Q_START[b], WINDOW rows at a
-    time with an online softmax. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so
-    it waits for the split kernel's results before reading them; the exact, sink and window rows come first, so that
-    (with the split kernel's DEPENDENTS) they overlap the split kernel's last programs.
+    sink keys minus the key mean KM [B·H_KV, D], as the stored keys are. WK, WV, WC, WIN_POS, KV_LO: a window of
+    exact rows, attended by _merge_window_kernel (a step with a window launches that kernel instead, with the same
+    arguments); unread here. WAIT: launched as a programmatic dependent of the split kernel (CUDA, sm_90+), so it
+    waits for the split kernel's results before reading them; the exact and sink rows come first, so that (with the
+    split kernel's DEPENDENTS) they overlap the split kernel's last programs.
     """
     pid = tl.program_id(0).to(tl.int64)  # one program per (head, row): a 1-D grid, as M may exceed 65535
     i_bh = pid // M
@@ -1054,37 +1053,27 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
             w_j = tl.exp2(s_j - l_max)  # 0 where masked
             acc += tl.sum(w_j[:, None] * tl.load(SV + p_sk, mask=m_j[:, None], other=0.0).to(tl.float32), axis=0)
             w_sum += tl.sum(w_j, axis=0)
-        if WINDOW > 0:  # an online softmax over the window's rows, WINDOW at a time
-            i_b = i_bh // H_KV
-            w_pos = tl.load(WIN_POS + i_b)
-            lo = tl.load(KV_LO + i_b)
-            hi = tl.load(Q_START + i_b)
-            o_w = tl.arange(0, WINDOW)
-            for j0 in range(0, WC, WINDOW):
-                o_r = j0 + o_w
-                pos = w_pos + (o_r - w_pos % WC + WC) % WC  # the position row o_r holds (or would hold next)
-                m_r = (o_r < WC) & (pos >= lo) & (pos < hi)
-                p_w = (i_bh * WC + o_r)[:, None] * D + o_d[None, :]
-                b_wk = tl.load(WK + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)  # [WINDOW, D]
-                if CENTER:
-                    b_wk -= b_km[None, :]
-                s_w = tl.where(m_r, tl.sum(b_wk * b_qx[None, :], axis=1), float("-inf"))
-                m_new = tl.maximum(l_max, tl.max(s_w, axis=0))
-                alpha = tl.exp2(l_max - m_new)
-                w_w = tl.exp2(s_w - m_new)  # 0 where masked
-                b_wv = tl.load(WV + p_w, mask=m_r[:, None], other=0.0).to(tl.float32)
-                acc = acc * alpha + tl.sum(w_w[:, None] * b_wv, axis=0)
-                w_sum = w_sum * alpha + tl.sum(w_w, axis=0)
-                l_max = m_new
-    # then the splits' results, once the split kernel has written them
-    if WAIT:
+    if WAIT:  # then the splits' results, once the split kernel has written them
         tl.extra.cuda.gdc_wait()
+    if EXACT > 0:
+        _finish_row(O_PART, L_PART, OUT, LSE, i_bh, i_m, M, acc, l_max, w_sum, D, MP, NUM_SPLITS, BS, True)
+    else:
+        _finish_row(O_PART, L_PART, OUT, LSE, i_bh, i_m, M, 0.0, 0.0, 0.0, D, MP, NUM_SPLITS, BS, False)
+
+
+@triton.jit
+def _finish_row(O_PART, L_PART, OUT, LSE, i_bh, i_m, M, acc, l_max, w_sum, D: tl.constexpr, MP: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, BS: tl.constexpr, EXACT: tl.constexpr):  # fmt: skip
+    """Row i_m of head i_bh (if i_m < M): its splits' results (O_PART, L_PART) merged with, if EXACT, the exact
+    rows' acc [D], w_sum relative to 2^l_max (finite); OUT = the normalised sum, LSE in natural log."""
+    o_d = tl.arange(0, D)
     o_s = tl.arange(0, BS)
-    m_s = o_s < NUM_SPLITS
+    m_s = (o_s < NUM_SPLITS) & (i_m + 0 * o_s < M)  # (a vector comparison: the interpreter's & of a bool scalar
+    # with a vector gives ints)
     parts = (i_bh * NUM_SPLITS + o_s) * MP + i_m
     b_l = tl.load(L_PART + parts, mask=m_s, other=float("-inf"))  # [BS]
     b_o = tl.load(O_PART + parts[:, None] * D + o_d[None, :], mask=m_s[:, None], other=0.0)  # [BS, D]
-    if EXACT > 0:
+    if EXACT:
         m_new = tl.maximum(l_max, tl.max(b_l, axis=0))
         alpha = tl.exp2(l_max - m_new)
         w = tl.exp2(b_l - m_new)
@@ -1098,9 +1087,104 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         acc = tl.sum(b_o * w[:, None], axis=0)
         w_sum = tl.sum(w, axis=0)
     out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(OUT + (i_bh * M + i_m) * D + o_d, out)
+    tl.store(OUT + (i_bh * M + i_m) * D + o_d, out, mask=i_m + 0 * o_d < M)
     lse = tl.where(w_sum == 0.0, float("-inf"), (l_safe + tl.log2(tl.where(w_sum == 0.0, 1.0, w_sum))) / LOG2E_C)
-    tl.store(LSE + i_bh * M + i_m, lse)
+    tl.store(LSE + i_bh * M + i_m, lse, mask=i_m < M)
+
+
+@triton.jit
+def _split_dot(a, b, PARTS16: tl.constexpr):
+    """a @ b to about float32 accuracy on the tensor cores: a [M, K] float32, b [K, N] in float32 (tf32x3) or 16
+    bits: with PARTS16, a taken as the sum of two parts of b's dtype, products accumulated in float32 (exact where
+    a holds values of that dtype); without (the CPU interpreter, whose 16-bit dot products are not those of a GPU),
+    b converted to float32."""
+    if b.dtype == tl.float32 or not PARTS16:
+        return tl.dot(a, b.to(tl.float32), input_precision="tf32x3")
+    a_hi = a.to(b.dtype)
+    return tl.dot(a_hi, b) + tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b)
+
+
+@triton.jit
+def _attend_exact_tile(b_q, b_qmu, Q_SCALE, K, V, kv_rows, m_kv, visible, b_km, b_m, b_l, acc, D: tl.constexpr,
+                       CENTER: tl.constexpr, PARTS16: tl.constexpr):  # fmt: skip
+    """One tile of R exact key/value rows for a tile of query rows: b_q [RT, D] float32 queries, key/value row r at
+    K, V + kv_rows[r] (contiguous D), m_kv [R] the rows to read, visible [RT, R]; logits Q_SCALE·⟨q, k − μ⟩ (CENTER:
+    μ = b_km [D], b_qmu [RT] = ⟨q, μ⟩) -> the online softmax's running max b_m, sum b_l [RT] and acc [RT, D]
+    updated, the products on the tensor cores (_split_dot, PARTS16)."""
+    o_d = tl.arange(0, D)
+    b_k = tl.load(K + kv_rows[:, None] + o_d[None, :], mask=m_kv[:, None], other=0.0)  # [R, D]
+    if CENTER and b_k.dtype == tl.float32:
+        s = _split_dot(b_q, tl.trans(b_k - b_km[None, :]), PARTS16)
+    else:
+        s = _split_dot(b_q, tl.trans(b_k), PARTS16)
+        if CENTER:
+            s -= b_qmu[:, None]
+    s = tl.where(visible, s * Q_SCALE, float("-inf"))
+    b_p, alpha, b_m, b_l = _online_softmax_step(s, b_m, b_l)
+    b_v = tl.load(V + kv_rows[:, None] + o_d[None, :], mask=m_kv[:, None], other=0.0)
+    return b_m, b_l, acc * alpha[:, None] + _split_dot(b_p, b_v, PARTS16)
+
+
+@triton.jit
+def _merge_window_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx_h, sx_n, SK, SV, KM, SINK_START,
+                         Q_START, Q_SCALE, WK, WV, WC, WIN_POS, KV_LO,
+                         D: tl.constexpr, MP: tl.constexpr, NUM_SPLITS: tl.constexpr, BS: tl.constexpr,
+                         EXACT: tl.constexpr, XP: tl.constexpr, SINKS: tl.constexpr, SP: tl.constexpr,
+                         CENTER: tl.constexpr, WINDOW: tl.constexpr, WAIT: tl.constexpr, RT: tl.constexpr,
+                         RL: tl.constexpr, PARTS16: tl.constexpr):  # fmt: skip
+    """_merge_splits_kernel for a step with a full-precision window (same arguments and results, EXACT > 0): also
+    attend the exact window rows WK, WV [B·H_KV, WC, D] (the cache's window of recent tokens, a ring: position p in
+    row p mod WC, the oldest at WIN_POS[b]), those at or after KV_LO[b] and before Q_START[b]. One program per
+    (head, tile of RT ≥ 16 query rows): the exact rows (the step's own tokens in a tile of XP ≥ 16 rows, the sinks
+    in SP ≥ 16, the window WINDOW rows at a time) are read once for all the head's query rows and attended with
+    tensor-core products and an online softmax (_attend_exact_tile; PARTS16 on CUDA); then, after WAIT,
+    the splits' results are merged row by row (the tile's first RL rows, those that can exist: RL = min(RT, M
+    rounded up to a power of two))."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    o_t = tl.program_id(1) * RT + tl.arange(0, RT)
+    m_t = o_t < M
+    o_d = tl.arange(0, D)
+    b_q = tl.load(QX + (i_bh * M + o_t)[:, None] * D + o_d[None, :], mask=m_t[:, None], other=0.0)
+    b_km = tl.load(KM + i_bh * D + o_d) if CENTER else tl.zeros([D], dtype=tl.float32)
+    b_qmu = tl.sum(b_q * b_km[None, :], axis=1)
+    b_m = tl.full([RT], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([RT], dtype=tl.float32)
+    acc = tl.zeros([RT, D], dtype=tl.float32)
+    # the step's own tokens, causally (row m = g·EXACT + i sees tokens j <= i)
+    o_x = tl.arange(0, XP)
+    m_x = o_x < EXACT
+    x_rows = (i_bh // H_KV) * sx_b + (i_bh % H_KV) * sx_h + o_x * sx_n
+    visible = m_t[:, None] & m_x[None, :] & (o_x[None, :] <= (o_t % EXACT)[:, None])
+    b_m, b_l, acc = _attend_exact_tile(b_q, b_qmu, Q_SCALE, KX, VX, x_rows, m_x, visible, b_km, b_m, b_l, acc, D,
+                                       CENTER, PARTS16)  # fmt: skip
+    i_b = i_bh // H_KV
+    hi = tl.load(Q_START + i_b)
+    if SINKS > 0:
+        o_j = tl.arange(0, SP)
+        m_j = (o_j < SINKS) & (o_j < hi - tl.load(SINK_START + i_b))
+        b_m, b_l, acc = _attend_exact_tile(b_q, b_qmu, Q_SCALE, SK, SV, (i_bh * (SINKS + 1) + o_j) * D, m_j,
+                                           m_t[:, None] & m_j[None, :], b_km, b_m, b_l, acc, D, CENTER,
+                                           PARTS16)  # fmt: skip
+    w_pos = tl.load(WIN_POS + i_b)
+    lo = tl.load(KV_LO + i_b)
+    o_w = tl.arange(0, WINDOW)
+    for j0 in range(0, WC, WINDOW):
+        o_r = j0 + o_w
+        pos = w_pos + (o_r - w_pos % WC + WC) % WC  # the position row o_r holds (or would hold next)
+        m_r = (o_r < WC) & (pos >= lo) & (pos < hi)
+        b_m, b_l, acc = _attend_exact_tile(b_q, b_qmu, Q_SCALE, WK, WV, (i_bh * WC + o_r) * D, m_r,
+                                           m_t[:, None] & m_r[None, :], b_km, b_m, b_l, acc, D, CENTER,
+                                           PARTS16)  # fmt: skip
+    if WAIT:  # then the splits' results, once the split kernel has written them
+        tl.extra.cuda.gdc_wait()
+    o_rt = tl.arange(0, RT)
+    for r in tl.static_range(RL):
+        row = o_rt == r
+        acc_r = tl.sum(tl.where(row[:, None], acc, 0.0), axis=0)
+        m_r = tl.max(tl.where(row, b_m, float("-inf")), axis=0)
+        l_r = tl.sum(tl.where(row, b_l, 0.0), axis=0)
+        i_m = tl.program_id(1) * RT + r
+        _finish_row(O_PART, L_PART, OUT, LSE, i_bh, i_m, M, acc_r, m_r, l_r, D, MP, NUM_SPLITS, BS, True)
 
 
 # Launch configuration of the split kernels: tokens per block, warps (None: per configuration, see _auto_blocks),
@@ -1112,13 +1196,16 @@ def _merge_splits_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
 # and how the merge kernel is launched (DEPENDENT_LAUNCHES).
 LAUNCH_DEFAULTS = dict(
     block_n=None, num_warps=None, num_stages=None, programs_per_sm=None, register_codebook=True, key_major=False,
-    tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates", dependent_launch="wait",
+    tiles_2d=True, inline_asm=True, max_registers=None, key_table_source="immediates", dependent_launch=None,
 )  # fmt: skip
 # How the merge kernel follows the split kernel on CUDA (sm_90+): "off" (a plain launch after it), "wait" (a
 # programmatic dependent launch, which waits for the split kernel's results: its launch overlaps the split kernel's
 # end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md) or "early" (the same, and the split
 # kernel lets the merge launch once all its programs have started: the merge's programs take the SMs that the split
-# programs leave, attend the exact rows and wait there for the splits)
+# programs leave, attend the exact rows and wait there for the splits). None: "early" for a step with a window,
+# "wait" otherwise (H200, K4/V4 at 32k, one layer's step with TurboQuantCache's 128-token window: early 0.1742 ms vs
+# wait 0.1896 at batch 8, 1.1672 vs 1.1815 at 64; without a window early was 1-6% slower at batch 1-8;
+# benchmarks/RESULTS.md, twenty-first session)
 DEPENDENT_LAUNCHES = ("off", "wait", "early")
 KEY_TABLE_SOURCES = ("operands", "immediates")
 # 2-D kernel: at most 168 registers per thread lets three 4-warp programs share an SM's 64K registers (128-token
@@ -1129,11 +1216,13 @@ THREE_PER_SM_REGISTERS = 168
 # and runs with bounded tiles; 64 rows hold a decode step of GQA up to 64 and speculative verification of 16
 # queries at GQA 4 in one program.
 MAX_ROWS = 64
-# Window rows per step of the merge kernel's loop over a cache's full-precision window (a [rows, D] float32 tile):
-# the loop's steps wait on their loads one after another, so fewer steps are faster up to where the tiles spill (H200,
-# the cache's 191-row window, K4/V4 at 32k: the merge 26.0 / 101 µs at batch 8 / 64 with 32 rows, 19.7 / 80 with 64,
-# 21.0 / 111 with 128; benchmarks/RESULTS.md, twentieth session)
-WINDOW_ROWS = 64
+# _merge_window_kernel: window rows per step of its loop over a cache's full-precision window, query rows per program
+# (its tiles take 16 at least) and warps (H200, K4/V4 at 32k with TurboQuantCache's defaults, one layer's step, early
+# launch: 32 rows and 4 warps 0.1742 / 1.1672 ms at batch 8 / 64; 16 rows 0.1787 / 1.1671; 8 warps 0.1814-0.1860 /
+# 1.19-1.20; benchmarks/RESULTS.md, twenty-first session)
+WINDOW_ROWS = 32
+MERGE_ROWS = 16
+MERGE_WARPS = 4
 
 
 def _tile_rows(rows: int) -> int:
@@ -1359,8 +1448,9 @@ def decode_attention(
     launch = {**LAUNCH_DEFAULTS, **launch}
     if launch["key_table_source"] not in KEY_TABLE_SOURCES:
         raise ValueError(f"key_table_source must be one of {KEY_TABLE_SOURCES}, got {launch['key_table_source']!r}")
-    if launch["dependent_launch"] not in DEPENDENT_LAUNCHES:
-        raise ValueError(f"dependent_launch must be one of {DEPENDENT_LAUNCHES}, got {launch['dependent_launch']!r}")
+    if launch["dependent_launch"] not in (None, *DEPENDENT_LAUNCHES):
+        raise ValueError(f"dependent_launch must be None (automatic) or one of {DEPENDENT_LAUNCHES}, got "
+                         f"{launch['dependent_launch']!r}")  # fmt: skip
     b, h_kv, m, d = q_rot.shape
     if d not in (64, 128, 256):
         raise ValueError(f"the fused decode kernel supports head_dim 64, 128 or 256, got {d}")
@@ -1449,7 +1539,7 @@ class DecodePlan:
         one_wave = q_rot.is_cuda and launch["programs_per_sm"] is None
         # the merge as a programmatic dependent launch: sm_90+
         cuda_90 = q_rot.is_cuda and torch.cuda.get_device_capability(q_rot.device)[0] >= 9
-        pdl = launch["dependent_launch"] if cuda_90 else "off"
+        pdl = (launch["dependent_launch"] or ("early" if window_rows else "wait")) if cuda_90 else "off"
         signs = buffers["key_signs"] if prod else key_codes
         rnorms = buffers["key_rnorms"] if prod else key_codes
         if layout_2d is not None:
@@ -1521,8 +1611,16 @@ class DecodePlan:
         self.split_launch = PreparedLaunch(kernel, (b * h_kv, splits, row_tiles), consts, fixed)
         self._merge_consts = dict(D=d, MP=mp, NUM_SPLITS=splits, BS=triton.next_power_of_2(splits),
                                   EXACT=n_q if exact else 0, XP=triton.next_power_of_2(n_q), SINKS=n_sinks,
-                                  SP=triton.next_power_of_2(max(n_sinks, 1)),
-                                  WINDOW=WINDOW_ROWS if window_rows else 0, WAIT=pdl != "off")  # fmt: skip
+                                  SP=triton.next_power_of_2(max(n_sinks, 1)), WAIT=pdl != "off")  # fmt: skip
+        self._merge_kernel, self._merge_grid = _merge_splits_kernel, (b * h_kv * m,)
+        if window_rows:  # (tensor-core tiles: 16 rows at least)
+            if not exact:
+                raise ValueError("a window is attended in an exact step only")
+            rt = max(16, triton.next_power_of_2(min(m, MERGE_ROWS)))
+            self._merge_consts.update(XP=max(16, self._merge_consts["XP"]), SP=max(16, self._merge_consts["SP"]),
+                                      WINDOW=WINDOW_ROWS, RT=rt, RL=min(rt, triton.next_power_of_2(m)),
+                                      PARTS16=q_rot.is_cuda, num_warps=MERGE_WARPS)  # fmt: skip
+            self._merge_kernel, self._merge_grid = _merge_window_kernel, (b * h_kv, triton.cdiv(m, rt))
         self._window_rows = window_rows
         if pdl != "off":
             self._merge_consts["launch_pdl"] = True
@@ -1550,7 +1648,7 @@ class DecodePlan:
         merge = self._merges.get(center)
         if merge is None:
             merge = self._merges[center] = PreparedLaunch(
-                _merge_splits_kernel, (b * h_kv * m,), dict(self._merge_consts, CENTER=center),
+                self._merge_kernel, self._merge_grid, dict(self._merge_consts, CENTER=center),
                 dict(O_PART=o_part, L_PART=l_part, M=m, H_KV=h_kv, WC=self._window_rows),
             )  # fmt: skip
         with on_device(q_rot.device):
