@@ -13,8 +13,10 @@ Algorithm (the reference is ``TurboQuantKVCache.attend_with_lse``):
   applied once per score;
 - values are dequantised in registers (code · scale + zero per group);
 - online softmax in base 2; each split writes its partial output and log-sum-exp, and a second
-  kernel merges the splits (optionally with exact key/value rows: the step's own tokens, the sink tokens and a
-  full-precision window of recent tokens).
+  kernel merges the splits (optionally with exact key/value rows: the step's own tokens and the sink tokens,
+  per query row in ``_merge_splits_kernel``; with a full-precision window of recent tokens too, per KV head in
+  ``_merge_window_kernel``, which reads the window once for all the head's query rows). On sm_90+ the merge is a
+  programmatic dependent launch that attends the exact rows before it waits for the splits' results.
 The grid depends only on the cache capacity, lengths are read on the device, and workspaces are
 cached, so a decode step can be captured in a CUDA graph.
 
