@@ -546,15 +546,15 @@ def test_fused_decode_step_with_sinks_and_centred_keys(key_mode, scale_keys, pro
     "key_mode,prompt,pads,sinks,ring,d,window,flush",
     [("mse", 40, 9, 4, None, 64, 8, 4), ("prod", 40, 9, 0, None, 64, 8, 4), ("mse", 3, 2, 4, None, 64, 8, 4),
      ("mse", 40, 0, 0, 24, 64, 6, 1), ("mse", 30, 5, 4, None, 128, 8, 4), ("mse", 12, 3, 4, None, 64, 40, 16),
-     ("mse", 100, 3, 4, None, 64, 72, 16)],
+     ("mse", 100, 3, 4, None, 64, 72, 16), ("mse", 30, 5, 4, None, 256, 40, 4)],
 )  # fmt: skip
 def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d, window, flush):
     """The fused single-token step with a full-precision window (its rows merged in the merge kernel, as a cache
     with residual_window takes it) equals the reference path over steps that flush the window: left padding and
     sinks below the window's first attended row (a short prompt leaves pads and sinks inside the window), centred
     and scaled keys, a ring with its window flushed one token at a time (a sliding-window layer), a window whose
-    rows grow during the steps (16 -> 32 of its 55), and one of more rows than a step of the merge kernel's loop
-    over them (87: WINDOW_ROWS = 64, then 23)."""
+    rows grow during the steps (16 -> 32 of its 55), and windows of more rows than a step of the merge kernel's loop
+    over them (87 rows at head_dim 64: WINDOW_ROWS = 32, three steps; 43 at 256: 16-row steps)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{prompt}{pads}{sinks}{ring}{window}".encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,
