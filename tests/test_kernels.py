@@ -554,7 +554,7 @@ def test_fused_decode_step_with_window(key_mode, prompt, pads, sinks, ring, d, w
     sinks below the window's first attended row (a short prompt leaves pads and sinks inside the window), centred
     and scaled keys, a ring with its window flushed one token at a time (a sliding-window layer), a window whose
     rows grow during the steps (16 -> 32 of its 55), and windows of more rows than a step of the merge kernel's loop
-    over them (87 rows at head_dim 64: WINDOW_ROWS = 32, three steps; 43 at 256: 16-row steps)."""
+    over them (87 rows at head_dim 64 and 43 at 256: WINDOW_ROWS = 32, three and two steps)."""
     gen = torch.Generator().manual_seed(zlib.crc32(f"{key_mode}{prompt}{pads}{sinks}{ring}{window}".encode()))
     cfg = KVCacheConfig(head_dim=d, key_bits=4 if key_mode == "mse" else 3, value_bits=4, key_mode=key_mode,
                         sink_tokens=sinks, center_keys=True, scale_keys=True, norm_correction=True,

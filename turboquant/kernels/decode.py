@@ -1218,11 +1218,11 @@ THREE_PER_SM_REGISTERS = 168
 # and runs with bounded tiles; 64 rows hold a decode step of GQA up to 64 and speculative verification of 16
 # queries at GQA 4 in one program.
 MAX_ROWS = 64
-# _merge_window_kernel: window rows per step of its loop over a cache's full-precision window (half as many at
-# head_dim 256, where 32 rows spill ~0.5 KB of registers and 16 rows 36 B, offline for sm_90), query rows per program
-# (its tiles take 16 at least) and warps (H200, head_dim 128, K4/V4 at 32k with TurboQuantCache's defaults, one
-# layer's step, early launch: 32 rows and 4 warps 0.1742 / 1.1672 ms at batch 8 / 64; 16 rows 0.1787 / 1.1671; 8 warps
-# 0.1814-0.1860 / 1.19-1.20; benchmarks/RESULTS.md, twenty-first session)
+# _merge_window_kernel: window rows per step of its loop over a cache's full-precision window, query rows per program
+# (its tiles take 16 at least) and warps (H200, head_dim 128, K4/V4 at 32k with TurboQuantCache's defaults, one layer's
+# step, early launch: 32 rows and 4 warps 0.1742 / 1.1672 ms at batch 8 / 64; 16 rows 0.1787 / 1.1671; 8 warps
+# 0.1814-0.1860 / 1.19-1.20; benchmarks/RESULTS.md, twenty-first session; registers and stack offline:
+# benchmarks/launch_resources.py --merge)
 WINDOW_ROWS = 32
 MERGE_ROWS = 16
 MERGE_WARPS = 4
@@ -1621,8 +1621,7 @@ class DecodePlan:
                 raise ValueError("a window is attended in an exact step only")
             rt = max(16, triton.next_power_of_2(min(m, MERGE_ROWS)))
             self._merge_consts.update(XP=max(16, self._merge_consts["XP"]), SP=max(16, self._merge_consts["SP"]),
-                                      WINDOW=WINDOW_ROWS if d <= 128 else WINDOW_ROWS // 2, RT=rt,
-                                      RL=min(rt, triton.next_power_of_2(m)),
+                                      WINDOW=WINDOW_ROWS, RT=rt, RL=min(rt, triton.next_power_of_2(m)),
                                       PARTS16=q_rot.is_cuda, num_warps=MERGE_WARPS)  # fmt: skip
             self._merge_kernel, self._merge_grid = _merge_window_kernel, (b * h_kv, triton.cdiv(m, rt))
         self._window_rows = window_rows
