@@ -1202,7 +1202,7 @@ LAUNCH_DEFAULTS = dict(
 )  # fmt: skip
 # How the merge kernel follows the split kernel on CUDA (sm_90+): "off" (a plain launch after it), "wait" (a
 # programmatic dependent launch, which waits for the split kernel's results: its launch overlaps the split kernel's
-# end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md) or "early" (the same, and the split
+# end; H200, CUDA graphs: 0-1.6% less time per step, benchmarks/RESULTS.md) or "early" (the same, and the 2-D split
 # kernel lets the merge launch once all its programs have started: the merge's programs take the SMs that the split
 # programs leave, attend the exact rows and wait there for the splits). None: "early" for a step with a window,
 # "wait" otherwise (H200, K4/V4 at 32k, one layer's step with TurboQuantCache's 128-token window: early 0.1742 ms vs
@@ -1219,10 +1219,10 @@ THREE_PER_SM_REGISTERS = 168
 # queries at GQA 4 in one program.
 MAX_ROWS = 64
 # _merge_window_kernel: window rows per step of its loop over a cache's full-precision window, query rows per program
-# (its tiles take 16 at least) and warps (H200, head_dim 128, K4/V4 at 32k with TurboQuantCache's defaults, one layer's
-# step, early launch: 32 rows and 4 warps 0.1742 / 1.1672 ms at batch 8 / 64; 16 rows 0.1787 / 1.1671; 8 warps
-# 0.1814-0.1860 / 1.19-1.20; benchmarks/RESULTS.md, twenty-first session; registers and stack offline:
-# benchmarks/launch_resources.py --merge)
+# (the tensor cores' least: a decode step's G rows pad to it) and warps (H200, head_dim 128, K4/V4 at 32k with
+# TurboQuantCache's defaults, one layer's step, early launch: 32 rows and 4 warps 0.1742 / 1.1672 ms at batch 8 / 64;
+# 16 rows 0.1787 / 1.1671; 8 warps 0.1814-0.1860 / 1.19-1.20; benchmarks/RESULTS.md, twenty-first session; registers
+# and stack offline: benchmarks/launch_resources.py --merge)
 WINDOW_ROWS = 32
 MERGE_ROWS = 16
 MERGE_WARPS = 4
@@ -1616,10 +1616,10 @@ class DecodePlan:
                                   EXACT=n_q if exact else 0, XP=triton.next_power_of_2(n_q), SINKS=n_sinks,
                                   SP=triton.next_power_of_2(max(n_sinks, 1)), WAIT=pdl != "off")  # fmt: skip
         self._merge_kernel, self._merge_grid = _merge_splits_kernel, (b * h_kv * m,)
-        if window_rows:  # (tensor-core tiles: 16 rows at least)
+        if window_rows:
             if not exact:
                 raise ValueError("a window is attended in an exact step only")
-            rt = max(16, triton.next_power_of_2(min(m, MERGE_ROWS)))
+            rt = MERGE_ROWS
             self._merge_consts.update(XP=max(16, self._merge_consts["XP"]), SP=max(16, self._merge_consts["SP"]),
                                       WINDOW=WINDOW_ROWS, RT=rt, RL=min(rt, triton.next_power_of_2(m)),
                                       PARTS16=q_rot.is_cuda, num_warps=MERGE_WARPS)  # fmt: skip
