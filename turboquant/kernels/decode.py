@@ -1184,6 +1184,7 @@ def _merge_window_kernel(O_PART, L_PART, OUT, LSE, M, QX, KX, VX, H_KV, sx_b, sx
         row = o_rt == r
         acc_r = tl.sum(tl.where(row[:, None], acc, 0.0), axis=0)
         m_r = tl.max(tl.where(row, b_m, float("-inf")), axis=0)
+        m_r = tl.where(m_r == float("-inf"), 0.0, m_r)  # (rows past M: nothing attended, nothing stored)
         l_r = tl.sum(tl.where(row, b_l, 0.0), axis=0)
         i_m = tl.program_id(1) * RT + r
         _finish_row(O_PART, L_PART, OUT, LSE, i_bh, i_m, M, acc_r, m_r, l_r, D, MP, NUM_SPLITS, BS, True)
