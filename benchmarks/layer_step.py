@@ -4,14 +4,16 @@ The step is what a model layer runs on CUDA for a decode token (TurboQuantKVCach
 attend_and_append takes): the query's rotation, the split kernel over the compressed store, the merge kernel with
 the step's own exact token, the sink tokens and the full-precision window. For each cache of
 benchmarks/model_speed.py (the paper's quantizers, TurboQuantCache's defaults) and shape (batch, context) of a
-Llama-3-8B layer (32 query / 8 KV heads, head_dim 128, bf16): the gate first (the fused step against the reference
-path on the same cache, and a CUDA-graph replay against eager; no time is printed for a cache whose check failed),
-then the step's median time as CUDA-graph replays, the GPU time of each of its kernels (torch.profiler, eager
-launches), and the same-run baseline: SDPA (flash, enable_gqa) over the bf16 K/V of the same tokens.
+Llama-3-8B layer (32 query / 8 KV heads, head_dim 128, bf16; --layer gemma: Gemma-3-270M's 4 / 1 / 256): the gate
+first (the fused step against the reference path on the same cache, and a CUDA-graph replay against eager; no time
+is printed for a cache whose check failed), then the step's median time as CUDA-graph replays, the GPU time of each
+of its kernels (torch.profiler, eager launches), and the same-run baseline: SDPA (flash, enable_gqa) over the bf16
+K/V of the same tokens.
 
     python benchmarks/layer_step.py
     python benchmarks/layer_step.py --shapes 8,32768 --caches "TurboQuant K4/V4 defaults"
     python benchmarks/layer_step.py --dependent-launch wait early   # the merge kernel's launch modes, same call
+    python benchmarks/layer_step.py --layer gemma --shapes 1,32768 8,32768
 """
 
 from __future__ import annotations
@@ -31,21 +33,25 @@ from turboquant.attention import chunk_attention, merge_attention
 from turboquant.integrations.transformers import TurboQuantCache
 from turboquant.kernels import decode
 
-H_Q, H_KV, D = 32, 8, 128
+LLAMA = (32, 8, 128)  # query heads, KV heads, head_dim of a Llama-3-8B layer (--layer llama); gemma: Gemma-3-270M's
+GEMMA = (4, 1, 256)
 SHAPES = [(8, 32768), (64, 32768)]
 DEFAULT_CACHES = ["TurboQuant K4/V4", "TurboQuant K4/V4 defaults", "TurboQuant K4/V4 defaults, window 0",
                   "TurboQuant K3/V2 defaults"]  # fmt: skip
 L2_BYTES = 60 * 2**20
 
 
-def layer_store(spec: dict, batch: int, context: int, gen: torch.Generator, device: str = "cuda"):
-    """The compressed store of one layer of TurboQuantCache(spec) on a Llama-3-8B config, holding ``context``
-    random tokens per sequence (and, with scale_keys, the key scales of random prompt queries)."""
-    config = LlamaConfig(hidden_size=4096, num_attention_heads=H_Q, num_key_value_heads=H_KV, head_dim=D,
+def layer_store(spec: dict, batch: int, context: int, gen: torch.Generator, device: str = "cuda",
+                shape: tuple[int, int, int] = LLAMA):  # fmt: skip
+    """The compressed store of one full-attention layer of TurboQuantCache(spec) with ``shape`` = (query heads, KV
+    heads, head_dim), holding ``context`` random tokens per sequence (and, with scale_keys, the key scales of random
+    prompt queries)."""
+    h_q, h_kv, d = shape
+    config = LlamaConfig(hidden_size=h_q * d, num_attention_heads=h_q, num_key_value_heads=h_kv, head_dim=d,
                          num_hidden_layers=1)  # fmt: skip
     layer = TurboQuantCache(config, **spec).layers[0]
-    layer.initialize(batch, H_KV, D, device, torch.bfloat16, capacity=context + 1)
-    fill_store(layer.store, context, gen, H_Q)
+    layer.initialize(batch, h_kv, d, device, torch.bfloat16, capacity=context + 1)
+    fill_store(layer.store, context, gen, h_q)
     return layer.store
 
 
@@ -88,6 +94,12 @@ def time_step(store, q, k, v, scale: float, mode: str, err: float, merge: tuple[
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", help="batch,context pairs (default: 8,32768 64,32768)")
+    ap.add_argument(
+        "--layer",
+        choices=["llama", "gemma"],
+        default="llama",
+        help="the heads: Llama-3-8B's (32 query, 8 KV, head_dim 128) or Gemma-3-270M's (4, 1, 256)",
+    )
     ap.add_argument("--caches", nargs="*", default=DEFAULT_CACHES, choices=[c for c in CACHES if CACHES[c]])
     ap.add_argument(
         "--dependent-launch",
@@ -107,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
-    scale = 1 / math.sqrt(D)
+    h_q, h_kv, d = LLAMA if args.layer == "llama" else GEMMA
+    scale = 1 / math.sqrt(d)
     gen = torch.Generator(device="cuda").manual_seed(0)
     header = ("| shape (B, ctx) | cache | merge launch | step ms | bf16 SDPA ms | speedup | rel err vs ref | "
               "graph == eager | kernels (µs) |")  # fmt: skip
@@ -115,11 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     print(header, flush=True)
     for batch, context in shapes:
         shape = f"({batch}, {context})"
-        q = torch.randn(batch, H_Q, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k, v = (torch.randn(batch, H_KV, 1, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
-        kv_bytes = batch * H_KV * (context + 1) * D * 2 * 2
+        q = torch.randn(batch, h_q, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(batch, h_kv, 1, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2))
+        kv_bytes = batch * h_kv * (context + 1) * d * 2 * 2
         copies = max(1, math.ceil(3 * L2_BYTES / kv_bytes))
-        kvs = [[torch.randn(batch, H_KV, context + 1, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kvs = [[torch.randn(batch, h_kv, context + 1, d, device="cuda", dtype=torch.bfloat16, generator=gen)
                 for _ in range(2)] for _ in range(copies)]  # fmt: skip
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa = [lambda q=q, kb=kb, vb=vb: torch.nn.functional.scaled_dot_product_attention(q, kb, vb,
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             t_bf16 = median_ms(sdpa, graphs=True)
         del kvs, sdpa
         for name in args.caches:
-            store = layer_store(CACHES[name], batch, context, gen)
+            store = layer_store(CACHES[name], batch, context, gen, shape=(h_q, h_kv, d))
             if not store._fused_step_applies(q, None, None, "auto"):
                 raise SystemExit(f"{name}: a decode step does not take the fused path")
             err = rel_err(store._fused_step(q, k, v, scale), reference_step(store, q, k, v, scale))
@@ -147,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             del store
             torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    title = f"# one layer's decode step, {time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name()}"
+    title = (f"# one {args.layer} layer's decode step ({h_q} query heads, {h_kv} KV heads, head_dim {d}), "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {torch.cuda.get_device_name()}")  # fmt: skip
     args.out.write_text(f"{title}, torch {torch.__version__}\n\n{header}\n|" + "---|" * 9 + "\n"
                         + "\n".join(rows) + "\n")  # fmt: skip
 
