@@ -1,8 +1,8 @@
 """One layer's decode step on a GPU, kernel by kernel: TurboQuantKVCache's fused step vs torch SDPA on the bf16 cache.
 
-The step is what a model layer runs on CUDA for a decode token (TurboQuantKVCache._fused_step, the path that
-attend_and_append takes): the query's rotation, the split kernel over the compressed store, the merge kernel with
-the step's own exact token, the sink tokens and the full-precision window. For each cache of
+The step is what a model layer runs on CUDA for a decode token (TurboQuantKVCache.attend_step: the attention of
+attend_and_append, whose fused path it takes): the query's rotation, the split kernel over the compressed store, the
+merge kernel with the step's own exact token, the sink tokens and the full-precision window. For each cache of
 benchmarks/model_speed.py (the paper's quantizers, TurboQuantCache's defaults) and shape (batch, context) of a
 Llama-3-8B layer (32 query / 8 KV heads, head_dim 128, bf16; --layer gemma: Gemma-3-270M's 4 / 1 / 256): the gate
 first (the fused step against the reference path on the same cache, and a CUDA-graph replay against eager; no time
@@ -29,7 +29,6 @@ from model_speed import CACHES, fill_store
 from timing import capture, kernel_times, median_ms
 from transformers import LlamaConfig
 
-from turboquant.attention import chunk_attention, merge_attention
 from turboquant.integrations.transformers import TurboQuantCache
 from turboquant.kernels import decode
 
@@ -56,13 +55,10 @@ def layer_store(spec: dict, batch: int, context: int, gen: torch.Generator, devi
 
 
 def reference_step(store, q, k, v, scale: float) -> torch.Tensor:
-    """The step by the reference path in float32: the stored tokens (with sinks and window) by the PyTorch reference,
-    the step's own token by SDPA, merged by log-sum-exp (attend_and_append's path where the fused one does not
-    apply). (The fused step's output is bf16, like q: its rounding alone is ~2e-3 of the output's norm.)"""
-    q, k, v = q.float(), k.float(), v.float()
-    past = store.attend_with_lse(q, scale=scale, after=True, backend="reference")
-    own = chunk_attention(q, k, v, None, scale=scale, with_lse=True)
-    return merge_attention(*past, *own)[0]
+    """The step by the reference path in float32 (attend_step with the PyTorch reference: the stored tokens, sinks
+    and window by the reference attention, the step's own token by SDPA, merged by log-sum-exp). (The fused step's
+    output is bf16, like q: its rounding alone is ~2e-3 of the output's norm.)"""
+    return store.attend_step(q.float(), k.float(), v.float(), scale=scale, backend="reference")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,7 +74,7 @@ def time_step(store, q, k, v, scale: float, mode: str, err: float, merge: tuple[
     store._drop_plans()  # (a plan keeps the launch options it was built with)
 
     def step():
-        return store._fused_step(q, k, v, scale)
+        return store.attend_step(q, k, v, scale=scale)
 
     eager = step().clone()
     replay, graph_out = capture(step)
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             store = layer_store(CACHES[name], batch, context, gen, shape=(h_q, h_kv, d))
             if not store._fused_step_applies(q, None, None, "auto"):
                 raise SystemExit(f"{name}: a decode step does not take the fused path")
-            err = rel_err(store._fused_step(q, k, v, scale), reference_step(store, q, k, v, scale))
+            err = rel_err(store.attend_step(q, k, v, scale=scale), reference_step(store, q, k, v, scale))
             merges = [(rows, warps) for rows in args.window_rows for warps in args.merge_warps]
             if not store.config.residual_window:
                 merges = merges[:1]

@@ -620,6 +620,29 @@ def test_fused_step_rows_before_the_merge_waits(dependent_launch, dtype, monkeyp
     assert plan._merge_consts["NUM_SPLITS"] > 1 and plan._merge_consts["WINDOW"] < caches[0].window_k.shape[2]
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attend_step_is_the_attention_of_attend_and_append(backend):
+    """attend_step returns what attend_and_append returns (a first chunk, padded steps, single tokens on the fused
+    path, a multi-token step, a step that flushes the window) and leaves the cache as it was."""
+    gen = torch.Generator().manual_seed(31)
+    cfg = KVCacheConfig(head_dim=64, key_bits=4, value_bits=4, sink_tokens=2, center_keys=True, scale_keys=True,
+                        norm_correction=True, residual_window=8, flush_block=4)  # fmt: skip
+    caches = [TurboQuantKVCache(cfg, 2, 2, device=DEVICE, dtype=torch.float32) for _ in range(2)]
+    for n in (20, 1, 1, 3, 1, 5):
+        q = torch.randn(2, 8, n, 64, generator=gen).to(DEVICE)
+        k, v = (torch.randn(2, 2, n, 64, generator=gen).to(DEVICE) for _ in range(2))
+        valid = torch.ones(2, n, dtype=torch.bool, device=DEVICE)
+        if n == 20:
+            valid[1, :6] = False
+        before = [t.clone() for t in caches[0].dequantize()], caches[0].total_tokens
+        alone = caches[0].attend_step(q, k, v, valid=valid, backend=backend)
+        after = caches[0].dequantize(), caches[0].total_tokens
+        assert after[1] == before[1] and all(torch.equal(a, b) for a, b in zip(after[0], before[0], strict=True))
+        stepped = caches[1].attend_and_append(q, k, v, valid=valid, backend=backend)
+        assert torch.equal(alone, stepped)
+        caches[0].append(k, v, valid=valid, queries=q)
+
+
 @pytest.mark.parametrize(
     "key_mode,d,group,window,sinks,prompt,pads,steps",
     [("mse", 64, 4, 8, 4, 30, 5, (3, 2, 5, 1, 4)), ("prod", 64, 1, 0, 0, 30, 0, (5, 2)),

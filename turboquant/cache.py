@@ -757,6 +757,32 @@ class TurboQuantKVCache:
         on the fused kernel adds its own exact keys/values inside the kernel's merge (no extra launches); otherwise
         the two parts are merged by log-sum-exp. Returns [B, H_q, N, D] in q's dtype.
         """
+        valid, scale = self._step_arguments(q, k, v, valid, scale)
+        out = self._attend_step(q, k, v, valid, scale, sliding_window, backend)
+        self.append(k, v, valid=valid, queries=q)
+        return out
+
+    def attend_step(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        valid: torch.Tensor | None = None,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        backend: str = "auto",
+    ) -> torch.Tensor:
+        """The attention of attend_and_append (same arguments, same result: q [B, H_q, N, D] attends to the cache
+        and to the chunk k, v [B, H_kv, N, D] at positions L .. L + N - 1), without appending the chunk: for a step
+        whose tokens may not all be kept (speculative verification: append the accepted ones after), or to time or
+        check a step. Returns [B, H_q, N, D] in q's dtype."""
+        valid, scale = self._step_arguments(q, k, v, valid, scale)
+        return self._attend_step(q, k, v, valid, scale, sliding_window, backend)
+
+    def _step_arguments(self, q, k, v, valid, scale) -> tuple[torch.Tensor | None, float]:
+        """(valid, scale) of a step after the checks: valid None where it only confirms that every sequence has
+        started (a short step's mask; its value checked without a host synchronisation on CUDA)."""
         self._check_kv(k, v)
         if q.dim() != 4 or q.shape[2] != k.shape[2]:
             raise ValueError(f"q must be [B, H_q, N, D] with the chunk's N = {k.shape[2]}, got {tuple(q.shape)}")
@@ -769,16 +795,16 @@ class TurboQuantKVCache:
             if n > 1:
                 _check_left_padding(valid.all(), wait=self.device.type != "cuda")
             valid = None
+        return valid, scale
+
+    def _attend_step(self, q, k, v, valid, scale: float, sliding_window: int | None, backend: str) -> torch.Tensor:
         if self.total_tokens == 0:
-            out = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
-        elif self._fused_step_applies(q, valid, sliding_window, backend):
-            out = self._fused_step(q, k, v, scale)
-        else:
-            past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
-            chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
-            out = merge_attention(*past, *chunk)[0].to(q.dtype)
-        self.append(k, v, valid=valid, queries=q)
-        return out
+            return chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window)
+        if self._fused_step_applies(q, valid, sliding_window, backend):
+            return self._fused_step(q, k, v, scale)
+        past = self.attend_with_lse(q, scale=scale, after=True, sliding_window=sliding_window, backend=backend)
+        chunk = chunk_attention(q, k, v, valid, scale=scale, sliding_window=sliding_window, with_lse=True)
+        return merge_attention(*past, *chunk)[0].to(q.dtype)
 
     def _fused_step_applies(self, q: torch.Tensor, valid, sliding_window: int | None, backend: str) -> bool:
         n = q.shape[2]
