@@ -39,6 +39,19 @@ _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", 
           torch.int64: "i64", torch.int32: "i32"}  # fmt: skip
 
 
+def _compile(fn, consts: dict, types: dict[str, str], options: dict, aligned=()):
+    """fn compiled for sm_90 with its constants and the other arguments' types; pointers and the ``aligned``
+    integers specialised as divisible by 16, as Triton specialises a launch."""
+    names = fn.arg_names
+    signature = {name: "constexpr" if name in consts else types[name] for name in names}
+    aligned = {name for name in names if signature[name].startswith("*")} | set(aligned)
+    src = ASTSource(
+        fn=fn, signature=signature, constexprs={(names.index(name),): value for name, value in consts.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
+    )  # fmt: skip
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
                norm_correction: bool = True) -> tuple[str, dict[str, int]]:  # fmt: skip
     """(launch label, {"shared", "registers", "stack", "local", "instructions"}) of the default long launch of the key
@@ -61,33 +74,14 @@ def key_launch(d: int, key: str, dtype: torch.dtype, centred: bool,
     if plan.key_register_cap:  # (the plan, built on the CPU, applies its cap on CUDA only)
         options["maxnreg"] = plan.key_register_cap
     fn = encode._encode_keys_kernel
-    names = fn.arg_names
-    signature = {name: "constexpr" for name in consts}
-    aligned = set()  # as Triton specialises a launch: pointers, and integers divisible by 16
-    for name, arg in zip([x for x in names if x not in consts], args, strict=True):
-        signature[name] = "*" + _TYPES[arg.dtype] if isinstance(arg, torch.Tensor) else "i32"
-        if isinstance(arg, torch.Tensor) or arg % 16 == 0:
+    types, aligned = {}, set()  # as Triton specialises a launch: pointers, and integers divisible by 16
+    for name, arg in zip([x for x in fn.arg_names if x not in consts], args, strict=True):
+        types[name] = "*" + _TYPES[arg.dtype] if isinstance(arg, torch.Tensor) else "i32"
+        if not isinstance(arg, torch.Tensor) and arg % 16 == 0:
             aligned.add(name)
-    src = ASTSource(
-        fn=fn, signature={name: signature[name] for name in names},
-        constexprs={(names.index(name),): value for name, value in consts.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-    )  # fmt: skip
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    kernel = _compile(fn, consts, types, options, aligned)
     use = {"shared": kernel.metadata.shared, **resource_usage(kernel), "instructions": instruction_count(sass(kernel))}
     return plan.label, use
-
-
-def _compile(fn, consts: dict, types: dict[str, str], options: dict, aligned=()):
-    """fn compiled for sm_90 with its constants and the other arguments' types (pointers 16-byte aligned)."""
-    names = fn.arg_names
-    signature = {name: "constexpr" if name in consts else types[name] for name in names}
-    aligned = {name for name in names if signature[name].startswith("*")} | set(aligned)
-    src = ASTSource(
-        fn=fn, signature=signature, constexprs={(names.index(name),): value for name, value in consts.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in aligned},
-    )  # fmt: skip
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def merge_launch(d: int, window_rows: int, warps: int, splits: int, rows: int = 4) -> dict[str, int]:
