@@ -1617,14 +1617,11 @@ class DecodePlan:
                                   EXACT=n_q if exact else 0, XP=triton.next_power_of_2(n_q), SINKS=n_sinks,
                                   SP=triton.next_power_of_2(max(n_sinks, 1)), WAIT=pdl != "off")  # fmt: skip
         self._merge_kernel, self._merge_grid = _merge_splits_kernel, (b * h_kv * m,)
-        if window_rows:
-            if not exact:
-                raise ValueError("a window is attended in an exact step only")
-            rt = MERGE_ROWS
+        if window_rows:  # (decode_attention has checked that a window comes with exact rows)
             self._merge_consts.update(XP=max(16, self._merge_consts["XP"]), SP=max(16, self._merge_consts["SP"]),
-                                      WINDOW=WINDOW_ROWS, RT=rt, RL=min(rt, triton.next_power_of_2(m)),
+                                      WINDOW=WINDOW_ROWS, RT=MERGE_ROWS, RL=min(MERGE_ROWS, triton.next_power_of_2(m)),
                                       PARTS16=q_rot.is_cuda, num_warps=MERGE_WARPS)  # fmt: skip
-            self._merge_kernel, self._merge_grid = _merge_window_kernel, (b * h_kv, triton.cdiv(m, rt))
+            self._merge_kernel, self._merge_grid = _merge_window_kernel, (b * h_kv, triton.cdiv(m, MERGE_ROWS))
         self._window_rows = window_rows
         if pdl != "off":
             self._merge_consts["launch_pdl"] = True
